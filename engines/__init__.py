@@ -1,0 +1,1 @@
+"""Model engines: DiT + VAE (diffusion) and VQ + GPT (autoregressive); no runtime imports."""

@@ -1,0 +1,80 @@
+"""Reading model files safely: safetensors only, with errors that name the file and key.
+
+Every engine loader goes through `read_safetensors`, so a truncated, malformed or
+non-safetensors file fails the same clear way everywhere, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used; the message names the file (and key, if any)."""
+
+    def __init__(self, path: str | Path, reason: str, key: str | None = None):
+        self.path = str(path)
+        self.key = key
+        where = f"{Path(path).name}" + (f", key '{key}'" if key else "")
+        super().__init__(f"{where}: {reason}")
+
+
+def _check_header(path: Path) -> None:
+    """Validate the safetensors header against the file size before handing it to the parser."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(path, f"not a safetensors file (only {size} bytes)")
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(path, "not a safetensors file (header length is past the end of the file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(path, f"malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "malformed safetensors header (not a JSON object)")
+    data_len = size - 8 - header_len
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(path, "malformed tensor entry", key) from None
+        if end > data_len:
+            raise CheckpointError(path, f"file is truncated (tensor data ends at byte {end} of {data_len})", key)
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor of a `.safetensors` file plus its string metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(path, "only .safetensors model files are loaded")
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    _check_header(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # the parser's own errors carry no file name
+        raise CheckpointError(path, f"cannot read safetensors file ({e})") from None
+    return tensors, metadata
+
+
+def require(state_dict: dict[str, torch.Tensor], key: str, path: str | Path, shape: tuple | None = None) -> torch.Tensor:
+    """Fetch a tensor a loader cannot do without, failing with file and key named."""
+    if key not in state_dict:
+        raise CheckpointError(path, "missing tensor", key)
+    t = state_dict[key]
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise CheckpointError(path, f"shape {tuple(t.shape)} does not match the expected {tuple(shape)}", key)
+    return t

@@ -1,0 +1,1 @@
+"""Built-in graph nodes, registered with the runtime by module."""
