@@ -1,0 +1,182 @@
+"""Running a compiled plan: cached outputs, released intermediates, one event stream.
+
+Each step either reuses a cache entry (same key: same type, constants, fingerprint and
+upstream keys) or executes its node; intermediates leave this run's working set after
+their last consumer. Everything the outside world sees leaves through `emit(type, data)`.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tessera.cache import OutputCache
+from tessera.device import compute_dtype, resolve_device
+from tessera.node import ExecutionContext, Interrupted, NodeError, Result
+from tessera.plan import Plan, compile_plan
+from tessera.registry import NodeRegistry
+from tessera.workflow import InvalidWorkflow, WorkflowIssue, validate
+
+Emit = Callable[[str, dict], None]
+
+
+@dataclass
+class RunResult:
+    status: str  # "success" | "error" | "interrupted"
+    outputs: dict = field(default_factory=dict)  # node id -> ui dict (e.g. {"images": [...]})
+    errors: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)  # node id -> seconds
+    executed: list = field(default_factory=list)
+    cached: list = field(default_factory=list)
+
+
+class Executor:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        models_dir: Path,
+        input_dir: Path,
+        output_dir: Path,
+        device: str = "auto",
+        cache: OutputCache | None = None,
+    ):
+        self.registry = registry
+        self.models_dir, self.input_dir, self.output_dir = Path(models_dir), Path(input_dir), Path(output_dir)
+        self.device = resolve_device(device)
+        self.dtype = compute_dtype(self.device)
+        self.cache = cache or OutputCache()
+
+    def model_files(self, folder: str) -> list[str]:
+        root = self.models_dir / folder
+        if not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors") if p.is_file())
+
+    def validate(self, workflow: object) -> dict:
+        return validate(workflow, self.registry, self.model_files)
+
+    def context(self, node_id: str = "", **kwargs) -> ExecutionContext:
+        return ExecutionContext(
+            self.device, self.dtype, self.models_dir, self.input_dir, self.output_dir, node_id=node_id, **kwargs
+        )
+
+    def compile(self, workflow: dict, targets: list[str] | None = None) -> Plan:
+        """Compile a validated workflow; a failing fingerprint hook is reported on its node."""
+
+        def fingerprint(cls, node_id, constants):
+            try:
+                return cls.fingerprint(self.context(node_id), constants)
+            except Exception as e:
+                raise InvalidWorkflow([WorkflowIssue(node_id, getattr(e, "input", None), str(e))]) from None
+
+        return compile_plan(workflow, self.registry, fingerprint, targets)
+
+    def run(
+        self,
+        workflow: object,
+        prompt_id: str = "",
+        emit: Emit | None = None,
+        is_interrupted: Callable[[], bool] = lambda: False,
+        targets: list[str] | None = None,
+    ) -> RunResult:
+        """Validate, compile and execute; never raises for a node's failure (it is in the result)."""
+        emit = emit or (lambda kind, data: None)
+        try:
+            workflow = self.validate(workflow)
+            plan = self.compile(workflow, targets)
+        except InvalidWorkflow as e:
+            errors = [{"node": i.node, "node_type": None, "input": i.input, "message": i.reason} for i in e.issues]
+            return RunResult("error", errors=errors)
+        emit("execution_start", {"prompt_id": prompt_id})
+        with torch.inference_mode():
+            return self._execute(plan, workflow, prompt_id, emit, is_interrupted)
+
+    def _execute(self, plan, workflow, prompt_id, emit, is_interrupted) -> RunResult:
+        result = RunResult("success")
+        values: dict[str, tuple] = {}
+        current = {"node": None}
+
+        def on_progress(node_id, value, total, preview):
+            emit("progress", {"prompt_id": prompt_id, "node": node_id, "value": value, "max": total})
+            if preview is not None:
+                emit("preview", {"prompt_id": prompt_id, "node": node_id, "image": preview})
+
+        ctx = self.context(prompt_id=prompt_id, workflow=workflow, on_progress=on_progress, is_interrupted=is_interrupted)
+        cached_now: list[str] = []
+        for index, step in enumerate(plan.steps):
+            current["node"] = step.node_id
+            try:
+                ctx.check_interrupted()
+                entry = self.cache.get(step.cache_key)
+                if entry is not None:
+                    result.cached.append(step.node_id)
+                    cached_now.append(step.node_id)
+                    outputs, ui = entry.outputs, entry.ui
+                else:
+                    if cached_now:
+                        emit("execution_cached", {"prompt_id": prompt_id, "nodes": cached_now})
+                        cached_now = []
+                    emit("executing", {"prompt_id": prompt_id, "node": step.node_id})
+                    ctx.node_id = step.node_id
+                    inputs = dict(step.constants)
+                    for name, (up, out) in step.links.items():
+                        inputs[name] = values[up][self._output_index(plan, up, out)]
+                    started = time.perf_counter()
+                    outputs, ui = self._call(step, ctx, inputs)
+                    result.timings[step.node_id] = time.perf_counter() - started
+                    result.executed.append(step.node_id)
+                    self.cache.put(step.cache_key, outputs, ui)
+                if ui:
+                    result.outputs[step.node_id] = ui
+                    emit("executed", {"prompt_id": prompt_id, "node": step.node_id, "output": ui})
+                values[step.node_id] = outputs
+            except Interrupted:
+                result.status = "interrupted"
+                emit("execution_interrupted", {"prompt_id": prompt_id, "node": step.node_id})
+                return result
+            except Exception as e:
+                error = {
+                    "node": step.node_id,
+                    "node_type": step.node_class.type_name,
+                    "input": getattr(e, "input", None) if isinstance(e, NodeError) else None,
+                    "message": str(e) or type(e).__name__,
+                    "traceback": "" if isinstance(e, NodeError) else traceback.format_exc(limit=6),
+                }
+                result.status = "error"
+                result.errors.append(error)
+                emit("execution_error", {"prompt_id": prompt_id, **{k: v for k, v in error.items() if k != "traceback"}})
+                return result
+            for up, _ in step.links.values():
+                if plan.steps[self._position(plan, up)].release_after == index:
+                    values.pop(up, None)
+        if cached_now:
+            emit("execution_cached", {"prompt_id": prompt_id, "nodes": cached_now})
+        emit("execution_success", {"prompt_id": prompt_id})
+        return result
+
+    @staticmethod
+    def _call(step, ctx, inputs) -> tuple[tuple, dict]:
+        returned = step.node_class().execute(ctx, **inputs)
+        if isinstance(returned, Result):
+            outputs, ui = tuple(returned.outputs), returned.ui
+        else:
+            outputs, ui = tuple(returned) if returned is not None else (), {}
+        if len(outputs) != len(step.node_class.outputs):
+            raise RuntimeError(
+                f"{step.node_class.type_name} returned {len(outputs)} outputs, declares {len(step.node_class.outputs)}"
+            )
+        return outputs, ui
+
+    @staticmethod
+    def _output_index(plan: Plan, node_id: str, output: str) -> int:
+        cls = plan.steps[Executor._position(plan, node_id)].node_class
+        return [o.name for o in cls.outputs].index(output)
+
+    @staticmethod
+    def _position(plan: Plan, node_id: str) -> int:
+        return plan.index[node_id]

@@ -1,0 +1,231 @@
+"""The node API: a node declares its typed inputs and outputs once, as a class.
+
+Everything else is derived from that one declaration: the JSON Schema of its inputs,
+the catalogue entry the editor builds widgets from, and workflow validation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+
+PRIMITIVE_TYPES = {"INT": "integer", "FLOAT": "number", "STRING": "string", "BOOLEAN": "boolean"}
+
+
+class Interrupted(Exception):
+    """Raised inside a running node when the user interrupts the prompt."""
+
+
+class NodeError(Exception):
+    """A node could not run with the inputs it was given; names the input when one is at fault."""
+
+    def __init__(self, message: str, input: str | None = None):
+        super().__init__(message)
+        self.input = input
+
+
+@dataclass(frozen=True)
+class Input:
+    """One typed input. Primitive types are widgets (constants) that a link may also feed."""
+
+    name: str
+    type: str
+    default: Any = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple | None = None
+    optional: bool = False
+    link: str = "auto"  # "auto" | "widget" | "link" | "either"
+    multiline: bool = False
+    model_folder: str | None = None
+    widget: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices))
+
+    @property
+    def is_primitive(self) -> bool:
+        return self.type in PRIMITIVE_TYPES
+
+    @property
+    def link_mode(self) -> str:
+        """'widget' (constant only), 'link' (socket only) or 'either'."""
+        if self.link != "auto":
+            return self.link
+        return "either" if self.is_primitive else "link"
+
+    @property
+    def accepts_constant(self) -> bool:
+        return self.link_mode in ("widget", "either")
+
+    @property
+    def accepts_link(self) -> bool:
+        return self.link_mode in ("link", "either")
+
+    @property
+    def required(self) -> bool:
+        """Required when the workflow must supply it: not optional and without a default."""
+        return not self.optional and self.default is None
+
+    def value_schema(self, model_choices: list[str] | None = None) -> dict:
+        """The JSON Schema of a constant value for this input."""
+        if not self.is_primitive:
+            return {}
+        schema: dict = {"type": PRIMITIVE_TYPES[self.type]}
+        if self.min is not None:
+            schema["minimum"] = self.min
+        if self.max is not None:
+            schema["maximum"] = self.max
+        choices = model_choices if self.model_folder else self.choices
+        if choices is not None:
+            schema["enum"] = list(choices)
+        if self.default is not None:
+            schema["default"] = self.default
+        return schema
+
+
+@dataclass
+class Result:
+    """What `execute` returns when it has something to show besides its outputs (images saved)."""
+
+    outputs: tuple = ()
+    ui: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Output:
+    name: str
+    type: str
+
+
+LINK_SCHEMA = {
+    "type": "object",
+    "properties": {"node": {"type": "string"}, "output": {"type": "string"}},
+    "required": ["node", "output"],
+    "additionalProperties": False,
+}
+
+
+@dataclass
+class ExecutionContext:
+    """What a running node may use from the runtime, and nothing more."""
+
+    device: torch.device
+    dtype: torch.dtype
+    models_dir: Path
+    input_dir: Path
+    output_dir: Path
+    node_id: str = ""
+    prompt_id: str = ""
+    workflow: dict = field(default_factory=dict)
+    on_progress: Callable[[str, int, int, Any], None] | None = None
+    is_interrupted: Callable[[], bool] = lambda: False
+
+    def check_interrupted(self) -> None:
+        if self.is_interrupted():
+            raise Interrupted()
+
+    def progress(self, value: int, total: int, preview: Any = None) -> None:
+        """Report step `value` of `total` (and an optional PIL preview); raises if interrupted."""
+        self.check_interrupted()
+        if self.on_progress is not None:
+            self.on_progress(self.node_id, value, total, preview)
+
+    def model_path(self, folder: str, name: str) -> Path:
+        from tessera.paths import confined_path
+
+        return confined_path(self.models_dir / folder, name, suffixes=(".safetensors",))
+
+    def input_path(self, name: str) -> Path:
+        from tessera.paths import confined_path
+
+        return confined_path(self.input_dir, name)
+
+
+class Node:
+    """Base class of every graph node. Subclasses set the class attributes and `execute`."""
+
+    type_name: ClassVar[str] = ""
+    category: ClassVar[str] = "misc"
+    version: ClassVar[int] = 1
+    is_output: ClassVar[bool] = False
+    inputs: ClassVar[tuple[Input, ...]] = ()
+    outputs: ClassVar[tuple[Output, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("type_name"):
+            cls.type_name = cls.__name__
+
+    @classmethod
+    def description(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.split("\n\n")[0].replace("\n", " ")
+
+    @classmethod
+    def input(cls, name: str) -> Input | None:
+        return next((i for i in cls.inputs if i.name == name), None)
+
+    @classmethod
+    def output_type(cls, name: str) -> str | None:
+        return next((o.type for o in cls.outputs if o.name == name), None)
+
+    @classmethod
+    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
+        """Extra cache-key material for inputs whose meaning lives outside the graph."""
+        return None
+
+    def execute(self, ctx: ExecutionContext, **inputs) -> tuple | Result:
+        raise NotImplementedError(f"{self.type_name} does not implement execute()")
+
+    @classmethod
+    def input_schema(cls, model_files: Callable[[str], list[str]] | None = None) -> dict:
+        """JSON Schema of this node's `inputs` object in a workflow."""
+        properties = {}
+        for spec in cls.inputs:
+            choices = model_files(spec.model_folder) if (spec.model_folder and model_files) else None
+            options = []
+            if spec.accepts_constant:
+                options.append(spec.value_schema(choices))
+            if spec.accepts_link:
+                options.append(LINK_SCHEMA)
+            properties[spec.name] = options[0] if len(options) == 1 else {"anyOf": options}
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": [i.name for i in cls.inputs if i.required],
+            "additionalProperties": False,
+        }
+
+    @classmethod
+    def info(cls, model_files: Callable[[str], list[str]] | None = None) -> dict:
+        """The catalogue entry served to the editor."""
+        inputs = []
+        for spec in cls.inputs:
+            entry: dict = {"name": spec.name, "type": spec.type, "optional": spec.optional, "link": spec.link_mode}
+            for key in ("default", "min", "max", "step", "widget", "model_folder"):
+                if getattr(spec, key) is not None:
+                    entry[key] = getattr(spec, key)
+            if spec.multiline:
+                entry["multiline"] = True
+            if spec.model_folder and model_files:
+                entry["choices"] = model_files(spec.model_folder)
+            elif spec.choices is not None:
+                entry["choices"] = list(spec.choices)
+            inputs.append(entry)
+        return {
+            "type": cls.type_name,
+            "category": cls.category,
+            "description": cls.description(),
+            "version": cls.version,
+            "is_output": cls.is_output,
+            "inputs": inputs,
+            "outputs": [{"name": o.name, "type": o.type} for o in cls.outputs],
+            "input_schema": cls.input_schema(model_files),
+        }

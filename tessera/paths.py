@@ -1,0 +1,32 @@
+"""Confining user-supplied file names to their folders.
+
+Every route and node that takes a file name from a request or a workflow goes through
+`confined_path`, so `..`, absolute paths, NUL bytes and symlinks that point outside
+cannot reach another file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UnsafePathError(ValueError):
+    """A file name that would leave its folder or is not allowed there."""
+
+
+def confined_path(folder: Path, name: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Resolve `name` inside `folder`; raise UnsafePathError if it escapes or has a wrong suffix."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UnsafePathError(f"invalid file name {name!r}")
+    if "\\" in name or name.startswith(("/", "~")) or (len(name) > 1 and name[1] == ":"):
+        raise UnsafePathError(f"file name {name!r} must be relative to its folder")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"file name {name!r} must not contain '.', '..' or empty parts")
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if path != root and root not in path.parents:
+        raise UnsafePathError(f"file name {name!r} leaves its folder")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise UnsafePathError(f"file name {name!r} must end in one of {', '.join(suffixes)}")
+    return path

@@ -1,0 +1,181 @@
+"""The one workflow format: parse, migrate and validate it.
+
+A workflow maps node ids to `{type, inputs, ui?}`; a link is `{"node": id, "output": name}`.
+Validation runs the published JSON Schema first, then the graph checks, and reports every
+problem with the node id and input it concerns. An invalid workflow runs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import Callable
+
+import jsonschema
+
+from tessera.registry import NodeRegistry
+
+CURRENT_VERSION = 1
+
+# version -> function upgrading a workflow of that version by one version.
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+
+
+@dataclass(frozen=True)
+class WorkflowIssue:
+    node: str | None
+    input: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"node {self.node}" if self.node is not None else "workflow"
+        if self.input:
+            where += f", input '{self.input}'"
+        return f"{where}: {self.reason}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class InvalidWorkflow(ValueError):
+    def __init__(self, issues: list[WorkflowIssue]):
+        self.issues = issues
+        super().__init__("invalid workflow:\n" + "\n".join(f"  - {i}" for i in issues))
+
+
+@lru_cache(maxsize=1)
+def workflow_schema() -> dict:
+    return json.loads(resources.files("tessera").joinpath("workflow.schema.json").read_text())
+
+
+def is_link(value: object) -> bool:
+    return isinstance(value, dict) and set(value) == {"node", "output"}
+
+
+def migrate(workflow: dict) -> dict:
+    """Upgrade an older workflow to CURRENT_VERSION through the MIGRATIONS chain."""
+    version = workflow.get("version")
+    if not isinstance(version, int):
+        return workflow  # the schema check reports it
+    if version > CURRENT_VERSION:
+        raise InvalidWorkflow([WorkflowIssue(None, None, f"workflow version {version} is newer than this Tessera ({CURRENT_VERSION})")])
+    while version < CURRENT_VERSION:
+        if version not in MIGRATIONS:
+            raise InvalidWorkflow([WorkflowIssue(None, None, f"no migration from workflow version {version}")])
+        workflow = MIGRATIONS[version](workflow)
+        version += 1
+        workflow["version"] = version
+    return workflow
+
+
+def _schema_issues(workflow: object) -> list[WorkflowIssue]:
+    validator = jsonschema.Draft202012Validator(workflow_schema())
+    issues = []
+    for error in sorted(validator.iter_errors(workflow), key=lambda e: list(e.path)):
+        path = list(error.path)
+        node = str(path[1]) if len(path) >= 2 and path[0] == "nodes" else None
+        issues.append(WorkflowIssue(node, None, error.message))
+    return issues
+
+
+def validate(workflow: object, registry: NodeRegistry, model_files: Callable[[str], list[str]] | None = None) -> dict:
+    """Return the migrated workflow, or raise InvalidWorkflow listing every problem found."""
+    issues = _schema_issues(workflow)
+    if issues:
+        raise InvalidWorkflow(issues)
+    workflow = migrate(json.loads(json.dumps(workflow)))
+    nodes = workflow["nodes"]
+    for node_id, node in nodes.items():
+        issues.extend(_node_issues(node_id, node, nodes, registry, model_files))
+    if not issues:
+        issues.extend(_cycle_issues(nodes))
+    if issues:
+        raise InvalidWorkflow(issues)
+    return workflow
+
+
+def _node_issues(node_id, node, nodes, registry, model_files) -> list[WorkflowIssue]:
+    cls = registry.get(node["type"])
+    if cls is None:
+        return [WorkflowIssue(node_id, None, f"unknown node type '{node['type']}'")]
+    issues = []
+    given = node.get("inputs", {})
+    for name in given:
+        if cls.input(name) is None:
+            issues.append(WorkflowIssue(node_id, name, f"{cls.type_name} has no input '{name}'"))
+    for spec in cls.inputs:
+        if spec.name not in given:
+            if spec.required:
+                issues.append(WorkflowIssue(node_id, spec.name, "missing required input"))
+            continue
+        value = given[spec.name]
+        if is_link(value):
+            issues.extend(_link_issues(node_id, spec, value, nodes, registry))
+        elif not spec.accepts_constant:
+            issues.append(WorkflowIssue(node_id, spec.name, f"needs a link from a {spec.type} output, got a constant"))
+        else:
+            choices = model_files(spec.model_folder) if (spec.model_folder and model_files) else None
+            for error in jsonschema.Draft202012Validator(spec.value_schema(choices)).iter_errors(value):
+                issues.append(WorkflowIssue(node_id, spec.name, _value_reason(error, value)))
+    return issues
+
+
+def _value_reason(error: jsonschema.ValidationError, value: object) -> str:
+    if error.validator == "enum":
+        return f"value {value!r} is not one of the choices"
+    if error.validator in ("minimum", "maximum"):
+        bound = "at least" if error.validator == "minimum" else "at most"
+        return f"value {value!r} is out of range (must be {bound} {error.validator_value})"
+    if error.validator == "type":
+        return f"value {value!r} has the wrong JSON type (expected {error.validator_value})"
+    return error.message
+
+
+def _link_issues(node_id, spec, link, nodes, registry) -> list[WorkflowIssue]:
+    if not spec.accepts_link:
+        return [WorkflowIssue(node_id, spec.name, "is a widget value and cannot take a link")]
+    upstream = nodes.get(link["node"])
+    if upstream is None:
+        return [WorkflowIssue(node_id, spec.name, f"dangling link to missing node '{link['node']}'")]
+    upstream_cls = registry.get(upstream["type"])
+    if upstream_cls is None:
+        return []  # reported on the upstream node itself
+    output_type = upstream_cls.output_type(link["output"])
+    if output_type is None:
+        return [WorkflowIssue(node_id, spec.name, f"dangling link: {upstream['type']} (node {link['node']}) has no output '{link['output']}'")]
+    if output_type != spec.type and "*" not in (output_type, spec.type):
+        return [WorkflowIssue(node_id, spec.name, f"type mismatch: {upstream['type']}.{link['output']} is {output_type}, input needs {spec.type}")]
+    return []
+
+
+def upstream_ids(node: dict) -> list[str]:
+    return [v["node"] for v in node.get("inputs", {}).values() if is_link(v)]
+
+
+def _cycle_issues(nodes: dict) -> list[WorkflowIssue]:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(start: str) -> str | None:
+        stack = [(start, iter(upstream_ids(nodes[start])))]
+        state[start] = 1
+        while stack:
+            node_id, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                state[node_id] = 2
+                stack.pop()
+            elif state.get(child) == 1:
+                return child
+            elif child not in state:
+                state[child] = 1
+                stack.append((child, iter(upstream_ids(nodes[child]))))
+        return None
+
+    for node_id in nodes:
+        if node_id not in state:
+            looped = visit(node_id)
+            if looped is not None:
+                return [WorkflowIssue(looped, None, "cycle: this node depends on its own output")]
+    return []
