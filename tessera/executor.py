@@ -91,6 +91,7 @@ class Executor:
             plan = self.compile(workflow, targets)
         except InvalidWorkflow as e:
             errors = [{"node": i.node, "node_type": None, "input": i.input, "message": i.reason} for i in e.issues]
+            emit("execution_error", {"prompt_id": prompt_id, **errors[0]})
             return RunResult("error", errors=errors)
         emit("execution_start", {"prompt_id": prompt_id})
         with torch.inference_mode():

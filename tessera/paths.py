@@ -30,3 +30,16 @@ def confined_path(folder: Path, name: str, suffixes: tuple[str, ...] | None = No
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise UnsafePathError(f"file name {name!r} must end in one of {', '.join(suffixes)}")
     return path
+
+
+MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models")
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_models_dir() -> Path:
+    """The shipped `models/` folder beside the package (a source checkout)."""
+    return SOURCE_ROOT / "models"
+
+
+def templates_dir() -> Path:
+    return SOURCE_ROOT / "workflows"

@@ -70,7 +70,7 @@ def migrate(workflow: dict) -> dict:
     return workflow
 
 
-def _schema_issues(workflow: object) -> list[WorkflowIssue]:
+def schema_issues(workflow: object) -> list[WorkflowIssue]:
     validator = jsonschema.Draft202012Validator(workflow_schema())
     issues = []
     for error in sorted(validator.iter_errors(workflow), key=lambda e: list(e.path)):
@@ -82,7 +82,7 @@ def _schema_issues(workflow: object) -> list[WorkflowIssue]:
 
 def validate(workflow: object, registry: NodeRegistry, model_files: Callable[[str], list[str]] | None = None) -> dict:
     """Return the migrated workflow, or raise InvalidWorkflow listing every problem found."""
-    issues = _schema_issues(workflow)
+    issues = schema_issues(workflow)
     if issues:
         raise InvalidWorkflow(issues)
     workflow = migrate(json.loads(json.dumps(workflow)))

@@ -1,0 +1,208 @@
+"""The `tessera` command: serve, run, validate, nodes, train, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import secrets
+import sys
+from pathlib import Path
+
+from tessera.paths import SOURCE_ROOT, default_models_dir
+
+
+def _dirs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", type=Path, default=default_models_dir(), help="models folder (default: the shipped models/)")
+    parser.add_argument("--output-dir", type=Path, default=Path("output"))
+    parser.add_argument("--input-dir", type=Path, default=Path("input"))
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description="Node-based image generation: diffusion and autoregressive.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the editor and HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("--listen", metavar="HOST", help="listen on a non-loopback address (requires a token)")
+    serve.add_argument("--token", help="access token (generated and printed when --listen is used without one)")
+    serve.add_argument("--user-dir", type=Path, default=Path("user"), help="queue database and saved workflows")
+    serve.add_argument("--custom-nodes-dir", type=Path, default=Path("custom_nodes"))
+    _dirs(serve)
+
+    run = sub.add_parser("run", help="run a workflow (.json, or a .png made by Tessera) headless")
+    run.add_argument("workflow", type=Path)
+    run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input (JSON value or text)")
+    run.add_argument("--out", type=Path, help="output folder (default: output/)")
+    run.add_argument("--quiet", action="store_true")
+    _dirs(run)
+
+    validate = sub.add_parser("validate", help="check a workflow without running it")
+    validate.add_argument("workflow", type=Path)
+    validate.add_argument("--models-dir", type=Path, default=default_models_dir())
+
+    nodes = sub.add_parser("nodes", help="list the registered node types")
+    nodes.add_argument("--json", action="store_true", help="print the full catalogue as JSON")
+
+    train = sub.add_parser("train", help="train a built-in model (see `tessera train --help`)", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER)
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (executor, diffusion, autoregressive, paradigms)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def load_workflow(path: Path) -> dict:
+    from tessera.images import read_workflow_from_png
+
+    if not path.is_file():
+        raise SystemExit(f"tessera: {path}: no such file")
+    if path.suffix.lower() == ".png":
+        try:
+            return read_workflow_from_png(path)
+        except ValueError as e:
+            raise SystemExit(f"tessera: {e}") from None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"tessera: {path}: not valid JSON ({e})") from None
+
+
+def apply_overrides(workflow: dict, overrides: list[str]) -> dict:
+    """Apply `NODE.INPUT=VALUE` settings; VALUE is parsed as JSON, else kept as text."""
+    for item in overrides:
+        target, sep, raw = item.partition("=")
+        node_id, dot, name = target.partition(".")
+        if not sep or not dot or not node_id or not name:
+            raise SystemExit(f"tessera: --set {item!r}: expected NODE.INPUT=VALUE")
+        node = workflow.get("nodes", {}).get(node_id)
+        if node is None:
+            raise SystemExit(f"tessera: --set {item!r}: the workflow has no node '{node_id}'")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node.setdefault("inputs", {})[name] = value
+    return workflow
+
+
+def _registry():
+    from tessera.registry import default_registry
+
+    registry = default_registry(Path("custom_nodes"))
+    for name, problem in registry.failed_packs.items():
+        print(f"tessera: node pack {name} failed to load and was skipped:\n{problem}", file=sys.stderr)
+    return registry
+
+
+def cmd_run(args) -> int:
+    from tessera.executor import Executor
+    from tessera.progress import ProgressPrinter
+
+    workflow = apply_overrides(load_workflow(args.workflow), args.set)
+    out = args.out or args.output_dir
+    executor = Executor(_registry(), args.models_dir, args.input_dir, out, args.device)
+    printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
+    result = executor.run(workflow, "cli", printer)
+    printer.close()
+    for node_id, ui in result.outputs.items():
+        for image in ui.get("images", []):
+            print(out / image["subfolder"] / image["filename"])
+    if result.status != "success":
+        for e in result.errors:
+            where = f"node {e['node']}" + (f" ({e['node_type']})" if e.get("node_type") else "") + (f", input '{e['input']}'" if e.get("input") else "")
+            print(f"tessera: {where}: {e['message']}", file=sys.stderr)
+        if result.status == "interrupted":
+            print("tessera: interrupted", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from tessera.executor import Executor
+    from tessera.workflow import InvalidWorkflow
+
+    executor = Executor(_registry(), args.models_dir, Path("input"), Path("output"), "cpu")
+    try:
+        workflow = executor.validate(load_workflow(args.workflow))
+        plan = executor.compile(workflow)
+    except InvalidWorkflow as e:
+        for issue in e.issues:
+            print(f"{args.workflow}: {issue}", file=sys.stderr)
+        return 1
+    print(f"{args.workflow}: valid ({len(workflow['nodes'])} nodes, {len(plan.steps)} to run)")
+    return 0
+
+
+def cmd_nodes(args) -> int:
+    registry = _registry()
+    if args.json:
+        print(json.dumps({n: c.info() for n, c in sorted(registry.nodes.items())}, indent=1))
+        return 0
+    for name, cls in sorted(registry.nodes.items(), key=lambda kv: (kv[1].category, kv[0])):
+        ins = ", ".join(f"{i.name}:{i.type}" for i in cls.inputs)
+        outs = ", ".join(f"{o.name}:{o.type}" for o in cls.outputs)
+        print(f"{cls.category:24} {name:22} ({ins}) -> ({outs})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from aiohttp import web
+
+    from tessera.security import is_loopback
+    from tessera.registry import default_registry
+    from tessera.server import ServerConfig, TesseraServer
+
+    host = args.listen or args.host
+    token = args.token
+    if not is_loopback(host) and token is None:
+        token = secrets.token_urlsafe(24)
+    registry = default_registry(args.custom_nodes_dir)
+    for name, problem in registry.failed_packs.items():
+        print(f"tessera: node pack {name} failed to load and was skipped:\n{problem}", file=sys.stderr)
+    config = ServerConfig(
+        host=host, port=args.port, models_dir=args.models_dir, output_dir=args.output_dir, input_dir=args.input_dir,
+        user_dir=args.user_dir, device=args.device, token=token, custom_nodes_dir=args.custom_nodes_dir,
+    )
+    server = TesseraServer(config, registry)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{args.port}/" + (f"?token={token}" if token else "")
+    print(f"Tessera {server.executor.device} — open {url}", flush=True)
+    web.run_app(server.make_app(), host=host, port=args.port, print=None, handle_signals=True)
+    return 0
+
+
+def cmd_script(folder: str, args: list[str]) -> int:
+    """Run bench/NAME.py or the trainer with the remaining arguments."""
+    if folder == "train":
+        from tessera.training import main as train_main
+
+        return train_main(args) or 0
+    if not args or args[0] in ("-h", "--help"):
+        names = sorted(p.stem for p in (SOURCE_ROOT / "bench").glob("*.py"))
+        print(f"usage: tessera bench NAME [ARGS…]   NAME is one of: {', '.join(names)}")
+        return 0
+    script = SOURCE_ROOT / "bench" / f"{args[0]}.py"
+    if not script.is_file():
+        raise SystemExit(f"tessera: no benchmark '{args[0]}' in {script.parent}")
+    sys.argv = [str(script), *args[1:]]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "validate":
+        return cmd_validate(args)
+    if args.command == "nodes":
+        return cmd_nodes(args)
+    return cmd_script(args.command, args.args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

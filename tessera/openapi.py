@@ -1,0 +1,67 @@
+"""The OpenAPI description of the HTTP API, built from the live route table."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+import tessera
+from tessera.workflow import workflow_schema
+
+SUMMARIES = {
+    ("GET", "/api/nodes"): "Node catalogue: every node type with its typed inputs, outputs and input JSON Schema",
+    ("POST", "/api/validate"): "Validate a workflow without running it",
+    ("POST", "/api/prompt"): "Validate and queue a workflow; answers its prompt id",
+    ("GET", "/api/queue"): "The running and pending prompts",
+    ("DELETE", "/api/queue/{prompt_id}"): "Cancel a pending prompt",
+    ("POST", "/api/interrupt"): "Interrupt the running prompt within one step",
+    ("GET", "/api/history"): "Finished and queued prompts, newest first",
+    ("GET", "/api/history/{prompt_id}"): "One prompt: status, timings, errors, outputs",
+    ("GET", "/api/models"): "Model files (.safetensors) per models folder",
+    ("GET", "/api/view"): "An output or input image",
+    ("POST", "/api/upload/image"): "Upload a PNG, JPEG or WebP image into the input folder",
+    ("GET", "/api/workflows"): "Names of saved workflows",
+    ("GET", "/api/workflows/{name}"): "A saved workflow",
+    ("PUT", "/api/workflows/{name}"): "Save a workflow",
+    ("DELETE", "/api/workflows/{name}"): "Delete a saved workflow",
+    ("GET", "/api/templates"): "The workflows shipped in the repository's workflows/ folder",
+    ("GET", "/api/system"): "Versions, device, memory and attention backend",
+    ("GET", "/api/openapi.json"): "This document",
+    ("GET", "/ws"): "WebSocket of execution events (JSON) and preview frames (binary)",
+}
+
+WORKFLOW_BODY = {"type": "object", "properties": {"workflow": {"$ref": "#/components/schemas/Workflow"}, "client_id": {"type": "string"}}, "required": ["workflow"]}
+BODIES = {("POST", "/api/prompt"): WORKFLOW_BODY, ("POST", "/api/validate"): WORKFLOW_BODY, ("PUT", "/api/workflows/{name}"): {"$ref": "#/components/schemas/Workflow"}}
+QUERIES = {
+    ("GET", "/api/view"): ["filename", "type", "subfolder"],
+    ("GET", "/api/history"): ["limit"],
+}
+
+
+def openapi_document(app: web.Application) -> dict:
+    paths: dict = {}
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("formatter") or info.get("path")
+        key = (route.method, path)
+        if key not in SUMMARIES:
+            continue
+        operation: dict = {"summary": SUMMARIES[key], "responses": {"200": {"description": "OK"}, "400": {"description": "Invalid request; body names the problem"}}}
+        parameters = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in ("prompt_id", "name") if "{" + n + "}" in path]
+        parameters += [{"name": n, "in": "query", "schema": {"type": "string"}} for n in QUERIES.get(key, [])]
+        if parameters:
+            operation["parameters"] = parameters
+        if key in BODIES:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": BODIES[key]}}}
+        if key == ("POST", "/api/upload/image"):
+            operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}}}}
+        paths.setdefault(path, {})[route.method.lower()] = operation
+    schema = {k: v for k, v in workflow_schema().items() if k not in ("$schema", "$id")}
+    schema = json.loads(json.dumps(schema).replace('"#/$defs/', '"#/components/schemas/Workflow/$defs/'))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Tessera", "version": tessera.__version__},
+        "paths": paths,
+        "components": {"schemas": {"Workflow": schema}},
+    }
