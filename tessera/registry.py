@@ -41,7 +41,8 @@ class NodeRegistry:
                 obj
                 for obj in vars(module).values()
                 if inspect.isclass(obj) and issubclass(obj, Node) and obj is not Node
-                and obj.__module__ == module.__name__ and not inspect.isabstract(obj)
+                and (obj.__module__ == module.__name__ or obj.__module__.startswith(module.__name__ + "."))
+                and not inspect.isabstract(obj)
                 and "execute" in _defined_methods(obj)
             ]
         for cls in classes:

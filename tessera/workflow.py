@@ -70,8 +70,25 @@ def migrate(workflow: dict) -> dict:
     return workflow
 
 
+@lru_cache(maxsize=1)
+def _document_validator() -> jsonschema.Draft202012Validator:
+    """The published schema with its (non-recursive) `$ref`s inlined: resolving them per node is slow."""
+    schema = workflow_schema()
+
+    def inline(value):
+        if isinstance(value, dict):
+            if set(value) == {"$ref"} and value["$ref"].startswith("#/$defs/"):
+                return inline(schema["$defs"][value["$ref"].removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in value.items() if k != "$defs"}
+        if isinstance(value, list):
+            return [inline(v) for v in value]
+        return value
+
+    return jsonschema.Draft202012Validator(inline(schema))
+
+
 def schema_issues(workflow: object) -> list[WorkflowIssue]:
-    validator = jsonschema.Draft202012Validator(workflow_schema())
+    validator = _document_validator()
     issues = []
     for error in sorted(validator.iter_errors(workflow), key=lambda e: list(e.path)):
         path = list(error.path)
@@ -117,9 +134,15 @@ def _node_issues(node_id, node, nodes, registry, model_files) -> list[WorkflowIs
             issues.append(WorkflowIssue(node_id, spec.name, f"needs a link from a {spec.type} output, got a constant"))
         else:
             choices = model_files(spec.model_folder) if (spec.model_folder and model_files) else None
-            for error in jsonschema.Draft202012Validator(spec.value_schema(choices)).iter_errors(value):
+            for error in _value_validator(json.dumps(spec.value_schema(choices), sort_keys=True)).iter_errors(value):
                 issues.append(WorkflowIssue(node_id, spec.name, _value_reason(error, value)))
     return issues
+
+
+@lru_cache(maxsize=4096)
+def _value_validator(schema_json: str) -> jsonschema.Draft202012Validator:
+    """Validators are costly to build and inputs share few schemas, so keep them."""
+    return jsonschema.Draft202012Validator(json.loads(schema_json))
 
 
 def _value_reason(error: jsonschema.ValidationError, value: object) -> str:

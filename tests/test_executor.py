@@ -1,0 +1,241 @@
+"""The executor: cache keys, re-execution of only what changed, liveness, budgets, interruption."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from tessera.cache import OutputCache, memory_footprint
+from tessera.executor import Executor
+from tessera.node import Input, Interrupted, Node, NodeError, Output, Result
+from tessera.registry import NodeRegistry
+
+CALLS: Counter = Counter()
+
+
+class LoadModel(Node):
+    """Stands in for an expensive model loader."""
+
+    inputs = (Input("name", "STRING", default="tiny"),)
+    outputs = (Output("model", "MODEL"),)
+
+    def execute(self, ctx, name):
+        CALLS["LoadModel"] += 1
+        return (torch.ones(4),)
+
+
+class Encode(Node):
+    inputs = (Input("model", "MODEL"), Input("text", "STRING", default=""))
+    outputs = (Output("cond", "COND"),)
+
+    def execute(self, ctx, model, text):
+        CALLS["Encode"] += 1
+        return (model * len(text),)
+
+
+class Sample(Node):
+    inputs = (Input("model", "MODEL"), Input("cond", "COND"), Input("seed", "INT", default=0, min=0), Input("steps", "INT", default=3, min=1, max=100))
+    outputs = (Output("x", "X"),)
+
+    def execute(self, ctx, model, cond, seed, steps):
+        CALLS["Sample"] += 1
+        for i in range(steps):
+            ctx.progress(i + 1, steps)
+        g = torch.Generator().manual_seed(seed)
+        return (cond + torch.randn(4, generator=g),)
+
+
+class Decode(Node):
+    inputs = (Input("x", "X"),)
+    outputs = (Output("image", "IMAGE"),)
+
+    def execute(self, ctx, x):
+        CALLS["Decode"] += 1
+        return (x * 2,)
+
+
+class Sink(Node):
+    is_output = True
+    inputs = (Input("image", "IMAGE"),)
+    outputs = ()
+
+    def execute(self, ctx, image):
+        CALLS["Sink"] += 1
+        return Result(ui={"value": [float(image.sum())]})
+
+
+class Fails(Node):
+    inputs = (Input("x", "X"), Input("threshold", "FLOAT", default=1.0))
+    outputs = (Output("image", "IMAGE"),)
+
+    def execute(self, ctx, x, threshold):
+        raise NodeError("threshold too small", input="threshold")
+
+
+@pytest.fixture
+def executor(tmp_path):
+    CALLS.clear()
+    registry = NodeRegistry()
+    for cls in (LoadModel, Encode, Sample, Decode, Sink, Fails):
+        registry.register(cls)
+    return Executor(registry, tmp_path / "models", tmp_path / "in", tmp_path / "out", "cpu")
+
+
+def link(node, output):
+    return {"node": node, "output": output}
+
+
+def two_branch_workflow(seed_a=1, seed_b=2) -> dict:
+    """One model and prompt feeding two sampler branches."""
+    return {
+        "version": 1,
+        "nodes": {
+            "model": {"type": "LoadModel"},
+            "text": {"type": "Encode", "inputs": {"model": link("model", "model"), "text": "a cat"}},
+            "sample_a": {"type": "Sample", "inputs": {"model": link("model", "model"), "cond": link("text", "cond"), "seed": seed_a}},
+            "decode_a": {"type": "Decode", "inputs": {"x": link("sample_a", "x")}},
+            "out_a": {"type": "Sink", "inputs": {"image": link("decode_a", "image")}},
+            "sample_b": {"type": "Sample", "inputs": {"model": link("model", "model"), "cond": link("text", "cond"), "seed": seed_b}},
+            "decode_b": {"type": "Decode", "inputs": {"x": link("sample_b", "x")}},
+            "out_b": {"type": "Sink", "inputs": {"image": link("decode_b", "image")}},
+        },
+    }
+
+
+def test_changing_seed_reruns_only_that_sampler_and_downstream(executor):
+    first = executor.run(two_branch_workflow())
+    assert first.status == "success"
+    assert CALLS == Counter(LoadModel=1, Encode=1, Sample=2, Decode=2, Sink=2)
+
+    CALLS.clear()
+    second = executor.run(two_branch_workflow(seed_a=99))
+    assert second.status == "success"
+    assert sorted(second.executed) == ["decode_a", "out_a", "sample_a"]
+    assert CALLS == Counter(Sample=1, Decode=1, Sink=1)
+    assert set(second.cached) == {"model", "text", "sample_b", "decode_b", "out_b"}
+    assert second.outputs["out_a"] != first.outputs["out_a"]
+    assert second.outputs["out_b"] == first.outputs["out_b"]
+
+
+def test_fully_cached_rerun_executes_nothing_and_keeps_outputs(executor):
+    first = executor.run(two_branch_workflow())
+    CALLS.clear()
+    again = executor.run(two_branch_workflow())
+    assert again.executed == [] and CALLS == Counter()
+    assert again.outputs == first.outputs
+
+
+def test_identical_subgraphs_share_cache_entries(executor):
+    result = executor.run(two_branch_workflow(seed_a=5, seed_b=5))
+    assert result.status == "success"
+    # Branch b has the same keys as branch a, so it is served from a's entries.
+    assert CALLS["Sample"] == 1 and CALLS["Decode"] == 1
+    assert {"sample_b", "decode_b"} <= set(result.cached)
+
+
+def test_layout_changes_do_not_invalidate_the_cache(executor):
+    executor.run(two_branch_workflow())
+    moved = two_branch_workflow()
+    moved["nodes"]["sample_a"]["ui"] = {"pos": [10, 20], "title": "renamed"}
+    moved["ui"] = {"viewport": {"scale": 2}}
+    CALLS.clear()
+    assert executor.run(moved).executed == []
+
+
+def test_plan_contains_only_nodes_outputs_need_in_dependency_order(executor):
+    workflow = two_branch_workflow()
+    workflow["nodes"]["orphan"] = {"type": "Sample", "inputs": {"model": link("model", "model"), "cond": link("text", "cond")}}
+    plan = executor.compile(executor.validate(workflow))
+    assert "orphan" not in plan.order
+    position = {n: i for i, n in enumerate(plan.order)}
+    for step in plan.steps:
+        for upstream, _ in step.links.values():
+            assert position[upstream] < position[step.node_id]
+
+
+def test_liveness_releases_each_intermediate_after_its_last_reader(executor):
+    plan = executor.compile(executor.validate(two_branch_workflow()))
+    position = {n: i for i, n in enumerate(plan.order)}
+    readers: dict[str, list[int]] = {}
+    for step in plan.steps:
+        for upstream, _ in step.links.values():
+            readers.setdefault(upstream, []).append(position[step.node_id])
+    for step in plan.steps:
+        assert step.release_after == max(readers.get(step.node_id, [-1]))
+
+
+def test_cache_key_changes_with_constants_and_upstream(executor):
+    keys = lambda wf: {s.node_id: s.cache_key for s in executor.compile(executor.validate(wf)).steps}  # noqa: E731
+    base = keys(two_branch_workflow())
+    changed_text = copy.deepcopy(two_branch_workflow())
+    changed_text["nodes"]["text"]["inputs"]["text"] = "a dog"
+    other = keys(changed_text)
+    assert other["model"] == base["model"]
+    assert all(other[n] != base[n] for n in ("text", "sample_a", "decode_a", "out_a", "sample_b"))
+
+
+def test_node_error_names_node_and_input_and_stops_the_run(executor):
+    workflow = two_branch_workflow()
+    workflow["nodes"]["bad"] = {"type": "Fails", "inputs": {"x": link("sample_a", "x")}}
+    workflow["nodes"]["out_bad"] = {"type": "Sink", "inputs": {"image": link("bad", "image")}}
+    events = []
+    result = executor.run(workflow, "p", emit=lambda kind, data: events.append((kind, data)))
+    assert result.status == "error"
+    assert result.errors[0]["node"] == "bad" and result.errors[0]["input"] == "threshold"
+    assert "threshold too small" in result.errors[0]["message"]
+    assert ("execution_error", {"prompt_id": "p", "node": "bad", "node_type": "Fails", "input": "threshold", "message": "threshold too small"}) in events
+
+
+def test_interrupt_stops_inside_a_running_node(executor):
+    seen = []
+
+    def emit(kind, data):
+        seen.append(kind)
+
+    flag = {"stop": False}
+
+    def stop_after_progress(kind, data):
+        emit(kind, data)
+        if kind == "progress" and data["value"] == 2:
+            flag["stop"] = True
+
+    workflow = two_branch_workflow()
+    workflow["nodes"]["sample_a"]["inputs"]["steps"] = 50
+    result = executor.run(workflow, "p", emit=stop_after_progress, is_interrupted=lambda: flag["stop"])
+    assert result.status == "interrupted"
+    assert seen.count("progress") == 2  # stopped at the next step, not at the end of 50
+    assert "execution_interrupted" in seen
+
+
+def test_progress_events_report_steps(executor):
+    events = []
+    executor.run(two_branch_workflow(), "p", emit=lambda kind, data: events.append((kind, data)))
+    steps = [d for k, d in events if k == "progress" and d["node"] == "sample_a"]
+    assert [(d["value"], d["max"]) for d in steps] == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_cache_evicts_least_recently_used_within_its_byte_budget():
+    cache = OutputCache(cpu_bytes=3 * 400)
+    for key in "abc":
+        cache.put(key, (torch.zeros(100),))  # 400 bytes each
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", (torch.zeros(100),))
+    assert cache.get("b") is None and cache.get("a") is not None and cache.get("d") is not None
+    assert cache.usage()["cpu"] == 3 * 400
+    cache.put("huge", (torch.zeros(1000),))  # bigger than the whole budget: not cached, nothing evicted
+    assert cache.get("huge") is None and len(cache.entries) == 3
+
+
+def test_memory_footprint_counts_shared_storage_once():
+    t = torch.zeros(10)
+    module = torch.nn.Linear(4, 4)
+    assert memory_footprint((t, t[:5], {"m": module})) == {"cpu": 40 + (16 + 4) * 4}
+
+
+def test_interrupted_is_raised_by_progress_when_flagged(executor):
+    ctx = executor.context("n", is_interrupted=lambda: True)
+    with pytest.raises(Interrupted):
+        ctx.progress(1, 2)
