@@ -1,0 +1,307 @@
+// Tessera editor: wires the canvas, the palette, running, workflows and history together.
+
+import { LGraph, LGraphCanvas, LiteGraph } from "litegraph";
+import { Api } from "./api.js";
+import { graphToWorkflow, workflowToGraph } from "./graph-format.js";
+import { HistoryPanel } from "./history.js";
+import { allowLink, installLinkCheck } from "./link-check.js";
+import { clearErrors, describeErrors, showErrors } from "./node-errors.js";
+import { linkColours, registerNodeTypes } from "./node-types.js";
+import { createPalette } from "./palette.js";
+import { RunState } from "./run-state.js";
+import { installShortcuts } from "./shortcuts.js";
+import { toast } from "./toast.js";
+import { UndoHistory } from "./undo.js";
+import { applyControlsAfterRun, uploadInto } from "./widgets.js";
+import { workflowFromFile, Workflows } from "./workflows.js";
+
+const $ = (id) => document.getElementById(id);
+const SESSION_KEY = "tessera.workflow";
+
+function configureLiteGraph() {
+  LiteGraph.release_link_on_empty_shows_menu = true; // drop a link in the void: pick a node for it
+  LiteGraph.search_hide_on_mouse_leave = false;
+  LiteGraph.catch_exceptions = true;
+  Object.assign(LGraphCanvas.link_type_colors, linkColours());
+}
+
+class App {
+  async start() {
+    configureLiteGraph();
+    this.api = new Api();
+    this.graph = new LGraph();
+    this.canvasEl = $("graph-canvas");
+    this.canvas = new LGraphCanvas(this.canvasEl, this.graph);
+    this.canvas.default_connection_color_byType = linkColours();
+    this.canvas.show_info = false;
+    this.fitCanvas();
+    new ResizeObserver(() => this.fitCanvas()).observe($("canvas-wrap"));
+    installLinkCheck(this.canvas);
+
+    this.runState = new RunState({ api: this.api, graph: this.graph, progressEl: $("run-progress") });
+    this.history = new HistoryPanel({
+      api: this.api,
+      list: $("history-list"),
+      refreshButton: $("btn-history-refresh"),
+      onRestore: (workflow) => this.loadWorkflow(workflow, null),
+    });
+    this.workflows = new Workflows({
+      api: this.api,
+      current: () => this.workflow(),
+      load: (workflow, name) => this.loadWorkflow(workflow, name),
+      select: $("sel-open"),
+      nameLabel: $("workflow-name"),
+      dialog: $("name-dialog"),
+      fileInput: $("file-import"),
+    });
+    this.workflows.setName(null);
+    this.palette = createPalette({
+      list: $("palette-list"),
+      search: $("palette-search"),
+      dropTarget: this.canvasEl,
+      onDrop: (type, x, y) => this.addNode(type, x, y),
+    });
+
+    await this.loadCatalogue();
+    this.undo = new UndoHistory(() => JSON.stringify(graphToWorkflow(this.graph)), (s) => this.restore(s));
+    this.restoreSession();
+    this.bindUi();
+    this.api.addEventListener("connection", (e) => {
+      $("conn-status").textContent = e.detail.online ? "connected" : "offline";
+      $("conn-status").classList.toggle("online", e.detail.online);
+    });
+    this.runState.addEventListener("finished", () => this.history.refresh());
+    this.api.connect();
+    await Promise.all([this.workflows.refresh(), this.history.refresh()]);
+    document.body.dataset.ready = "true";
+  }
+
+  /** GET /api/nodes → node classes and palette; called again to refresh model choices. */
+  async loadCatalogue() {
+    const catalogue = await this.api.nodes();
+    this.nodeInfos = registerNodeTypes(catalogue, { api: this.api, changed: () => this.changed() });
+    for (const Type of Object.values(LiteGraph.registered_node_types)) {
+      Type.prototype.onConnectInput = function (index, type, output, origin) {
+        return allowLink(this, origin);
+      };
+    }
+    this.palette.setCatalogue(this.nodeInfos);
+    this.graph.setDirtyCanvas(true, true);
+  }
+
+  fitCanvas() {
+    const wrap = $("canvas-wrap");
+    const dpr = Math.max(window.devicePixelRatio || 1, 1);
+    const { width, height } = wrap.getBoundingClientRect();
+    this.canvasEl.width = Math.round(width * dpr);
+    this.canvasEl.height = Math.round(height * dpr);
+    this.canvasEl.style.width = `${width}px`;
+    this.canvasEl.style.height = `${height}px`;
+    this.canvasEl.getContext("2d").setTransform(dpr, 0, 0, dpr, 0, 0);
+    this.canvas.setDirty(true, true);
+  }
+
+  /** Client coordinates → graph coordinates. */
+  toGraph(clientX, clientY) {
+    const box = this.canvasEl.getBoundingClientRect();
+    return this.canvas.ds.convertOffsetToCanvas([clientX - box.left, clientY - box.top]);
+  }
+
+  addNode(type, clientX, clientY) {
+    const node = LiteGraph.createNode(type);
+    if (!node) return null;
+    let pos;
+    if (clientX === undefined) {
+      const box = this.canvasEl.getBoundingClientRect();
+      pos = this.toGraph(box.left + box.width / 2 - node.size[0] / 2, box.top + box.height / 3);
+    } else {
+      pos = this.toGraph(clientX, clientY);
+      pos = [pos[0] - 20, pos[1] + LiteGraph.NODE_TITLE_HEIGHT / 2];
+    }
+    node.pos = [Math.round(pos[0]), Math.round(pos[1])];
+    this.graph.add(node);
+    this.canvas.selectNode(node);
+    this.changed();
+    return node;
+  }
+
+  /** The editor's graph as workflow JSON (docs/API.md). */
+  workflow() {
+    return graphToWorkflow(this.graph, this.canvas);
+  }
+
+  /** Replaces the graph with `workflow` (undoable). */
+  loadWorkflow(workflow, name) {
+    let warnings;
+    try {
+      warnings = workflowToGraph(workflow, this.graph, this.canvas);
+    } catch (err) {
+      toast(`Could not load the workflow: ${err.message}`, "error");
+      return false;
+    }
+    for (const warning of warnings.slice(0, 3)) toast(warning, "warn");
+    this.workflows.setName(name);
+    this.changed();
+    return true;
+  }
+
+  /** Puts back an undo snapshot, keeping the images shown on nodes. */
+  restore(state) {
+    const images = new Map(this.graph._nodes.map((n) => [n.id, n.images]));
+    workflowToGraph(JSON.parse(state), this.graph, null);
+    for (const node of this.graph._nodes) if (images.get(node.id)?.length) node.images = images.get(node.id);
+    this.saveSession();
+  }
+
+  /** Call after any edit: records an undo step and the session copy. */
+  changed() {
+    this.undo?.check();
+    this.saveSession();
+    this.updateEmptyHint();
+  }
+
+  saveSession() {
+    clearTimeout(this.sessionTimer);
+    this.sessionTimer = setTimeout(() => {
+      try {
+        localStorage.setItem(SESSION_KEY, JSON.stringify(this.workflow()));
+      } catch {
+        // storage full or disabled: the session copy is a convenience only
+      }
+    }, 300);
+  }
+
+  restoreSession() {
+    const text = localStorage.getItem(SESSION_KEY);
+    if (text) {
+      try {
+        workflowToGraph(JSON.parse(text), this.graph, this.canvas);
+      } catch {
+        localStorage.removeItem(SESSION_KEY);
+        this.graph.clear();
+      }
+    }
+    this.undo.reset();
+    this.updateEmptyHint();
+  }
+
+  updateEmptyHint() {
+    $("empty-hint").hidden = this.graph._nodes.length > 0;
+  }
+
+  async run() {
+    if (!this.graph._nodes.length) {
+      toast("Nothing to run: add nodes from the palette first.", "warn");
+      return;
+    }
+    const workflow = this.workflow();
+    clearErrors(this.graph);
+    this.runState.requestSent();
+    try {
+      const { prompt_id: promptId, number } = await this.api.queuePrompt(workflow);
+      this.runState.queued(promptId, workflow);
+      applyControlsAfterRun(this.graph);
+      this.changed();
+      toast(`Queued #${number}.`);
+    } catch (err) {
+      this.runState.requestFailed();
+      if (err.errors?.length) {
+        const unplaced = showErrors(this.graph, err.errors);
+        toast(`Cannot run: ${describeErrors(this.graph, err.errors)}`, "error");
+        if (unplaced.length && unplaced.length !== err.errors.length) toast(describeErrors(this.graph, unplaced), "error");
+      } else {
+        toast(`Cannot run: ${err.message}`, "error");
+      }
+    }
+  }
+
+  async interrupt() {
+    try {
+      await this.api.interrupt(this.runState.running);
+    } catch (err) {
+      toast(`Interrupt failed: ${err.message}`, "error");
+    }
+  }
+
+  newWorkflow() {
+    this.graph.clear();
+    this.workflows.setName(null);
+    this.changed();
+  }
+
+  bindUi() {
+    $("btn-run").addEventListener("click", () => this.run());
+    $("btn-interrupt").addEventListener("click", () => this.interrupt());
+    $("btn-new").addEventListener("click", () => this.newWorkflow());
+    $("btn-save").addEventListener("click", () => this.workflows.save());
+    $("btn-import").addEventListener("click", () => $("file-import").click());
+    $("btn-export").addEventListener("click", () => this.workflows.export());
+    $("btn-undo").addEventListener("click", () => this.undo.undo());
+    $("btn-redo").addEventListener("click", () => this.undo.redo());
+    $("btn-refresh-nodes").addEventListener("click", () => this.refreshCatalogue());
+    installShortcuts({
+      run: () => this.run(),
+      undo: () => this.undo.undo(),
+      redo: () => this.undo.redo(),
+      save: () => this.workflows.save(),
+      forwardToCanvas: (e) => this.canvas.processKey(e),
+    });
+    // Snapshot after each gesture; litegraph changes the graph in place.
+    for (const type of ["pointerup", "keyup"]) document.addEventListener(type, () => setTimeout(() => this.changed(), 0));
+    this.canvasEl.addEventListener("wheel", () => this.saveSession(), { passive: true });
+    this.bindFileDrop();
+  }
+
+  async refreshCatalogue() {
+    try {
+      await this.loadCatalogue();
+      toast("Node list and model files refreshed.", "ok");
+    } catch (err) {
+      toast(`Refresh failed: ${err.message}`, "error");
+    }
+  }
+
+  /** Drop a workflow .json or a Tessera PNG to load it; any image on a LoadImage node uploads it. */
+  bindFileDrop() {
+    const wrap = $("canvas-wrap");
+    const hint = $("drop-hint");
+    const hasFiles = (e) => [...(e.dataTransfer?.types ?? [])].includes("Files");
+    wrap.addEventListener("dragover", (e) => {
+      if (!hasFiles(e)) return;
+      e.preventDefault();
+      hint.hidden = false;
+    });
+    wrap.addEventListener("dragleave", () => {
+      hint.hidden = true;
+    });
+    wrap.addEventListener("drop", async (e) => {
+      hint.hidden = true;
+      const file = e.dataTransfer?.files?.[0];
+      if (!file) return;
+      e.preventDefault();
+      const [x, y] = this.toGraph(e.clientX, e.clientY);
+      const target = this.graph.getNodeOnPos(x, y);
+      if (target?.uploadTarget && file.type.startsWith("image/")) {
+        try {
+          await uploadInto(target, file, { api: this.api, changed: () => this.changed() });
+        } catch (err) {
+          toast(`Upload failed: ${err.message}`, "error");
+        }
+        return;
+      }
+      try {
+        const workflow = await workflowFromFile(file);
+        if (this.loadWorkflow(workflow, null)) toast(`Loaded the workflow from ${file.name}.`, "ok");
+      } catch (err) {
+        toast(`Could not load ${file.name}: ${err.message}`, "error");
+      }
+    });
+  }
+}
+
+const app = new App();
+window.tessera = app; // for the console and the browser tests
+app.start().catch((err) => {
+  toast(`Editor failed to start: ${err.message}`, "error");
+  throw err;
+});

@@ -1,0 +1,149 @@
+// What the editor draws on top of a node: run state, images, errors.
+
+import { LiteGraph } from "litegraph";
+
+const STATE_COLOURS = { queued: "#8d929b", running: "#3fb56b", cached: "#4f8cff", done: "#3a7a52" };
+const IMAGE_AREA_MIN = 200;
+
+/** strokeStyles entry: an outline in the colour of the node's run state. */
+export function runStateStroke() {
+  const color = STATE_COLOURS[this.runState];
+  if (!color || this.has_errors) return undefined;
+  return { color, lineWidth: this.runState === "running" ? 3 : 2, padding: 4 };
+}
+
+/** Y (node space) where free body space starts: below slots and widgets. */
+function contentBottom(node) {
+  let bottom = 4;
+  const rows = Math.max(
+    (node.inputs ?? []).filter((s) => !s.widget).length,
+    (node.outputs ?? []).length,
+  );
+  bottom = Math.max(bottom, rows * LiteGraph.NODE_SLOT_HEIGHT + 6);
+  for (const w of node.widgets ?? []) {
+    if (w.hidden) continue;
+    bottom = Math.max(bottom, (w.y ?? 0) + (w.computedHeight ?? LiteGraph.NODE_WIDGET_HEIGHT + 4));
+  }
+  return bottom + 4;
+}
+
+/** Shows images (HTMLImageElements) in the node body, growing the node when needed. */
+export function setNodeImages(node, images) {
+  node.images = images;
+  const need = contentBottom(node) + IMAGE_AREA_MIN;
+  if (images.length && node.size[1] < need) node.setSize([node.size[0], need]);
+  for (const img of images) {
+    if (!img.complete) img.addEventListener("load", () => node.setDirtyCanvas(true, true), { once: true });
+  }
+  node.setDirtyCanvas(true, true);
+}
+
+/** onDrawForeground: images, state badge, progress, error marks. Node-local coordinates. */
+export function drawNodeOverlay(node, ctx) {
+  if (node.flags.collapsed) return;
+  drawImages(node, ctx);
+  drawBadge(node, ctx);
+  if (node.errors?.length) drawErrors(node, ctx);
+}
+
+function drawImages(node, ctx) {
+  const images = (node.images ?? []).filter((img) => img.complete && img.naturalWidth);
+  if (!images.length) return;
+  const top = contentBottom(node);
+  const area = { x: 6, y: top, w: node.size[0] - 12, h: node.size[1] - top - 6 };
+  if (area.h < 20) return;
+  const cols = Math.ceil(Math.sqrt(images.length));
+  const rows = Math.ceil(images.length / cols);
+  const cw = area.w / cols;
+  const ch = area.h / rows;
+  images.forEach((img, i) => {
+    const scale = Math.min(cw / img.naturalWidth, ch / img.naturalHeight);
+    const w = img.naturalWidth * scale;
+    const h = img.naturalHeight * scale;
+    const x = area.x + (i % cols) * cw + (cw - w) / 2;
+    const y = area.y + Math.floor(i / cols) * ch + (ch - h) / 2;
+    ctx.imageSmoothingEnabled = scale < 1; // keep tiny outputs crisp when enlarged
+    ctx.drawImage(img, x, y, w, h);
+  });
+  ctx.imageSmoothingEnabled = true;
+}
+
+function drawBadge(node, ctx) {
+  let text = null;
+  let colour = STATE_COLOURS[node.runState];
+  if (node.runState === "running") {
+    text = node.progressText ? `running ${node.progressText}` : "running";
+  } else if (node.runState === "queued" || node.runState === "cached") {
+    text = node.runState;
+  } else if (node.has_errors) {
+    text = "error";
+    colour = LiteGraph.NODE_ERROR_COLOUR;
+  }
+  if (!text) return;
+  ctx.save();
+  ctx.font = "bold 11px sans-serif";
+  const w = ctx.measureText(text).width + 12;
+  const x = node.size[0] - w;
+  const y = -LiteGraph.NODE_TITLE_HEIGHT - 20;
+  ctx.fillStyle = colour;
+  ctx.beginPath();
+  ctx.roundRect(x, y, w, 16, 4);
+  ctx.fill();
+  ctx.fillStyle = "#fff";
+  ctx.textAlign = "left";
+  ctx.fillText(text, x + 6, y + 12);
+  ctx.restore();
+}
+
+function drawErrors(node, ctx) {
+  ctx.save();
+  ctx.strokeStyle = LiteGraph.NODE_ERROR_COLOUR;
+  ctx.lineWidth = 2;
+  for (const err of node.errors) {
+    if (!err.input) continue;
+    const widget = node.widgets?.find((w) => w.name === err.input && w.input);
+    const slot = node.inputs?.find((s) => s.name === err.input);
+    if (widget && !widget.hidden && node.getSlotFromWidget(widget)?.link == null) {
+      const h = widget.computedHeight ? widget.computedHeight - 4 : LiteGraph.NODE_WIDGET_HEIGHT;
+      ctx.beginPath();
+      ctx.roundRect(11, widget.y - 3, node.size[0] - 22, h + 6, 6);
+      ctx.stroke();
+    } else if (slot?.pos) {
+      ctx.beginPath();
+      ctx.arc(slot.pos[0], slot.pos[1], 8, 0, Math.PI * 2);
+      ctx.stroke();
+      ctx.fillStyle = LiteGraph.NODE_ERROR_COLOUR;
+      ctx.font = "bold 12px sans-serif";
+      ctx.fillText(slot.label ?? slot.name, slot.pos[0] + 12, slot.pos[1] + 4);
+    }
+  }
+  // The messages, under the node.
+  ctx.font = "12px sans-serif";
+  ctx.fillStyle = "#ff8a8d";
+  ctx.textAlign = "left";
+  let y = node.size[1] + 30;
+  for (const err of node.errors.slice(0, 4)) {
+    const text = err.input ? `${err.input}: ${err.message}` : err.message;
+    for (const line of wrap(ctx, text, Math.max(node.size[0], 260))) {
+      ctx.fillText(line, 0, y);
+      y += 15;
+    }
+  }
+  ctx.restore();
+}
+
+function wrap(ctx, text, width) {
+  const lines = [];
+  let line = "";
+  for (const word of String(text).split(/\s+/)) {
+    const candidate = line ? `${line} ${word}` : word;
+    if (line && ctx.measureText(candidate).width > width) {
+      lines.push(line);
+      line = word;
+    } else {
+      line = candidate;
+    }
+  }
+  if (line) lines.push(line);
+  return lines.slice(0, 6);
+}

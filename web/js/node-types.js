@@ -1,0 +1,82 @@
+// Registers one litegraph node class per entry of GET /api/nodes.
+
+import { LGraphNode, LiteGraph } from "litegraph";
+import { addInputWidget, hasSocket, hasWidget } from "./widgets.js";
+import { drawNodeOverlay, runStateStroke } from "./node-overlay.js";
+
+const TYPE_COLOURS = {
+  IMAGE: "#64b5f6", MASK: "#81c784", LATENT: "#ff9cf9", CONDITIONING: "#ffa931",
+  DIT_MODEL: "#b39ddb", VAE: "#ff6e6e", TEXT_ENCODER: "#ffd500", CONTROL_NET: "#00d78d",
+  VQ_MODEL: "#4dd0e1", AR_MODEL: "#9575cd", TOKENS: "#f06292",
+  INT: "#a1c181", FLOAT: "#aabb66", STRING: "#c6b38b", BOOLEAN: "#8fb3c4",
+};
+
+/** Colours of links and sockets per type, for LGraphCanvas.link_type_colors. */
+export function linkColours() {
+  return { ...TYPE_COLOURS };
+}
+
+/** The catalogue entry (NodeInfo) of a graph node, or undefined for unknown types. */
+export function nodeInfo(node) {
+  return node.constructor.nodeInfo;
+}
+
+/**
+ * Registers (or refreshes) the node classes. `ctx` = {api, changed} is handed to widgets.
+ * Returns the map type → NodeInfo the editor keeps.
+ */
+export function registerNodeTypes(catalogue, ctx) {
+  for (const info of Object.values(catalogue.nodes)) {
+    const existing = LiteGraph.registered_node_types[info.type];
+    if (existing?.nodeInfo) {
+      refreshInfo(existing.nodeInfo, info);
+      continue;
+    }
+    const NodeClass = class extends LGraphNode {
+      constructor(title) {
+        super(title ?? info.type, info.type);
+        buildNode(this, NodeClass.nodeInfo, ctx);
+      }
+    };
+    NodeClass.nodeInfo = structuredClone(info);
+    NodeClass.title = info.type;
+    NodeClass.description = info.description ?? "";
+    LiteGraph.registerNodeType(info.type, NodeClass);
+    NodeClass.category = info.category ?? "misc"; // registerNodeType derives it from a "cat/type" name
+  }
+  return Object.fromEntries(
+    Object.keys(catalogue.nodes).map((type) => [type, LiteGraph.registered_node_types[type].nodeInfo]),
+  );
+}
+
+/** Copies new choices (model files, uploaded images) into the live catalogue entry. */
+function refreshInfo(target, fresh) {
+  for (const input of fresh.inputs) {
+    const old = target.inputs.find((i) => i.name === input.name);
+    if (old && input.choices) old.choices = input.choices;
+  }
+}
+
+function buildNode(node, info, ctx) {
+  node.serialize_widgets = true;
+  node.runState = null; // queued | running | cached | done | error
+  node.errors = []; // [{input, message}]
+  node.images = []; // HTMLImageElements shown in the node body
+  for (const input of info.inputs) {
+    const widget = addInputWidget(node, input, ctx);
+    if (hasSocket(input)) {
+      const extra = { label: input.name };
+      if (widget && hasWidget(input)) extra.widget = { name: input.name };
+      node.addInput(input.name, input.type, extra);
+      if (input.optional) node.inputs.at(-1).shape = LiteGraph.CIRCLE_SHAPE;
+    }
+  }
+  for (const output of info.outputs) node.addOutput(output.name, output.type, { label: output.name });
+  if (info.is_output) node.color = "#335533";
+  node.strokeStyles.runState = runStateStroke;
+  node.onDrawForeground = function (c) {
+    drawNodeOverlay(this, c);
+  };
+  const size = node.computeSize();
+  node.size = [Math.max(size[0], 240), size[1]];
+}

@@ -1,0 +1,205 @@
+// Per-node run state (queued, running, cached, done, error), progress, previews and outputs,
+// driven by the server's WebSocket events for the prompts this editor queued.
+
+import { clearErrors, describeErrors, findNode, showErrors } from "./node-errors.js";
+import { setNodeImages } from "./node-overlay.js";
+import { toast } from "./toast.js";
+
+export class RunState extends EventTarget {
+  constructor({ api, graph, progressEl }) {
+    super();
+    this.api = api;
+    this.graph = graph;
+    this.bar = progressEl.querySelector(".bar");
+    this.label = progressEl.querySelector(".label");
+    this.prompts = new Map(); // prompt_id → workflow, for prompts queued here
+    this.running = null; // prompt_id being executed
+    this.runningNode = null;
+    this.queueRemaining = 0;
+    this.previewUrls = new Map(); // node id → object URL of the last preview
+    // Events can beat the answer of POST /api/prompt; while a request is out, events of
+    // unknown prompts wait here and are replayed once the prompt id is known.
+    this.requestsOut = 0;
+    this.early = [];
+    const on = (type, fn) => api.addEventListener(type, (e) => {
+      const data = e.detail;
+      if (data.prompt_id && !this.prompts.has(data.prompt_id) && this.requestsOut > 0) {
+        this.early.push([fn, data]);
+      } else {
+        fn.call(this, data);
+      }
+    });
+    on("status", this.onStatus);
+    on("execution_start", this.onStart);
+    on("execution_cached", this.onCached);
+    on("executing", this.onExecuting);
+    on("progress", this.onProgress);
+    on("preview", this.onPreview);
+    on("executed", this.onExecuted);
+    on("execution_error", this.onError);
+    on("execution_interrupted", this.onInterrupted);
+    on("execution_success", this.onSuccess);
+  }
+
+  /** Call before POST /api/prompt; then `queued` or `requestFailed`. */
+  requestSent() {
+    this.requestsOut += 1;
+  }
+
+  requestFailed() {
+    this.requestsOut = Math.max(0, this.requestsOut - 1);
+    if (!this.requestsOut) this.early = [];
+  }
+
+  /** Call when POST /api/prompt accepted `workflow`. */
+  queued(promptId, workflow) {
+    this.requestsOut = Math.max(0, this.requestsOut - 1);
+    this.prompts.set(promptId, workflow);
+    clearErrors(this.graph);
+    for (const node of this.graph._nodes) node.runState = workflow.nodes[String(node.id)] ? "queued" : null;
+    this.setLabel(this.running ? `queued (${this.queueRemaining})` : "queued", 0);
+    this.graph.setDirtyCanvas(true, true);
+    const early = this.early;
+    this.early = [];
+    for (const [fn, data] of early) {
+      if (data.prompt_id === promptId) fn.call(this, data);
+      else if (this.requestsOut) this.early.push([fn, data]);
+    }
+  }
+
+  isOurs(data) {
+    return this.prompts.has(data.prompt_id);
+  }
+
+  node(id) {
+    return findNode(this.graph, id);
+  }
+
+  setLabel(text, fraction) {
+    this.label.textContent = text;
+    this.bar.style.width = `${Math.round((fraction ?? 0) * 100)}%`;
+  }
+
+  onStatus({ queue_remaining: remaining }) {
+    this.queueRemaining = remaining ?? 0;
+    if (!this.running) this.setLabel(remaining ? `queue: ${remaining}` : "idle", 0);
+  }
+
+  onStart(data) {
+    if (!this.isOurs(data)) return;
+    this.running = data.prompt_id;
+    const workflow = this.prompts.get(data.prompt_id);
+    for (const node of this.graph._nodes) {
+      node.runState = workflow.nodes[String(node.id)] ? "queued" : null;
+      node.progress = undefined;
+    }
+    this.setLabel("started", 0);
+    this.graph.setDirtyCanvas(true, true);
+  }
+
+  onCached(data) {
+    if (!this.isOurs(data)) return;
+    for (const id of data.nodes ?? []) {
+      const node = this.node(id);
+      if (node) node.runState = "cached";
+    }
+    this.graph.setDirtyCanvas(true, true);
+  }
+
+  finishRunningNode() {
+    const node = this.runningNode;
+    if (node && node.runState === "running") node.runState = "done";
+    if (node) {
+      node.progress = undefined;
+      node.progressText = undefined;
+    }
+    this.runningNode = null;
+  }
+
+  onExecuting(data) {
+    if (!this.isOurs(data)) return;
+    this.finishRunningNode();
+    const node = this.node(data.node);
+    if (node) {
+      node.runState = "running";
+      this.runningNode = node;
+      this.setLabel(node.title, 0);
+    }
+    this.graph.setDirtyCanvas(true, true);
+  }
+
+  onProgress(data) {
+    if (!this.isOurs(data)) return;
+    const node = this.node(data.node);
+    const fraction = data.max ? data.value / data.max : 0;
+    if (node) {
+      node.progress = fraction;
+      node.progressText = `${data.value}/${data.max}`;
+    }
+    this.setLabel(`${node?.title ?? data.node} ${data.value}/${data.max}`, fraction);
+    this.graph.setDirtyCanvas(true, false);
+  }
+
+  onPreview(data) {
+    if (!this.isOurs(data)) return;
+    const node = this.node(data.node);
+    if (!node) return;
+    const url = URL.createObjectURL(data.blob);
+    const img = new Image();
+    img.onload = () => {
+      const old = this.previewUrls.get(node.id);
+      if (old) URL.revokeObjectURL(old);
+      this.previewUrls.set(node.id, url);
+      setNodeImages(node, [img]);
+    };
+    img.src = url;
+  }
+
+  onExecuted(data) {
+    if (!this.isOurs(data)) return;
+    const node = this.node(data.node);
+    const images = data.output?.images ?? [];
+    if (node && images.length) {
+      setNodeImages(node, images.map((ref) => {
+        const img = new Image();
+        img.src = this.api.viewUrl(ref);
+        return img;
+      }));
+    }
+    this.dispatchEvent(new CustomEvent("output", { detail: data }));
+  }
+
+  onError(data) {
+    if (!this.isOurs(data)) return;
+    this.finishRunningNode();
+    const node = this.node(data.node);
+    if (node) node.runState = "error";
+    showErrors(this.graph, [{ node: data.node, input: data.input ?? null, message: data.message }]);
+    toast(`Error in ${describeErrors(this.graph, [data])}`, "error");
+    this.end(data.prompt_id, "error");
+  }
+
+  onInterrupted(data) {
+    if (!this.isOurs(data)) return;
+    this.finishRunningNode();
+    toast("Interrupted.", "warn");
+    this.end(data.prompt_id, "interrupted");
+  }
+
+  onSuccess(data) {
+    if (!this.isOurs(data)) return;
+    this.finishRunningNode();
+    this.end(data.prompt_id, "success");
+  }
+
+  end(promptId, status) {
+    this.prompts.delete(promptId);
+    if (this.running === promptId) this.running = null;
+    for (const node of this.graph._nodes) {
+      if (node.runState === "queued" || node.runState === "running" || node.runState === "done") node.runState = null;
+    }
+    this.setLabel(status === "success" ? "done" : status, status === "success" ? 1 : 0);
+    this.graph.setDirtyCanvas(true, true);
+    this.dispatchEvent(new CustomEvent("finished", { detail: { prompt_id: promptId, status } }));
+  }
+}
