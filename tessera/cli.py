@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="access token (generated and printed when --listen is used without one)")
     serve.add_argument("--user-dir", type=Path, default=Path("user"), help="queue database and saved workflows")
     serve.add_argument("--custom-nodes-dir", type=Path, default=Path("custom_nodes"))
+    serve.add_argument("--cache-ram-gb", type=float, default=8.0, help="byte budget of cached outputs in RAM")
+    serve.add_argument("--cache-vram-gb", type=float, default=16.0, help="byte budget of cached outputs on the GPU")
     _dirs(serve)
 
     run = sub.add_parser("run", help="run a workflow (.json, or a .png made by Tessera) headless")
@@ -163,7 +165,8 @@ def cmd_serve(args) -> int:
         print(f"tessera: node pack {name} failed to load and was skipped:\n{problem}", file=sys.stderr)
     config = ServerConfig(
         host=host, port=args.port, models_dir=args.models_dir, output_dir=args.output_dir, input_dir=args.input_dir,
-        user_dir=args.user_dir, device=args.device, token=token, custom_nodes_dir=args.custom_nodes_dir,
+        user_dir=args.user_dir, device=args.device, token=token,
+        cache_ram_bytes=int(args.cache_ram_gb * 2**30), cache_vram_bytes=int(args.cache_vram_gb * 2**30),
     )
     server = TesseraServer(config, registry)
     shown = f"[{host}]" if ":" in host else host

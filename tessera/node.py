@@ -143,9 +143,9 @@ class ExecutionContext:
         return confined_path(self.models_dir / folder, name, suffixes=(".safetensors",))
 
     def input_path(self, name: str) -> Path:
-        from tessera.paths import confined_path
+        from tessera.paths import find_input
 
-        return confined_path(self.input_dir, name)
+        return find_input(self.input_dir, name)
 
 
 class Node:

@@ -43,3 +43,18 @@ def default_models_dir() -> Path:
 
 def templates_dir() -> Path:
     return SOURCE_ROOT / "workflows"
+
+
+def example_inputs_dir() -> Path:
+    """Images the shipped workflows use; read-only, searched after the user's input folder."""
+    return templates_dir() / "inputs"
+
+
+def find_input(input_dir: Path, name: str) -> Path:
+    """An input file by name: the user's input folder first, then the shipped examples."""
+    path = confined_path(input_dir, name)
+    if not path.exists():
+        example = confined_path(example_inputs_dir(), name)
+        if example.is_file():
+            return example
+    return path

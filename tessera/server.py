@@ -22,9 +22,10 @@ from aiohttp import web
 from PIL import Image
 
 import tessera
+from tessera.cache import OutputCache
 from tessera.executor import Executor
 from tessera.openapi import openapi_document
-from tessera.paths import MODEL_FOLDERS, SOURCE_ROOT, UnsafePathError, confined_path, templates_dir
+from tessera.paths import MODEL_FOLDERS, SOURCE_ROOT, UnsafePathError, confined_path, find_input, templates_dir
 from tessera.queue import PromptStore, PromptWorker, QueueError
 from tessera.registry import NodeRegistry
 from tessera.security import RequestGuard
@@ -47,7 +48,8 @@ class ServerConfig:
     user_dir: Path = Path("user")
     device: str = "auto"
     token: str | None = None
-    custom_nodes_dir: Path | None = Path("custom_nodes")
+    cache_ram_bytes: int = 8 << 30
+    cache_vram_bytes: int = 16 << 30
 
 
 def error(message: str, status: int = 400, **extra) -> web.Response:
@@ -67,7 +69,8 @@ class TesseraServer:
         self.registry = registry
         for folder in (config.output_dir, config.input_dir, config.user_dir / "workflows"):
             folder.mkdir(parents=True, exist_ok=True)
-        self.executor = Executor(registry, config.models_dir, config.input_dir, config.output_dir, config.device)
+        cache = OutputCache(config.cache_ram_bytes, config.cache_vram_bytes)
+        self.executor = Executor(registry, config.models_dir, config.input_dir, config.output_dir, config.device, cache)
         self.store = PromptStore(config.user_dir / "queue.sqlite")
         self.sockets: set[web.WebSocketResponse] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -219,8 +222,11 @@ class TesseraServer:
             return error("type must be 'output' or 'input'")
         subfolder = request.query.get("subfolder", "")
         filename = request.query.get("filename", "")
+        name = f"{subfolder}/{filename}" if subfolder else filename
         try:
-            path = confined_path(roots[kind], f"{subfolder}/{filename}" if subfolder else filename, IMAGE_SUFFIXES)
+            path = confined_path(roots[kind], name, IMAGE_SUFFIXES)
+            if kind == "input":
+                path = find_input(roots[kind], name)
         except UnsafePathError as e:
             return error(str(e), 400)
         if not path.is_file():
