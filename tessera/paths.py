@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+MAX_NAME_CHARS = 1024
+
+
 class UnsafePathError(ValueError):
     """A file name that would leave its folder or is not allowed there."""
 
@@ -18,6 +21,8 @@ def confined_path(folder: Path, name: str, suffixes: tuple[str, ...] | None = No
     """Resolve `name` inside `folder`; raise UnsafePathError if it escapes or has a wrong suffix."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise UnsafePathError(f"invalid file name {name!r}")
+    if len(name) > MAX_NAME_CHARS or any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in name.split("/")):
+        raise UnsafePathError(f"file name {name[:40]!r}… is too long")  # the OS would fail with ENAMETOOLONG
     if "\\" in name or name.startswith(("/", "~")) or (len(name) > 1 and name[1] == ":"):
         raise UnsafePathError(f"file name {name!r} must be relative to its folder")
     parts = name.split("/")

@@ -32,6 +32,7 @@ from tessera.security import RequestGuard
 from tessera.workflow import InvalidWorkflow, schema_issues
 
 MAX_UPLOAD_BYTES = 20 << 20
+MULTIPART_OVERHEAD = 1 << 16  # boundaries and part headers around a file of up to MAX_UPLOAD_BYTES
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 WORKFLOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 UPLOAD_NAME = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -100,7 +101,7 @@ class TesseraServer:
 
     # -- app ------------------------------------------------------------------------------
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.guard.middleware], client_max_size=MAX_UPLOAD_BYTES + (1 << 16))
+        app = web.Application(middlewares=[self.guard.middleware], client_max_size=MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD)
         r = app.router
         r.add_get("/api/nodes", self.nodes)
         r.add_post("/api/validate", self.validate)
@@ -234,7 +235,7 @@ class TesseraServer:
         return web.FileResponse(path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
     async def upload(self, request):
-        if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES:
+        if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
             return error(f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB", 413)
         try:
             form = await request.post()

@@ -139,10 +139,19 @@ def _node_issues(node_id, node, nodes, registry, model_files) -> list[WorkflowIs
     return issues
 
 
+# JSON Schema counts 3.0 as an integer, but an INT input must reach its node as a Python int.
+_ValueValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, v: isinstance(v, int) and not isinstance(v, bool)
+    ),
+)
+
+
 @lru_cache(maxsize=4096)
 def _value_validator(schema_json: str) -> jsonschema.Draft202012Validator:
     """Validators are costly to build and inputs share few schemas, so keep them."""
-    return jsonschema.Draft202012Validator(json.loads(schema_json))
+    return _ValueValidator(json.loads(schema_json))
 
 
 def _value_reason(error: jsonschema.ValidationError, value: object) -> str:
