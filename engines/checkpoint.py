@@ -78,3 +78,33 @@ def require(state_dict: dict[str, torch.Tensor], key: str, path: str | Path, sha
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise CheckpointError(path, f"shape {tuple(t.shape)} does not match the expected {tuple(shape)}", key)
     return t
+
+
+def metadata_config(metadata: dict[str, str], path: str | Path) -> dict:
+    """The JSON object in a file's `tessera.config` metadata ({} when absent), failing clearly when malformed."""
+    raw = metadata.get("tessera.config")
+    if not raw:
+        return {}
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(path, f"metadata 'tessera.config' is not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(path, "metadata 'tessera.config' is not a JSON object")
+    return config
+
+
+def assign_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+    """Load exactly the model's keys at exactly its shapes, assigning tensors (the model may live on `meta`).
+
+    Building on `meta` and assigning avoids a random init and a second copy of multi-GB weights.
+    """
+    expected = model.state_dict()
+    for key, t in expected.items():
+        require(state_dict, key, path, tuple(t.shape))
+    extra = sorted(set(state_dict) - set(expected))
+    if extra:
+        raise CheckpointError(path, "unexpected tensor (not part of the model the other tensors describe)", extra[0])
+    model.load_state_dict({k: state_dict[k].to(device=device, dtype=dtype) for k in expected}, assign=True)
+    model.eval().requires_grad_(False)
