@@ -17,6 +17,12 @@ export class HistoryPanel {
     refreshButton.addEventListener("click", () => this.refresh());
   }
 
+  /** Refreshes once after a burst of calls. */
+  refreshSoon() {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.refresh(), 150);
+  }
+
   async refresh() {
     let items;
     try {

@@ -70,7 +70,9 @@ class App {
       $("conn-status").textContent = e.detail.online ? "connected" : "offline";
       $("conn-status").classList.toggle("online", e.detail.online);
     });
-    this.runState.addEventListener("finished", () => this.history.refresh());
+    // The server sends `status` after it recorded a prompt's state: the moment to refresh.
+    this.api.addEventListener("status", () => this.history.refreshSoon());
+    this.runState.addEventListener("finished", () => this.history.refreshSoon());
     this.api.connect();
     await Promise.all([this.workflows.refresh(), this.history.refresh()]);
     document.body.dataset.ready = "true";
@@ -247,7 +249,8 @@ class App {
       forwardToCanvas: (e) => this.canvas.processKey(e),
     });
     // Snapshot after each gesture; litegraph changes the graph in place.
-    for (const type of ["pointerup", "keyup"]) document.addEventListener(type, () => setTimeout(() => this.changed(), 0));
+    // (capture phase: the canvas stops the propagation of the events it handles)
+    for (const type of ["pointerup", "keyup"]) window.addEventListener(type, () => setTimeout(() => this.changed(), 0), true);
     this.canvasEl.addEventListener("wheel", () => this.saveSession(), { passive: true });
     this.bindFileDrop();
   }

@@ -69,8 +69,8 @@ export function createPalette({ list, search, dropTarget, onDrop }) {
       ghost.style.top = `${e.clientY}px`;
     };
     const up = (e) => {
-      window.removeEventListener("pointermove", move);
-      window.removeEventListener("pointerup", up);
+      window.removeEventListener("pointermove", move, true);
+      window.removeEventListener("pointerup", up, true);
       if (!ghost) {
         onDrop(type);
         return;
@@ -80,8 +80,9 @@ export function createPalette({ list, search, dropTarget, onDrop }) {
       const inside = e.clientX >= box.left && e.clientX <= box.right && e.clientY >= box.top && e.clientY <= box.bottom;
       if (inside) onDrop(type, e.clientX, e.clientY);
     };
-    window.addEventListener("pointermove", move);
-    window.addEventListener("pointerup", up);
+    // Capture phase: the canvas stops the propagation of the pointer events it handles.
+    window.addEventListener("pointermove", move, true);
+    window.addEventListener("pointerup", up, true);
   }
 
   search.addEventListener("input", render);

@@ -17,6 +17,7 @@ export class RunState extends EventTarget {
     this.runningNode = null;
     this.queueRemaining = 0;
     this.previewUrls = new Map(); // node id → object URL of the last preview
+    this.results = []; // [{prompt_id, status}] of finished prompts, oldest first
     // Events can beat the answer of POST /api/prompt; while a request is out, events of
     // unknown prompts wait here and are replayed once the prompt id is known.
     this.requestsOut = 0;
@@ -82,7 +83,8 @@ export class RunState extends EventTarget {
 
   onStatus({ queue_remaining: remaining }) {
     this.queueRemaining = remaining ?? 0;
-    if (!this.running) this.setLabel(remaining ? `queue: ${remaining}` : "idle", 0);
+    // While idle the label keeps the last result (done, error, interrupted) unless work is waiting.
+    if (!this.running && remaining) this.setLabel(`queue: ${remaining}`, 0);
   }
 
   onStart(data) {
@@ -198,6 +200,7 @@ export class RunState extends EventTarget {
     for (const node of this.graph._nodes) {
       if (node.runState === "queued" || node.runState === "running" || node.runState === "done") node.runState = null;
     }
+    this.results.push({ prompt_id: promptId, status });
     this.setLabel(status === "success" ? "done" : status, status === "success" ? 1 : 0);
     this.graph.setDirtyCanvas(true, true);
     this.dispatchEvent(new CustomEvent("finished", { detail: { prompt_id: promptId, status } }));

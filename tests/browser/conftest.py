@@ -1,0 +1,175 @@
+"""Browser tests: a real `tessera serve` process and Debian's Chromium driven by Playwright.
+
+Needs `apt-get install -y chromium`, `npm ci --prefix web` and
+`pip install playwright pytest-playwright`; no browser download. The whole folder is
+skipped, with the reason, when one of them is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tiny_models import write_tiny_models
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("TESSERA_CHROMIUM", "/usr/bin/chromium")
+LITEGRAPH = ROOT / "web" / "node_modules" / "@comfyorg" / "litegraph" / "dist" / "litegraph.es.js"
+SCREENS = ROOT / "artifacts" / "screens"
+VIEWPORT = {"width": 1280, "height": 800}
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _missing() -> str | None:
+    try:
+        import playwright  # noqa: F401
+        import pytest_playwright  # noqa: F401
+    except ImportError:
+        return "pip install playwright pytest-playwright"
+    if not Path(CHROMIUM).exists():
+        return f"apt-get install -y chromium ({CHROMIUM} not found)"
+    if not LITEGRAPH.exists():
+        return "npm ci --prefix web (web/node_modules is missing)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _missing()
+    if reason is None:
+        return
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.skip(reason=f"browser tests need: {reason}"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.models = root / "models"
+        self.output = root / "out"
+        self.log = root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, "-m", "tessera", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            "--models-dir", str(self.models), "--output-dir", str(self.output),
+            "--input-dir", str(self.root / "in"), "--user-dir", str(self.root / "user"),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tessera serve exited:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/nodes", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"tessera serve did not answer in 60 s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    if _missing():
+        pytest.skip(_missing())
+    root = tmp_path_factory.mktemp("tessera-browser")
+    write_tiny_models(root / "models")
+    srv = Server(root)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": VIEWPORT}
+
+
+class ConsoleErrors:
+    """Console errors and uncaught exceptions of a page; a test may allow an expected one."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str]] = []  # (text, url)
+        self.allowed: list[tuple[str, str]] = []
+
+    def allow(self, url_part: str, text_part: str) -> None:
+        """Allows errors whose source URL contains url_part and text contains text_part
+        (the browser logs every 4xx answer as a console error, also the expected ones)."""
+        self.allowed.append((url_part, text_part))
+
+    def unexpected(self) -> list[str]:
+        return [
+            f"{text} ({url})" for text, url in self.seen
+            if not any(u in url and t in text for u, t in self.allowed)
+        ]
+
+
+@pytest.fixture
+def console_errors():
+    return ConsoleErrors()
+
+
+@pytest.fixture
+def editor(page, server, console_errors):
+    """The editor page, loaded and ready; fails the test on any console error or page error."""
+
+    def on_console(message):
+        if message.type == "error":
+            console_errors.seen.append((message.text, (message.location or {}).get("url", "")))
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda e: console_errors.seen.append((f"uncaught: {e}", "")))
+    page.set_default_timeout(15_000)
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    yield page
+    unexpected = console_errors.unexpected()
+    assert not unexpected, "console errors:\n" + "\n".join(unexpected)
+
+
+@pytest.fixture(scope="session")
+def screens():
+    SCREENS.mkdir(parents=True, exist_ok=True)
+    return SCREENS
+
+
+def pytest_configure(config):
+    # Chromium must not try to reach the network; keep Playwright from downloading anything.
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+
+
