@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import torch
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image
 
 import tessera
@@ -239,6 +240,8 @@ class TesseraServer:
             return error(f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB", 413)
         try:
             form = await request.post()
+        except HttpProcessingError:  # e.g. a part header with a NUL byte in the file name
+            return error("the upload is not a well-formed multipart/form-data body")
         except (ValueError, web.HTTPRequestEntityTooLarge):
             return error(f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB", 413)
         field = form.get("image")

@@ -159,11 +159,13 @@ def multipart(field: str, filename: str | bytes, data: bytes, content_type: str 
 
 
 def snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
-    """{relative path: (size, mtime_ns)} of every entry under `folder` (symlinks not followed)."""
+    """{relative path: (size, mtime_ns)} of every entry under `folder` (symlinks not followed).
+
+    `skip` holds path prefixes ("in/" skips that folder and everything in it); logs are skipped."""
     found = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if rel.endswith(".log") or any(rel == s or rel.startswith(s + "/") for s in skip):
+        if rel.endswith(".log") or any(rel == s.rstrip("/") or rel.startswith(s) for s in skip):
             continue
         st = path.lstat()
         found[rel] = (st.st_size, st.st_mtime_ns)
@@ -462,6 +464,23 @@ def preview_header(frame: bytes) -> dict:
 
 
 # -- fixtures --------------------------------------------------------------------------------
+_STARTED: list[Server] = []  # every server process the `server` factory made this session
+
+
+@pytest.fixture(autouse=True)
+def _no_unhandled_server_errors():
+    """Fail a test during which any of our servers logged an unhandled exception (a 500)."""
+    marks = {id(s): len(s.log_text()) for s in _STARTED}
+    yield
+    for s in _STARTED:
+        new = s.log_text()[marks.get(id(s), 0):]
+        # aiohttp also logs requests its own parser refuses with a 400 (no Host header); those
+        # never reach Tessera's code, so only blocks whose traceback passes through it count
+        blocks = new.split("Error handling request")[1:]
+        failed = [b for b in blocks if f"{os.sep}tessera{os.sep}" in b]
+        assert not failed, f"server {s.root.name} failed a request:\n{failed[0][-4000:]}"
+
+
 @pytest.fixture(scope="session")
 def custom_nodes(tmp_path_factory) -> Path:
     """A custom_nodes folder: `testing_pack.py` (Sleep, Fail, PickVAE) and a pack that fails to import."""
@@ -481,6 +500,7 @@ def server(tmp_path_factory, custom_nodes):
         packs = custom_nodes if custom_nodes_dir == "default" else custom_nodes_dir
         s = Server(folder, packs, token, extra_args)
         started.append(s)
+        _STARTED.append(s)
         return s.start()
 
     yield start
