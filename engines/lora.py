@@ -28,11 +28,11 @@ import copy
 import re
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,14 @@ _SUFFIX = re.compile(
 )
 _UNSUPPORTED = re.compile(r"\.(dora_scale|lora_mid\.weight|hada_\w+|lokr_\w+|lora_magnitude_vector.*)$")
 _KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_")
-_DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.", "model.")
+_DOTTED_PREFIXES = (
+    "base_model.model.",
+    "model.diffusion_model.",
+    "diffusion_model.",
+    "transformer.",
+    "unet.",
+    "model.",
+)
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -112,7 +119,9 @@ def _split_key(key: str) -> tuple[str, str] | None:
 _ROW_TAGS = 2  # tag rows per source tensor: enough to see a source split in halves and reordered
 
 
-def _run_converter_on_tags(depth: int, depth_single: int, guidance: bool) -> tuple[dict[str, Tensor], list[str]]:
+def _run_converter_on_tags(
+    depth: int, depth_single: int, guidance: bool
+) -> tuple[dict[str, Tensor], list[str]]:
     """Run `convert_diffusers_dit` on tagged stand-ins for every diffusers tensor it asks for.
 
     Each stand-in is a [2, 1] float64 column holding (2·i, 2·i+1) for the i-th source name, so the
@@ -155,7 +164,9 @@ _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|double_bloc
 
 
 @lru_cache(maxsize=16)
-def _diffusers_layout(depth: int, depth_single: int, guidance: bool) -> dict[str, tuple[str, tuple[tuple[str, int], ...]]]:
+def _diffusers_layout(
+    depth: int, depth_single: int, guidance: bool
+) -> dict[str, tuple[str, tuple[tuple[str, int], ...]]]:
     """diffusers parameter -> (BFL parameter, the (source, half) blocks the BFL tensor is made of, in row order).
 
     Derived on one block of each kind, then repeated for every block index (blocks are alike).
@@ -173,6 +184,7 @@ def _diffusers_layout(depth: int, depth_single: int, guidance: bool) -> dict[str
             out[src] = (bfl, blocks)
             continue
         for i in range(depth if m.group(1) == "transformer_blocks" else depth_single):
+
             def at(name: str, i: int = i) -> str:
                 return _BLOCK.sub(lambda g: f"{g.group(1)}.{i}.", name)
 
@@ -288,7 +300,10 @@ def lora_from_state_dict(sd: dict[str, Tensor], model: nn.Module, name: str = "<
         used: list[str] = []
         if "down" in parts or "up" in parts:
             if not ("down" in parts and "up" in parts):
-                reject({r: parts[r] for r in ("down", "up", "alpha") if r in parts}, "lora_down/up pair incomplete")
+                reject(
+                    {r: parts[r] for r in ("down", "up", "alpha") if r in parts},
+                    "lora_down/up pair incomplete",
+                )
             else:
                 placed = targets.param(module + ".weight")
                 down, up = _as_matrix(parts["down"][1]), _as_matrix(parts["up"][1])
@@ -385,7 +400,7 @@ class LoraLinear(nn.Linear):
     adapters: list[Adapter]
 
     @classmethod
-    def sharing(cls, base: nn.Linear) -> "LoraLinear":
+    def sharing(cls, base: nn.Linear) -> LoraLinear:
         layer = _copy_module(base)
         layer.__class__ = cls
         layer.adapters = list(getattr(base, "adapters", []))
@@ -448,8 +463,14 @@ def with_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]]) -> nn.Modu
                     module = LoraLinear.sharing(module)
                     new.get_submodule(parent_path)._modules[child] = module
                 w = module.weight
-                module.adapters.append(Adapter(u.down.to(w.device, w.dtype), u.up.to(w.device, w.dtype),
-                                               strength * u.scale, _rows_arg(u.rows)))
+                module.adapters.append(
+                    Adapter(
+                        u.down.to(w.device, w.dtype),
+                        u.up.to(w.device, w.dtype),
+                        strength * u.scale,
+                        _rows_arg(u.rows),
+                    )
+                )
             else:
                 old = module._parameters[pname] if pname in module._parameters else module._buffers[pname]
                 merged = _add_rows(old.detach(), u.rows, strength * u.delta())
@@ -473,7 +494,7 @@ def _add_rows(base: Tensor, rows: Tensor | None, delta: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- merging in place, restored exactly
 
-_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _locks_guard = threading.Lock()
 
 

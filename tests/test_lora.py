@@ -16,11 +16,30 @@ from tessera.engines.flux import Flux, FluxConfig, convert_diffusers_dit
 from tessera.engines.gpt import GPT, GPTConfig
 from tessera.engines.lora import LoraLinear, load_lora, merged_deltas, patched, with_loras
 
-SMALL_DIT = FluxConfig(in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth=2, depth_single=2, context_dim=24,
-                       vec_dim=12, axes_dim=(2, 6, 8), guidance_embed=True)
-DIFFUSERS_SMALL = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
-                       num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12,
-                       axes_dims_rope=(2, 6, 8), guidance_embeds=True)
+SMALL_DIT = FluxConfig(
+    in_channels=4,
+    out_channels=4,
+    hidden_size=32,
+    num_heads=2,
+    depth=2,
+    depth_single=2,
+    context_dim=24,
+    vec_dim=12,
+    axes_dim=(2, 6, 8),
+    guidance_embed=True,
+)
+DIFFUSERS_SMALL = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 24,
+    "pooled_projection_dim": 12,
+    "axes_dims_rope": (2, 6, 8),
+    "guidance_embeds": True,
+}
 RANK = 4
 
 
@@ -37,7 +56,9 @@ def diffusers_sd() -> dict[str, torch.Tensor]:
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    return {k: v.clone() for k, v in randomized(FluxTransformer2DModel(**DIFFUSERS_SMALL)).state_dict().items()}
+    return {
+        k: v.clone() for k, v in randomized(FluxTransformer2DModel(**DIFFUSERS_SMALL)).state_dict().items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +93,22 @@ def test_kohya_bfl_names_patch_fused_qkv_like_the_update_by_hand(dit, tmp_path):
     d, alpha, s = SMALL_DIT.hidden_size, 2.0, 0.7
     down, up = pair(3 * d, d, 1)
     down2, up2 = pair(d, SMALL_DIT.mlp_hidden + d, 2)
-    save_file({
-        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
-        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
-        "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(alpha),
-        "lora_unet_single_blocks_1_linear2.lora_down.weight": down2,
-        "lora_unet_single_blocks_1_linear2.lora_up.weight": up2,  # no alpha: scale 1
-    }, str(tmp_path / "kohya.safetensors"))
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(alpha),
+            "lora_unet_single_blocks_1_linear2.lora_down.weight": down2,
+            "lora_unet_single_blocks_1_linear2.lora_up.weight": up2,  # no alpha: scale 1
+        },
+        str(tmp_path / "kohya.safetensors"),
+    )
     base = snapshot(dit)
     got, lora = patched_weights(dit, tmp_path / "kohya.safetensors", s)
     expect = dict(base)
-    expect["double_blocks.0.img_attn.qkv.weight"] = base["double_blocks.0.img_attn.qkv.weight"] + s * alpha / RANK * up @ down
+    expect["double_blocks.0.img_attn.qkv.weight"] = (
+        base["double_blocks.0.img_attn.qkv.weight"] + s * alpha / RANK * up @ down
+    )
     expect["single_blocks.1.linear2.weight"] = base["single_blocks.1.linear2.weight"] + s * up2 @ down2
     for k in base:
         torch.testing.assert_close(got[k], expect[k], rtol=1e-6, atol=1e-6, msg=k)
@@ -107,10 +133,17 @@ def test_diffusers_peft_names_land_on_the_rows_the_dit_loader_puts_them(dit, dif
         file[f"transformer.{module}.lora_A.weight"] = down
         file[f"transformer.{module}.lora_B.weight"] = up
         by_hand[module + ".weight"] = diffusers_sd[module + ".weight"] + s * up @ down
-    file["transformer.single_transformer_blocks.1.attn.to_v.alpha"] = torch.tensor(8.0)  # diffusers may store alpha
-    by_hand["single_transformer_blocks.1.attn.to_v.weight"] = diffusers_sd["single_transformer_blocks.1.attn.to_v.weight"] + (
-        s * 2.0 * file["transformer.single_transformer_blocks.1.attn.to_v.lora_B.weight"]
-        @ file["transformer.single_transformer_blocks.1.attn.to_v.lora_A.weight"])
+    file["transformer.single_transformer_blocks.1.attn.to_v.alpha"] = torch.tensor(
+        8.0
+    )  # diffusers may store alpha
+    by_hand["single_transformer_blocks.1.attn.to_v.weight"] = diffusers_sd[
+        "single_transformer_blocks.1.attn.to_v.weight"
+    ] + (
+        s
+        * 2.0
+        * file["transformer.single_transformer_blocks.1.attn.to_v.lora_B.weight"]
+        @ file["transformer.single_transformer_blocks.1.attn.to_v.lora_A.weight"]
+    )
     save_file(file, str(tmp_path / "peft.safetensors"))
     got, lora = patched_weights(dit, tmp_path / "peft.safetensors", s)
     expect = convert_diffusers_dit(by_hand)
@@ -123,16 +156,23 @@ def test_kohya_diffusers_names_and_unprefixed_peft_names(dit, diffusers_sd, tmp_
     d, s = SMALL_DIT.hidden_size, 1.0
     down, up = pair(d, d, 30)
     down2, up2 = pair(d, d, 31)
-    save_file({
-        "lora_transformer_single_transformer_blocks_0_attn_to_k.lora_down.weight": down,
-        "lora_transformer_single_transformer_blocks_0_attn_to_k.lora_up.weight": up,
-        "lora_transformer_single_transformer_blocks_0_attn_to_k.alpha": torch.tensor(float(RANK)),
-        "transformer_blocks.0.attn.to_out.0.lora_A.weight": down2,
-        "transformer_blocks.0.attn.to_out.0.lora_B.weight": up2,
-    }, str(tmp_path / "mixed.safetensors"))
+    save_file(
+        {
+            "lora_transformer_single_transformer_blocks_0_attn_to_k.lora_down.weight": down,
+            "lora_transformer_single_transformer_blocks_0_attn_to_k.lora_up.weight": up,
+            "lora_transformer_single_transformer_blocks_0_attn_to_k.alpha": torch.tensor(float(RANK)),
+            "transformer_blocks.0.attn.to_out.0.lora_A.weight": down2,
+            "transformer_blocks.0.attn.to_out.0.lora_B.weight": up2,
+        },
+        str(tmp_path / "mixed.safetensors"),
+    )
     by_hand = dict(diffusers_sd)
-    by_hand["single_transformer_blocks.0.attn.to_k.weight"] = diffusers_sd["single_transformer_blocks.0.attn.to_k.weight"] + up @ down
-    by_hand["transformer_blocks.0.attn.to_out.0.weight"] = diffusers_sd["transformer_blocks.0.attn.to_out.0.weight"] + up2 @ down2
+    by_hand["single_transformer_blocks.0.attn.to_k.weight"] = (
+        diffusers_sd["single_transformer_blocks.0.attn.to_k.weight"] + up @ down
+    )
+    by_hand["transformer_blocks.0.attn.to_out.0.weight"] = (
+        diffusers_sd["transformer_blocks.0.attn.to_out.0.weight"] + up2 @ down2
+    )
     got, _ = patched_weights(dit, tmp_path / "mixed.safetensors", s)
     expect = convert_diffusers_dit(by_hand)
     for k in expect:
@@ -145,16 +185,21 @@ def test_dense_diff_and_diff_b_in_both_layouts(dit, diffusers_sd, tmp_path):
     qkv, qkv_b = torch.randn(3 * d, d, generator=g), torch.randn(3 * d, generator=g)
     to_v_b = torch.randn(d, generator=g)
     norm = torch.randn(d // SMALL_DIT.num_heads, generator=g)
-    save_file({
-        "diffusion_model.double_blocks.1.img_attn.qkv.diff": qkv,
-        "diffusion_model.double_blocks.1.img_attn.qkv.diff_b": qkv_b,
-        "transformer_blocks.0.attn.to_v.diff_b": to_v_b,
-        "single_blocks.0.norm.key_norm.scale.diff": norm,
-    }, str(tmp_path / "diff.safetensors"))
+    save_file(
+        {
+            "diffusion_model.double_blocks.1.img_attn.qkv.diff": qkv,
+            "diffusion_model.double_blocks.1.img_attn.qkv.diff_b": qkv_b,
+            "transformer_blocks.0.attn.to_v.diff_b": to_v_b,
+            "single_blocks.0.norm.key_norm.scale.diff": norm,
+        },
+        str(tmp_path / "diff.safetensors"),
+    )
     base = snapshot(dit)
     got, lora = patched_weights(dit, tmp_path / "diff.safetensors", s)
     by_hand = dict(diffusers_sd)
-    by_hand["transformer_blocks.0.attn.to_v.bias"] = diffusers_sd["transformer_blocks.0.attn.to_v.bias"] + s * to_v_b
+    by_hand["transformer_blocks.0.attn.to_v.bias"] = (
+        diffusers_sd["transformer_blocks.0.attn.to_v.bias"] + s * to_v_b
+    )
     expect = convert_diffusers_dit(by_hand)
     expect["double_blocks.1.img_attn.qkv.weight"] = base["double_blocks.1.img_attn.qkv.weight"] + s * qkv
     expect["double_blocks.1.img_attn.qkv.bias"] = base["double_blocks.1.img_attn.qkv.bias"] + s * qkv_b
@@ -171,16 +216,19 @@ def test_gpt_llamagen_peft_and_kohya_names(gpt, tmp_path):
     a2, b2 = pair(c.dim, c.ffn_hidden, 41)
     a3, b3 = pair(c.ffn_hidden, c.dim, 42)
     w1 = torch.randn(c.dim, c.dim, generator=torch.Generator().manual_seed(43))
-    save_file({
-        "base_model.model.layers.0.attention.wqkv.lora_A.weight": a,
-        "base_model.model.layers.0.attention.wqkv.lora_B.weight": b,
-        "lora_unet_layers_1_feed_forward_w2.lora_down.weight": a2,
-        "lora_unet_layers_1_feed_forward_w2.lora_up.weight": b2,
-        "lora_unet_layers_1_feed_forward_w2.alpha": torch.tensor(1.0),
-        "layers.1.feed_forward.w3.lora_A.default.weight": a3,
-        "layers.1.feed_forward.w3.lora_B.default.weight": b3,
-        "layers.0.attention.wo.diff": w1,
-    }, str(tmp_path / "gpt.safetensors"))
+    save_file(
+        {
+            "base_model.model.layers.0.attention.wqkv.lora_A.weight": a,
+            "base_model.model.layers.0.attention.wqkv.lora_B.weight": b,
+            "lora_unet_layers_1_feed_forward_w2.lora_down.weight": a2,
+            "lora_unet_layers_1_feed_forward_w2.lora_up.weight": b2,
+            "lora_unet_layers_1_feed_forward_w2.alpha": torch.tensor(1.0),
+            "layers.1.feed_forward.w3.lora_A.default.weight": a3,
+            "layers.1.feed_forward.w3.lora_B.default.weight": b3,
+            "layers.0.attention.wo.diff": w1,
+        },
+        str(tmp_path / "gpt.safetensors"),
+    )
     base = snapshot(gpt)
     got, lora = patched_weights(gpt, tmp_path / "gpt.safetensors", s)
     expect = dict(base)
@@ -195,22 +243,37 @@ def test_gpt_llamagen_peft_and_kohya_names(gpt, tmp_path):
 
 def _dit_inputs(batch: int = 2):
     g = torch.Generator().manual_seed(7)
-    return (torch.randn(batch, 4, 6, 6, generator=g), torch.rand(batch, generator=g),
-            torch.randn(batch, 5, 24, generator=g), torch.randn(batch, 12, generator=g), torch.full((batch,), 3.5))
+    return (
+        torch.randn(batch, 4, 6, 6, generator=g),
+        torch.rand(batch, generator=g),
+        torch.randn(batch, 5, 24, generator=g),
+        torch.randn(batch, 12, generator=g),
+        torch.full((batch,), 3.5),
+    )
 
 
 def _lora_files(tmp_path, d: int, mlp: int) -> tuple:
     a, b = pair(d, d, 50)
     a2, b2 = pair(3 * d + mlp, d, 51)
     a3, b3 = pair(2 * d, d, 52)
-    save_file({"transformer.transformer_blocks.1.attn.to_q.lora_A.weight": a,
-               "transformer.transformer_blocks.1.attn.to_q.lora_B.weight": b,
-               "transformer.norm_out.linear.lora_A.weight": a3,
-               "transformer.norm_out.linear.lora_B.weight": b3}, str(tmp_path / "one.safetensors"))
-    save_file({"lora_unet_single_blocks_0_linear1.lora_down.weight": a2,
-               "lora_unet_single_blocks_0_linear1.lora_up.weight": b2,
-               "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(2.0),
-               "double_blocks.0.txt_mlp.0.diff_b": torch.randn(mlp)}, str(tmp_path / "two.safetensors"))
+    save_file(
+        {
+            "transformer.transformer_blocks.1.attn.to_q.lora_A.weight": a,
+            "transformer.transformer_blocks.1.attn.to_q.lora_B.weight": b,
+            "transformer.norm_out.linear.lora_A.weight": a3,
+            "transformer.norm_out.linear.lora_B.weight": b3,
+        },
+        str(tmp_path / "one.safetensors"),
+    )
+    save_file(
+        {
+            "lora_unet_single_blocks_0_linear1.lora_down.weight": a2,
+            "lora_unet_single_blocks_0_linear1.lora_up.weight": b2,
+            "lora_unet_single_blocks_0_linear1.alpha": torch.tensor(2.0),
+            "double_blocks.0.txt_mlp.0.diff_b": torch.randn(mlp),
+        },
+        str(tmp_path / "two.safetensors"),
+    )
     return tmp_path / "one.safetensors", tmp_path / "two.safetensors"
 
 
@@ -239,17 +302,23 @@ def test_stacked_loras_in_the_forward_equal_merged_weights_and_leave_the_base_al
     # the copy shares every tensor it did not change
     shared = {k for k, v in lora_model.state_dict(keep_vars=True).items() if v is base_params[k]}
     assert shared == set(base) - {"double_blocks.0.txt_mlp.0.bias"}
-    assert set(merged_deltas(dit, stack)) == {"double_blocks.1.img_attn.qkv.weight", "final_layer.adaLN_modulation.1.weight",
-                                              "single_blocks.0.linear1.weight", "double_blocks.0.txt_mlp.0.bias"}
+    assert set(merged_deltas(dit, stack)) == {
+        "double_blocks.1.img_attn.qkv.weight",
+        "final_layer.adaLN_modulation.1.weight",
+        "single_blocks.0.linear1.weight",
+        "double_blocks.0.txt_mlp.0.bias",
+    }
 
 
 def test_unpatching_restores_every_weight_bit_identically(gpt, dit, tmp_path):
     one, two = _lora_files(tmp_path, SMALL_DIT.hidden_size, SMALL_DIT.mlp_hidden)
     base = snapshot(dit)
-    with pytest.raises(RuntimeError, match="inside"):
-        with patched(dit, [(load_lora(one, dit), 3.0), (load_lora(two, dit), 0.1)]):
-            assert not torch.equal(dit.double_blocks[1].img_attn.qkv.weight, base["double_blocks.1.img_attn.qkv.weight"])
-            raise RuntimeError("a failure inside the block still restores")
+    stack = [(load_lora(one, dit), 3.0), (load_lora(two, dit), 0.1)]
+    with pytest.raises(RuntimeError, match="inside"), patched(dit, stack):
+        assert not torch.equal(
+            dit.double_blocks[1].img_attn.qkv.weight, base["double_blocks.1.img_attn.qkv.weight"]
+        )
+        raise RuntimeError("a failure inside the block still restores")
     for k, v in dit.state_dict().items():
         assert torch.equal(v, base[k]), k
 
@@ -259,8 +328,10 @@ def test_lora_gpt_generates_with_its_own_caches(gpt, tmp_path):
 
     c = gpt.config
     a, b = pair(c.dim, c.dim, 60)
-    save_file({"layers.1.attention.wo.lora_A.weight": a, "layers.1.attention.wo.lora_B.weight": b},
-              str(tmp_path / "g.safetensors"))
+    save_file(
+        {"layers.1.attention.wo.lora_A.weight": a, "layers.1.attention.wo.lora_B.weight": b},
+        str(tmp_path / "g.safetensors"),
+    )
     lora = load_lora(tmp_path / "g.safetensors", gpt)
     model = with_loras(gpt, [(lora, 2.0)])
 
