@@ -15,6 +15,16 @@ from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.flux import FluxConfig, guided_velocity, load_dit, save_dit
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than the maths, badly so on a shared CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # head_dim 16 with axes (2, 6, 8): what the loader infers when no metadata says otherwise.
 SMALL = dict(
     patch_size=1,
