@@ -1,0 +1,291 @@
+"""The built-in text encoder: a small character-level transformer shared by both paradigms.
+
+Characters rather than sub-words so the generators can learn to spell: every letter of
+a prompt reaches them as its own token. A prompt is lower-cased, UTF-8 encoded, given a
+leading BOS (so even the empty prompt has one real token) and read by a few pre-norm
+transformer encoder layers; the result is a `Conditioning` with per-character features,
+a pooled vector (projected masked mean) and the padding mask.
+
+Training: the encoder is pre-trained on its own, text only, then frozen while the DiT
+and the GPT are trained on top of it. One frozen encoder is what lets a single
+`TextEncode` node feed either generator; end-to-end training with one generator would
+tie the encoder to it. `pretrain_text_encoder` combines masked-character
+reconstruction on the token features (they must keep spelling and context) with
+predicting the scene's attributes from the pooled vector (it must carry the meaning);
+`engines.synthetic.caption_batches` supplies both. The model is a plain `nn.Module`
+and `encode` is differentiable, so fine-tuning it inside a generator's loop also works.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import CheckpointError, assign_checked, metadata_config, read_safetensors
+from .conditioning import Conditioning
+
+PAD, BOS, MASK = 0, 1, 2
+BYTE_OFFSET = 3  # byte b is token b + 3
+VOCAB_SIZE = 256 + BYTE_OFFSET
+CONFIG_KEY, CARD_KEY = "tessera.config", "tessera.card"
+
+
+@dataclass
+class TextEncoderConfig:
+    max_length: int = 96  # tokens including BOS; longer prompts are truncated
+    width: int = 192
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    context_dim: int = 192  # D of Conditioning.tokens (a DiT's context_dim, a GPT's caption_dim)
+    pooled_dim: int = 192  # P of Conditioning.pooled
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.max_length < 2:
+            raise ValueError("max_length must leave room for BOS and at least one character")
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> TextEncoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown text encoder config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+def tokenize(
+    prompts: Sequence[str], max_length: int, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts → (ids [B, L] long, mask [B, L] bool); L = `pad_to` or the longest prompt."""
+    rows = [[BOS] + [b + BYTE_OFFSET for b in p.lower().encode("utf-8")][: max_length - 1] for p in prompts]
+    length = pad_to if pad_to is not None else max((len(r) for r in rows), default=1)
+    ids = torch.full((len(rows), length), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, ids != PAD
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm self-attention + MLP; padding keys are masked out."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.proj(att.transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TextEncoder(nn.Module):
+    """Character-level transformer encoder producing `Conditioning`."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(VOCAB_SIZE, c.width)
+        self.pos = nn.Parameter(torch.randn(c.max_length, c.width) * 0.02)
+        self.blocks = nn.ModuleList(EncoderBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm = nn.LayerNorm(c.width)
+        self.token_proj = nn.Linear(c.width, c.context_dim)
+        self.pooled_proj = nn.Linear(c.width, c.pooled_dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos.device
+
+    def tokenize(self, prompts: Sequence[str], pad_to_max: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return tokenize(prompts, self.config.max_length, self.config.max_length if pad_to_max else None)
+
+    def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states [B, L, width]."""
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Conditioning:
+        h = self.hidden(ids, mask)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        pooled = self.pooled_proj((h * m).sum(1) / m.sum(1).clamp(min=1.0))
+        # zero the padding so a consumer that ignores the mask still sees a deterministic value
+        return Conditioning(self.token_proj(h) * m, pooled, mask)
+
+    def encode(self, prompts: Sequence[str] | str, pad_to_max: bool = True) -> Conditioning:
+        """Encode prompts on the model's device; L = max_length unless `pad_to_max` is False."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids, mask = self.tokenize(prompts, pad_to_max)
+        return self(ids.to(self.device), mask.to(self.device))
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_text_encoder(model: TextEncoder, path: str | Path, card: str | Mapping | None = None) -> None:
+    """Write the weights as safetensors with the config (and a model card) in the metadata."""
+    metadata = {CONFIG_KEY: json.dumps(asdict(model.config))}
+    if card:
+        metadata[CARD_KEY] = card if isinstance(card, str) else json.dumps(card)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_text_encoder(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> TextEncoder:
+    """Rebuild a saved encoder (eval mode, frozen); errors name the file and the key at fault."""
+    tensors, metadata = read_safetensors(path)
+    raw = metadata_config(metadata, path)
+    if not raw:
+        raise CheckpointError(path, f"no '{CONFIG_KEY}' metadata; not a Tessera text encoder file")
+    try:
+        config = TextEncoderConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(path, f"invalid text encoder config in '{CONFIG_KEY}' metadata ({e})") from None
+    # built on the CPU, not `meta`: the model is small, and meta init costs seconds of imports
+    model = TextEncoder(config)
+    assign_checked(model, tensors, path, device, dtype)
+    return model
+
+
+def model_card(path: str | Path) -> str:
+    """The model card stored with a text encoder file ('' if none)."""
+    return read_safetensors(path)[1].get(CARD_KEY, "")
+
+
+def tiny_text_encoder(seed: int = 0) -> TextEncoder:
+    """A random-weight encoder small enough for tests (context 32, pooled 16)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TextEncoder(
+            TextEncoderConfig(width=32, depth=1, heads=2, context_dim=32, pooled_dim=16)
+        ).eval()
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+class PretrainingHeads(nn.Module):
+    """Throw-away heads: characters from token features, attribute classes from the pooled vector."""
+
+    def __init__(self, config: TextEncoderConfig, attribute_classes: Mapping[str, int]):
+        super().__init__()
+        self.chars = nn.Linear(config.context_dim, VOCAB_SIZE)
+        self.attributes = nn.ModuleDict(
+            {k: nn.Linear(config.pooled_dim, n) for k, n in attribute_classes.items()}
+        )
+
+
+def _mask_characters(
+    ids: torch.Tensor, prob: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace a random `prob` of the characters (never BOS or padding) by MASK; targets -100 elsewhere."""
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & (ids >= BYTE_OFFSET)
+    return ids.masked_fill(chosen, MASK), ids.masked_fill(~chosen, -100)
+
+
+def pretraining_loss(
+    model: TextEncoder,
+    heads: PretrainingHeads,
+    captions: Sequence[str],
+    labels: Mapping[str, torch.Tensor],
+    mask_prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Masked-character loss on a masked copy plus attribute losses on the clean captions."""
+    generator = generator or torch.Generator().manual_seed(0)
+    ids, mask = model.tokenize(captions, pad_to_max=False)
+    masked, char_targets = _mask_characters(ids, mask_prob, generator)
+    dev = model.device
+    both = model(torch.cat([ids, masked]).to(dev), torch.cat([mask, mask]).to(dev))
+    b = len(captions)
+    char_logits = heads.chars(both.tokens[b:])
+    char_targets = char_targets.to(dev)
+    chars = F.cross_entropy(char_logits.flatten(0, 1), char_targets.flatten(), ignore_index=-100)
+    loss, stats = chars, {"chars": chars.item()}
+    for name, head in heads.attributes.items():
+        target = labels[name].to(dev)
+        if (target >= 0).any():
+            part = F.cross_entropy(head(both.pooled[:b]), target, ignore_index=-100)
+            loss = loss + part
+            stats[name] = part.item()
+    stats["loss"] = loss.item()
+    return loss, stats
+
+
+def pretrain_text_encoder(
+    model: TextEncoder,
+    batches: Iterator[tuple[Sequence[str], Mapping[str, torch.Tensor]]],
+    attribute_classes: Mapping[str, int],
+    steps: int,
+    lr: float = 1e-3,
+    mask_prob: float = 0.15,
+    seed: int = 0,
+    callback: Callable[[dict], None] | None = None,
+) -> PretrainingHeads:
+    """Train `model` in place on (captions, attribute labels) batches; returns the heads for evaluation.
+
+    Labels are class indices per attribute field with -100 where a caption lacks the field
+    (`engines.synthetic.caption_batches` and `ATTRIBUTE_CLASSES` give both).
+    """
+    heads = PretrainingHeads(model.config, attribute_classes).to(model.device)
+    model.train().requires_grad_(True)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, steps // 20)))
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        captions, labels = next(batches)
+        loss, stats = pretraining_loss(model, heads, captions, labels, mask_prob, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if callback is not None:
+            callback({"i": i, "total": steps, **stats})
+    model.eval()
+    return heads
+
+
+@torch.no_grad()
+def attribute_accuracy(
+    model: TextEncoder,
+    heads: PretrainingHeads,
+    batches: Iterator[tuple[Sequence[str], Mapping[str, torch.Tensor]]],
+    steps: int = 1,
+) -> dict[str, float]:
+    """How often the pooled vector's heads name each attribute right (over captions that have it)."""
+    hits: dict[str, list[int]] = {}
+    for _ in range(steps):
+        captions, labels = next(batches)
+        pooled = model.encode(captions, pad_to_max=False).pooled
+        for name, head in heads.attributes.items():
+            target = labels[name].to(pooled.device)
+            keep = target >= 0
+            h = hits.setdefault(name, [0, 0])
+            h[0] += int((head(pooled).argmax(-1)[keep] == target[keep]).sum())
+            h[1] += int(keep.sum())
+    return {k: c / n for k, (c, n) in hits.items() if n}
