@@ -1,0 +1,506 @@
+"""ControlNet for the Flux DiT, in the layout of diffusers' `FluxControlNetModel`.
+
+The control net is a shallow copy of the DiT's trunk (N double and M single blocks of the same
+width) that reads the noisy image tokens plus the control hint, fed in through a zero-initialised
+`controlnet_x_embedder`. After each of its blocks a zero-initialised projection
+(`controlnet_blocks.N`, `controlnet_single_blocks.N`) gives a residual for the base model's image
+tokens; N residuals are spread over the base's blocks by diffusers' interval rule (block i takes
+residual i // ceil(depth / N)), or repeated (i % N) for nets with a pixel-space hint encoder
+(XLabs and diffusers' `input_hint_block` variant), as diffusers does.
+
+Files load from the diffusers layout or the BFL layout (`img_in`, `double_blocks.N`, … plus the
+`controlnet_*` heads; XLabs' `pos_embed_input` is `controlnet_x_embedder`), reusing the DiT
+loader's conversion and config inference. The hint is the control image encoded by the VAE and
+packed like the latent, or, with a hint encoder, the image itself in [-1, 1].
+
+`with_control(model, net, hint, strength, start, end)` returns the DiT as a new model object
+(sharing every base tensor) whose forward adds the residuals while the noise level lies in the
+[start, end] part of the run, so a sampler uses it as it would the plain DiT.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointError, assign_checked, metadata_config, read_safetensors
+from .flux import (
+    DoubleStreamBlock,
+    Flux,
+    FluxConfig,
+    MLPEmbedder,
+    SingleStreamBlock,
+    convert_diffusers_dit,
+    detect_dit_layout,
+    infer_dit_config,
+    patchify,
+    rope_cos_sin,
+    timestep_embedding,
+)
+from .lora import copy_structure
+from .schedules import flux_mu, time_shift
+
+HINT_DOWNSCALE = 8  # the hint encoder's three stride-2 convolutions
+
+
+class HintEncoder(nn.Sequential):
+    """Pixels [-1, 1] → features at 1/8 size: XLabs' `input_hint_block` (= diffusers'
+    `ControlNetConditioningEmbedding` with channels (16, 16, 16, 16)); convs at even indices."""
+
+    def __init__(self, out_channels: int, in_channels: int = 3, width: int = 16):
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()]
+        for _ in range(3):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(width, width, 3, padding=1, stride=2), nn.SiLU()]
+        layers.append(nn.Conv2d(width, out_channels, 3, padding=1))
+        super().__init__(*layers)
+
+
+class FluxControlNet(nn.Module):
+    """The control trunk: `config.depth` double and `config.depth_single` single blocks."""
+
+    def __init__(self, config: FluxConfig, hint_channels: int = 0):
+        super().__init__()
+        self.config = c = config
+        d, p = c.hidden_size, c.patch_size
+        self.img_in = nn.Linear(c.in_channels * p * p, d)
+        self.time_in = MLPEmbedder(256, d)
+        self.vector_in = MLPEmbedder(c.vec_dim, d)
+        self.guidance_in = MLPEmbedder(256, d) if c.guidance_embed else None
+        self.txt_in = nn.Linear(c.context_dim, d)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(c) for _ in range(c.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(c) for _ in range(c.depth_single))
+        self.controlnet_x_embedder = nn.Linear(c.in_channels * p * p, d)
+        self.controlnet_blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(c.depth))
+        self.controlnet_single_blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(c.depth_single))
+        self.input_hint_block = HintEncoder(hint_channels) if hint_channels else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.img_in.weight.device
+
+    @property
+    def pixel_hint(self) -> bool:
+        """True when the hint is the control image itself (a hint encoder), False for a VAE latent."""
+        return self.input_hint_block is not None
+
+    def hint_tokens(self, hint: Tensor) -> Tensor:
+        """[B, C, H, W] hint (latent, or pixels for a hint encoder) → packed tokens [B, N, C·p²]."""
+        hint = hint.to(self.device, self.dtype)
+        if self.input_hint_block is not None:
+            hint = self.input_hint_block(hint)
+        return patchify(hint, self.config.patch_size)
+
+    def zero_init_heads(self) -> None:
+        """Zero the hint input and every residual projection: a fresh net leaves the base unchanged."""
+        heads = [self.controlnet_x_embedder, *self.controlnet_blocks, *self.controlnet_single_blocks]
+        if self.input_hint_block is not None:
+            heads.append(self.input_hint_block[-1])
+        with torch.no_grad():
+            for layer in heads:
+                for p in layer.parameters():
+                    p.zero_()
+
+    def forward_tokens(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        t: Tensor,
+        y: Tensor,
+        hint: Tensor,
+        guidance: Tensor | None = None,
+        txt_mask: Tensor | None = None,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Residuals (one per double block, one per single block) for the base's image tokens.
+
+        Inputs are the base DiT's `forward_tokens` inputs plus `hint`, packed tokens [B, N, C·p²].
+        """
+        dt = self.dtype
+        vec = self.time_in(timestep_embedding(t).to(dt))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this ControlNet has a guidance input; the model it controls passed none")
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dt))
+        vec = vec + self.vector_in(y.to(dt))
+        img = self.img_in(img.to(dt)) + self.controlnet_x_embedder(hint.to(dt))
+        txt = self.txt_in(txt.to(dt))
+        pe = rope_cos_sin(torch.cat([txt_ids, img_ids]), self.config.axes_dim, self.config.theta)
+        key_mask = None
+        if txt_mask is not None and not bool(txt_mask.all()):
+            key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
+
+        double, single = [], []
+        for block, head in zip(self.double_blocks, self.controlnet_blocks):
+            img, txt = block(img, txt, vec, pe, key_mask)
+            double.append(head(img))
+        x = torch.cat([txt, img], dim=1)
+        for block, head in zip(self.single_blocks, self.controlnet_single_blocks):
+            x = block(x, vec, pe, key_mask)
+            single.append(head(x[:, txt.shape[1] :]))
+        return double, single
+
+
+def spread(residuals: list[Tensor], n_blocks: int, repeat: bool) -> list[Tensor | None]:
+    """One residual (or None) per base block: diffusers' interval rule, or cycling when `repeat`."""
+    if not residuals:
+        return [None] * n_blocks
+    if repeat:
+        return [residuals[i % len(residuals)] for i in range(n_blocks)]
+    interval = math.ceil(n_blocks / len(residuals))
+    return [residuals[i // interval] for i in range(n_blocks)]
+
+
+# ---------------------------------------------------------------- the hint
+
+
+@dataclass(eq=False)
+class ControlHint:
+    """The control image, turned into hint tokens for whatever latent size a sampler asks for.
+
+    `image` [B, H, W, 3] in 0..1 is resized to the latent's pixel size and encoded by `vae`
+    (latent nets) or scaled to [-1, 1] (hint-encoder nets); `latent` [B, C, h, w] may be given
+    instead of image + vae. Results are kept per size, so each sampling step reuses them.
+    """
+
+    image: Tensor | None = None
+    vae: nn.Module | None = None
+    latent: Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def for_grid(self, net: FluxControlNet, gh: int, gw: int) -> Tensor:
+        """Packed hint tokens [B, gh·gw, C·p²] for a gh × gw token grid."""
+        key = (id(net), gh, gw)
+        if key not in self._cache:
+            self._cache[key] = net.hint_tokens(
+                self._hint(net, gh * net.config.patch_size, gw * net.config.patch_size)
+            )
+        return self._cache[key]
+
+    def _hint(self, net: FluxControlNet, h: int, w: int) -> Tensor:
+        if net.pixel_hint:
+            if self.image is None:
+                raise ValueError(
+                    "this ControlNet reads the control image itself; give an IMAGE, not a latent"
+                )
+            return _resized(self.image, h * HINT_DOWNSCALE, w * HINT_DOWNSCALE) * 2 - 1
+        if self.latent is not None:
+            latent = self.latent.float()
+            if latent.shape[-2:] != (h, w):
+                latent = F.interpolate(latent, size=(h, w), mode="bilinear", align_corners=False)
+            return latent
+        if self.image is None or self.vae is None:
+            raise ValueError("this ControlNet reads a VAE latent of the control image: give the VAE")
+        f = self.vae.config.downscale
+        pixels = _resized(self.image, h * f, w * f) * 2 - 1
+        with torch.no_grad():
+            return self.vae.encode(pixels).float()
+
+
+def _resized(image: Tensor, h: int, w: int) -> Tensor:
+    """[B, H, W, 3] 0..1 → [B, 3, h, w] 0..1 (bicubic resize when the size differs, as ComfyUI does)."""
+    x = image.permute(0, 3, 1, 2).float()
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+    return x
+
+
+# ---------------------------------------------------------------- a DiT that adds control residuals
+
+
+@dataclass(eq=False)
+class Control:
+    """One control net applied to a DiT: its hint, strength and the part of the run it acts in."""
+
+    net: FluxControlNet
+    hint: ControlHint
+    strength: float = 1.0
+    start: float = 0.0  # fraction of the run (0 = the first, noisiest step)
+    end: float = 1.0
+
+    def active(self, sigma: float, image_seq_len: int) -> bool:
+        """Whether a step at noise level `sigma` lies in [start, end] of the run.
+
+        The fractions map to noise levels through Flux's resolution-dependent shift, so they are
+        fractions of the steps for the "flux" schedule (ComfyUI maps its percentages the same way).
+        """
+        if self.start <= 0.0 and self.end >= 1.0:
+            return True
+        mu = flux_mu(image_seq_len)
+        hi = float(time_shift(mu, torch.tensor([1.0 - self.start], dtype=torch.float64)))
+        lo = float(time_shift(mu, torch.tensor([1.0 - self.end], dtype=torch.float64)))
+        return lo - 1e-6 <= sigma <= hi + 1e-6
+
+
+def _forward_takes_residuals() -> bool:
+    return "controlnet_double" in inspect.signature(Flux.forward_tokens).parameters
+
+
+class ControlledFlux(Flux):
+    """A Flux DiT (sharing the base's tensors) whose forward adds its `controls`' residuals."""
+
+    controls: list[Control]
+
+    def forward_tokens(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        t: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        txt_mask: Tensor | None = None,
+    ) -> Tensor:
+        double, single = self.control_residuals(img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
+        if double is None and single is None:
+            return super().forward_tokens(img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
+        if _forward_takes_residuals():
+            return super().forward_tokens(
+                img,
+                img_ids,
+                txt,
+                txt_ids,
+                t,
+                y,
+                guidance,
+                txt_mask,
+                controlnet_double=double,
+                controlnet_single=single,
+            )
+        return _forward_tokens_with_residuals(
+            self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask, double, single
+        )
+
+    def control_residuals(self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask):
+        """Per-base-block residual lists (double, single) summed over the active controls, or Nones."""
+        gh, gw = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+        sigma = float(t.max())
+        double: list[Tensor | None] | None = None
+        single: list[Tensor | None] | None = None
+        for control in self.controls:
+            if control.strength == 0 or not control.active(sigma, img.shape[1]):
+                continue
+            net = control.net
+            hint = control.hint.for_grid(net, gh, gw)
+            if hint.shape[0] != img.shape[0]:
+                if img.shape[0] % hint.shape[0]:
+                    raise ValueError(
+                        f"control image batch {hint.shape[0]} does not divide the batch {img.shape[0]}"
+                    )
+                hint = hint.repeat(img.shape[0] // hint.shape[0], 1, 1)
+            d, s = net.forward_tokens(img, img_ids, txt, txt_ids, t, y, hint, guidance, txt_mask)
+            double = _accumulate(double, spread(d, len(self.double_blocks), net.pixel_hint), control.strength)
+            single = _accumulate(single, spread(s, len(self.single_blocks), net.pixel_hint), control.strength)
+        return double, single
+
+
+def _accumulate(total: list | None, residuals: list[Tensor | None], strength: float) -> list | None:
+    if all(r is None for r in residuals):
+        return total
+    total = total or [None] * len(residuals)
+    return [
+        a if r is None else (r * strength if a is None else a + r * strength)
+        for a, r in zip(total, residuals)
+    ]
+
+
+def _forward_tokens_with_residuals(
+    model: Flux, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask, double, single
+):
+    """`Flux.forward_tokens` with residuals added to the image tokens after each block.
+
+    Stands in until engines/flux.py takes `controlnet_double` / `controlnet_single` itself.
+    """
+    emb = timestep_embedding
+    if model.guidance_in is not None and guidance is None:
+        raise ValueError("this DiT was distilled with a guidance input; pass guidance (e.g. 3.5)")
+    dt = model.dtype
+    vec = model.time_in(emb(t).to(dt))
+    if model.guidance_in is not None:
+        vec = vec + model.guidance_in(emb(guidance).to(dt))
+    vec = vec + model.vector_in(y.to(dt))
+    img, txt = model.img_in(img.to(dt)), model.txt_in(txt.to(dt))
+    pe = rope_cos_sin(torch.cat([txt_ids, img_ids]), model.config.axes_dim, model.config.theta)
+    key_mask = None
+    if txt_mask is not None and not bool(txt_mask.all()):
+        key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
+    double = double or [None] * len(model.double_blocks)
+    single = single or [None] * len(model.single_blocks)
+    for block, r in zip(model.double_blocks, double):
+        img, txt = block(img, txt, vec, pe, key_mask)
+        if r is not None:
+            img = img + r.to(img.dtype)
+    x = torch.cat([txt, img], dim=1)
+    n = txt.shape[1]
+    for block, r in zip(model.single_blocks, single):
+        x = block(x, vec, pe, key_mask)
+        if r is not None:
+            x = torch.cat([x[:, :n], x[:, n:] + r.to(x.dtype)], dim=1)
+    return model.final_layer(x[:, n:], vec)
+
+
+def with_control(
+    model: Flux,
+    net: FluxControlNet,
+    hint: ControlHint,
+    strength: float = 1.0,
+    start: float = 0.0,
+    end: float = 1.0,
+) -> ControlledFlux:
+    """The DiT as a new model object (sharing its tensors) that applies one more control net."""
+    if not isinstance(model, Flux):
+        raise TypeError(f"a ControlNet controls a Flux DiT, not {type(model).__name__}")
+    c, n = model.config, net.config
+    if (n.hidden_size, n.in_channels, n.patch_size, n.context_dim, n.vec_dim) != (
+        c.hidden_size,
+        c.in_channels,
+        c.patch_size,
+        c.context_dim,
+        c.vec_dim,
+    ):
+        raise ValueError(
+            f"this ControlNet was made for another DiT (width {n.hidden_size}, latent {n.in_channels}x{n.patch_size}², "
+            f"text {n.context_dim}/{n.vec_dim}; the model has {c.hidden_size}, {c.in_channels}x{c.patch_size}², "
+            f"{c.context_dim}/{c.vec_dim})"
+        )
+    new = copy_structure(model)
+    new.__class__ = (
+        ControlledFlux
+        if type(model) in (Flux, ControlledFlux)
+        else type("Controlled" + type(model).__name__, (ControlledFlux, type(model)), {})
+    )
+    new.controls = [*getattr(model, "controls", []), Control(net, hint, strength, start, end)]
+    return new
+
+
+# ---------------------------------------------------------------- checkpoints
+
+_HEADS = ("controlnet_x_embedder.", "controlnet_blocks.", "controlnet_single_blocks.", "input_hint_block.")
+# diffusers' ControlNetConditioningEmbedding → the XLabs Sequential indices HintEncoder uses
+_DIFFUSERS_HINT = {"conv_in": 0, **{f"blocks.{i}": 2 * i + 2 for i in range(6)}, "conv_out": 14}
+
+
+def _split_heads(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    heads = {k: v for k, v in sd.items() if k.startswith(_HEADS)}
+    return {k: v for k, v in sd.items() if k not in heads}, heads
+
+
+def controlnet_from_state_dict(
+    sd: dict[str, Tensor],
+    metadata: dict[str, str] | None = None,
+    path: str | Path = "<state dict>",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> FluxControlNet:
+    """Build and load a FluxControlNet from a diffusers- or BFL-layout state dict."""
+    sd = {
+        (
+            "controlnet_x_embedder." + k[len("pos_embed_input.") :] if k.startswith("pos_embed_input.") else k
+        ): v
+        for k, v in sd.items()
+    }
+    for prefix in ("controlnet.", "model.control_model."):
+        if not any(k.startswith(_HEADS) for k in sd) and any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "controlnet_mode_embedder.weight" in sd:
+        raise CheckpointError(
+            path,
+            "ControlNet-Union (mode embedder) files are not supported",
+            "controlnet_mode_embedder.weight",
+        )
+    if "controlnet_x_embedder.weight" not in sd:
+        raise CheckpointError(
+            path,
+            "not a Flux ControlNet (no 'controlnet_x_embedder' or 'pos_embed_input')",
+            "controlnet_x_embedder.weight",
+        )
+    body, heads = _split_heads(sd)
+    layout = detect_dit_layout(body)
+    if layout is None:
+        raise CheckpointError(
+            path, "not a Flux ControlNet (its trunk is neither BFL nor diffusers DiT layout)", "img_in.weight"
+        )
+    width = heads["controlnet_x_embedder.weight"].shape[0]
+    if layout == "diffusers":
+        # the converter expects a full DiT; a stand-in output layer (dropped right after) completes the trunk
+        stand_in = {
+            "proj_out.weight": torch.zeros(2, 1),
+            "norm_out.linear.weight": torch.zeros(2, 1),
+            "norm_out.linear.bias": torch.zeros(2),
+        }
+        body = {
+            k: v
+            for k, v in convert_diffusers_dit({**body, **stand_in}, path).items()
+            if not k.startswith("final_layer.")
+        }
+        for name, index in _DIFFUSERS_HINT.items():
+            for part in ("weight", "bias"):
+                old = f"input_hint_block.{name}.{part}"
+                if old in heads:
+                    heads[f"input_hint_block.{index}.{part}"] = heads.pop(old)
+    # infer_dit_config reads the output width off the final layer, which a trunk lacks: the latent width stands in
+    sizing = {
+        **body,
+        "final_layer.linear.weight": torch.empty(body["img_in.weight"].shape[1], 0, device="meta"),
+    }
+    config = infer_dit_config(sizing, path, metadata_config(metadata or {}, path))
+    hint_channels = (
+        heads["input_hint_block.14.weight"].shape[0] if "input_hint_block.14.weight" in heads else 0
+    )
+    if config.hidden_size != width:
+        raise CheckpointError(
+            path,
+            f"controlnet_x_embedder is {width} wide, the trunk {config.hidden_size}",
+            "controlnet_x_embedder.weight",
+        )
+    with torch.device("meta"):
+        net = FluxControlNet(config, hint_channels)
+    assign_checked(net, {**body, **heads}, path, device, dtype)
+    return net
+
+
+def load_controlnet(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FluxControlNet:
+    """Load a Flux ControlNet `.safetensors` (diffusers, BFL or XLabs-style keys)."""
+    sd, metadata = read_safetensors(path)
+    return controlnet_from_state_dict(sd, metadata, path, device, dtype)
+
+
+def save_controlnet(net: FluxControlNet, path: str | Path, card: str | None = None) -> None:
+    """Write a ControlNet in the BFL layout with its config in the `tessera.config` metadata."""
+    metadata = {"tessera.config": json.dumps(asdict(net.config))}
+    if card:
+        metadata["tessera.card"] = card
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=metadata)
+
+
+def controlnet_from_dit(
+    model: Flux, depth: int = 2, depth_single: int = 0, hint_channels: int = 0
+) -> FluxControlNet:
+    """A new ControlNet initialised from the DiT's first blocks, heads zeroed (diffusers' `from_transformer`)."""
+    config = replace(
+        model.config,
+        depth=min(depth, model.config.depth),
+        depth_single=min(depth_single, model.config.depth_single),
+    )
+    net = FluxControlNet(config, hint_channels).to(model.device, model.dtype)
+    trunk = {k: v for k, v in model.state_dict().items() if not k.startswith("final_layer.")}
+    missing, _ = net.load_state_dict(trunk, strict=False)
+    assert all(k.startswith(_HEADS) for k in missing), missing
+    net.zero_init_heads()
+    return net
