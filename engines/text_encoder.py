@@ -115,7 +115,7 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.pos.device
 
-    def tokenize(self, prompts: Sequence[str], pad_to_max: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokenize(self, prompts: Sequence[str], pad_to_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return tokenize(prompts, self.config.max_length, self.config.max_length if pad_to_max else None)
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -132,8 +132,12 @@ class TextEncoder(nn.Module):
         # zero the padding so a consumer that ignores the mask still sees a deterministic value
         return Conditioning(self.token_proj(h) * m, pooled, mask)
 
-    def encode(self, prompts: Sequence[str] | str, pad_to_max: bool = True) -> Conditioning:
-        """Encode prompts on the model's device; L = max_length unless `pad_to_max` is False."""
+    def encode(self, prompts: Sequence[str] | str, pad_to_max: bool = False) -> Conditioning:
+        """Encode prompts on the model's device.
+
+        L is the longest prompt (+ BOS) by default, so a DiT does not attend over padding;
+        `pad_to_max` gives the fixed L = max_length that static shapes (CUDA graphs) want.
+        """
         if isinstance(prompts, str):
             prompts = [prompts]
         ids, mask = self.tokenize(prompts, pad_to_max)
@@ -216,7 +220,7 @@ def pretraining_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked-character loss on a masked copy plus attribute losses on the clean captions."""
     generator = generator or torch.Generator().manual_seed(0)
-    ids, mask = model.tokenize(captions, pad_to_max=False)
+    ids, mask = model.tokenize(captions)
     masked, char_targets = _mask_characters(ids, mask_prob, generator)
     dev = model.device
     both = model(torch.cat([ids, masked]).to(dev), torch.cat([mask, mask]).to(dev))
@@ -281,7 +285,7 @@ def attribute_accuracy(
     hits: dict[str, list[int]] = {}
     for _ in range(steps):
         captions, labels = next(batches)
-        pooled = model.encode(captions, pad_to_max=False).pooled
+        pooled = model.encode(captions).pooled
         for name, head in heads.attributes.items():
             target = labels[name].to(pooled.device)
             keep = target >= 0

@@ -12,6 +12,10 @@ from tessera.engines import synthetic as S
 from tessera.engines import text_encoder as T
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
+from tessera.nodes.text import LoadTextEncoder, TextEncode
+
+from tessera.node import ExecutionContext, NodeError
+from tessera.registry import NodeRegistry
 
 
 @pytest.fixture
@@ -20,10 +24,11 @@ def model() -> T.TextEncoder:
 
 
 def test_encode_gives_conditioning_with_one_token_per_character(model):
-    cond = model.encode(["a red circle", ""])
+    cond = model.encode(["a red circle", ""], pad_to_max=True)
     assert isinstance(cond, Conditioning)
     c = model.config
     assert cond.tokens.shape == (2, c.max_length, c.context_dim)
+    assert model.encode(["a red circle", ""]).tokens.shape == (2, 1 + len("a red circle"), c.context_dim)
     assert cond.pooled.shape == (2, c.pooled_dim)
     assert cond.mask.dtype == torch.bool
     assert cond.mask.sum(1).tolist() == [1 + len("a red circle"), 1]  # BOS + characters
@@ -32,8 +37,8 @@ def test_encode_gives_conditioning_with_one_token_per_character(model):
 
 
 def test_padding_never_changes_a_prompts_features(model):
-    alone = model.encode(["cat"], pad_to_max=False)
-    padded = model.encode(["cat", "a much longer prompt about a dog on a mat"])
+    alone = model.encode(["cat"])
+    padded = model.encode(["cat", "a much longer prompt about a dog on a mat"], pad_to_max=True)
     n = alone.mask.sum()
     assert torch.allclose(alone.tokens[0, :n], padded.tokens[0, :n], atol=1e-5)
     assert torch.allclose(alone.pooled[0], padded.pooled[0], atol=1e-5)
@@ -140,3 +145,42 @@ def test_pretraining_learns_the_attributes_of_captions():
         model, heads, S.caption_batches(128, seed=7, split="heldout", kinds=("shape",))
     )
     assert held_out["kind"] == 1.0 and held_out["color"] > 0.5
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def _context(tmp_path) -> ExecutionContext:
+    for name in ("models/text_encoders", "in", "out"):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    return ExecutionContext(
+        torch.device("cpu"), torch.float32, tmp_path / "models", tmp_path / "in", tmp_path / "out"
+    )
+
+
+def test_nodes_load_an_encoder_and_encode_a_prompt(model, tmp_path):
+
+    registry = NodeRegistry()
+    registry.load_builtins()
+    assert registry.get("LoadTextEncoder") is LoadTextEncoder and registry.get("TextEncode") is TextEncode
+    assert LoadTextEncoder.input("file").model_folder == "text_encoders"
+    assert TextEncode.input("text").multiline
+
+    ctx = _context(tmp_path)
+    T.save_text_encoder(model, tmp_path / "models" / "text_encoders" / "te.safetensors")
+    (encoder,) = LoadTextEncoder().execute(ctx, file="te.safetensors")
+    (cond,) = TextEncode().execute(ctx, text_encoder=encoder, text="A red circle")
+    expected = model.encode(["a red circle"])
+    assert torch.allclose(cond.tokens, expected.tokens, atol=1e-6) and cond.tokens.grad_fn is None
+    first = LoadTextEncoder.fingerprint(ctx, {"file": "te.safetensors"})
+    assert first is not None and LoadTextEncoder.fingerprint(ctx, {"file": "absent.safetensors"}) is None
+
+
+def test_load_node_blames_the_file_input(model, tmp_path):
+
+    ctx = _context(tmp_path)
+    (tmp_path / "models" / "text_encoders" / "broken.safetensors").write_bytes(b"not a model")
+    for name in ("broken.safetensors", "absent.safetensors", "../escape.safetensors"):
+        with pytest.raises(NodeError) as err:
+            LoadTextEncoder().execute(ctx, file=name)
+        assert err.value.input == "file"
