@@ -210,6 +210,7 @@ class Server:
     proc: subprocess.Popen | None = None
     starts: int = 0
     _log: object = field(default=None, repr=False)
+    _log_start: int = 0
 
     def __post_init__(self):
         self.models_dir = self.root / "models"
@@ -232,16 +233,23 @@ class Server:
             cmd += ["--token", self.token]
         return cmd + list(self.extra_args)
 
-    def start(self, timeout: float = 60.0) -> "Server":
+    def launch(self) -> "Server":
+        """Start the process without waiting for it (see `wait_ready`)."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        for attempt in range(3):  # a free port can be taken between probing and binding
-            self.port = free_port()
-            self._log = open(self.log_path, "ab")
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
-            self.proc = subprocess.Popen(
-                self.command(self.port), cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env
-            )
-            self.starts += 1
+        self._close_log()
+        self.port = free_port()
+        self._log = open(self.log_path, "ab")
+        self._log_start = self.log_path.stat().st_size
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            self.command(self.port), cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env
+        )
+        self.starts += 1
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> "Server":
+        """Poll until the server answers HTTP (any status); relaunch if its port was taken meanwhile."""
+        for attempt in range(3):
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
@@ -252,13 +260,24 @@ class Server:
             if self.proc.poll() is None:
                 self.kill()
                 raise AssertionError(f"server did not answer within {timeout}s:\n{self.log_text()}")
-            if "address already in use" not in self.log_text().lower():
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_text()}")
+            this_run = self.log_text()[self._log_start:]
+            if "address already in use" not in this_run.lower():
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{this_run}")
+            self.launch()
         raise AssertionError("could not find a free port")
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 90.0) -> "Server":
+        return self.launch().wait_ready(timeout)
+
+    def signal_stop(self) -> None:
+        """Ask for a graceful stop (Ctrl-C) without waiting."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Graceful stop (Ctrl-C), SIGKILL if it does not exit in time."""
+        self.signal_stop()
+        if self.proc is not None:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -495,15 +514,19 @@ def server(tmp_path_factory, custom_nodes):
     started: list[Server] = []
 
     def start(name: str = "server", *, token: str | None = None, root: Path | None = None,
-              custom_nodes_dir: Path | None | str = "default", extra_args: tuple = ()) -> Server:
+              custom_nodes_dir: Path | None | str = "default", extra_args: tuple = (), wait: bool = True) -> Server:
+        """wait=False launches the process and returns at once: call `wait_ready()` (starts overlap)."""
         folder = root or tmp_path_factory.mktemp(name)
         packs = custom_nodes if custom_nodes_dir == "default" else custom_nodes_dir
         s = Server(folder, packs, token, extra_args)
         started.append(s)
         _STARTED.append(s)
-        return s.start()
+        s.launch()
+        return s.wait_ready() if wait else s
 
     yield start
+    for s in started:  # stop them all at once
+        s.signal_stop()
     for s in started:
         s.stop()
 

@@ -139,10 +139,22 @@ def test_own_host_names_are_accepted(api, host):
 
 # -- access token ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def token_server(server):
-    s = server("token", token="SECRET-token-123")
-    yield s
-    s.stop()
+def guarded(server):
+    """Two servers, started together: `--token SECRET…` on loopback, and `--listen 0.0.0.0` with no token."""
+    both = {
+        "token": server("token", token="SECRET-token-123", wait=False),
+        "listen": server("listen", custom_nodes_dir=None, extra_args=("--listen", "0.0.0.0"), wait=False),
+    }
+    for s in both.values():
+        s.wait_ready()
+    yield both
+    for s in both.values():
+        s.signal_stop()
+
+
+@pytest.fixture
+def token_server(guarded):
+    return guarded["token"]
 
 
 def test_token_is_required(token_server):
@@ -194,21 +206,18 @@ def test_token_guards_writes_and_keeps_origin_checks(token_server):
     assert s.entry(pid)["status"] == "success"
 
 
-def test_listen_on_all_interfaces_generates_a_token(server):
-    s = server("listen", custom_nodes_dir=None, extra_args=("--listen", "0.0.0.0"))
-    try:
-        printed = wait_until(lambda: re.search(r"\?token=([A-Za-z0-9_\-]+)", s.log_text()), 10, message="the token line")
-        token = printed.group(1)
-        assert len(token) >= 24
-        assert s.get("/api/system").status == 401
-        assert s.get("/api/system", headers={"Authorization": f"Bearer {token}"}).status == 200
-        # any Host may reach a server listening on all interfaces, so the token is what guards it
-        assert s.get("/api/system", headers={"Host": "evil.com"}).status == 401
-        assert s.request("POST", "/api/prompt", json_body={"workflow": sleep_wf("x")}).status == 401
-        s.token = token
-        assert s.get_json("/api/history")["items"] == []
-    finally:
-        s.stop()
+def test_listen_on_all_interfaces_generates_a_token(guarded):
+    s = guarded["listen"]
+    printed = wait_until(lambda: re.search(r"\?token=([A-Za-z0-9_\-]+)", s.log_text()), 10, message="the token line")
+    token = printed.group(1)
+    assert len(token) >= 24
+    assert s.get("/api/system").status == 401
+    assert s.get("/api/system", headers={"Authorization": "Bearer "}).status == 401
+    assert s.get("/api/system", headers={"Authorization": f"Bearer {token}"}).status == 200
+    # any Host may reach a server listening on all interfaces, so the token is what guards it
+    assert s.get("/api/system", headers={"Host": "evil.com"}).status == 401
+    assert s.request("POST", "/api/prompt", json_body={"workflow": sleep_wf("x")}).status == 401
+    assert s.get("/api/history", headers={"Authorization": f"Bearer {token}"}).json()["items"] == []
 
 
 # -- path traversal --------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""Nothing accepted is lost: the queue and history survive a hard kill and a graceful stop."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from conftest import wait_until
+
+
+def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0) -> dict:
+    return {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": steps, "step_seconds": step_seconds, "label": label}}}}
+
+
+def stored_statuses(server) -> dict[str, str]:
+    """The queue database exactly as the stopped process left it (read-only)."""
+    db = sqlite3.connect(f"file:{server.user_dir / 'queue.sqlite'}?mode=ro", uri=True)
+    try:
+        return dict(db.execute("SELECT prompt_id, status FROM prompts"))
+    finally:
+        db.close()
+
+
+def test_queue_and_history_survive_sigkill_and_graceful_stop(server, tmp_path_factory):
+    s = server("restart", root=tmp_path_factory.mktemp("restart"))
+    finished = s.submit(sleep_wf("finished"))
+    first = s.wait_status(finished)
+    assert first["status"] == "success"
+
+    running = s.submit(sleep_wf("long", steps=40, step_seconds=0.05))
+    pending = [s.submit(sleep_wf(f"p{i}")) for i in (1, 2)]
+    s.wait_status(running, ("running",))
+    wait_until(lambda: "start long" in s.sleep_log(), message="the long prompt to be inside its node")
+    s.kill()  # SIGKILL: no shutdown code runs
+    assert stored_statuses(s) == {finished: "success", running: "running", pending[0]: "pending", pending[1]: "pending"}
+
+    s.start()
+    # the finished prompt is still in the history, unchanged
+    assert s.entry(finished) == first
+    # the prompt that was running goes back to the front of the queue; the pending ones follow
+    for pid in (running, *pending):
+        assert s.wait_status(pid)["status"] == "success"
+    assert s.sleep_log() == ["start finished", "done finished", "start long",  # before the kill
+                             "start long", "done long", "start p1", "done p1", "start p2", "done p2"]
+    history = s.get_json("/api/history")["items"]
+    assert [e["prompt_id"] for e in history] == [pending[1], pending[0], running, finished]
+    assert all(e["status"] == "success" for e in history)
+    assert s.entry(running)["outputs"] == {"1": {"slept": ["long"]}}
+
+    # a graceful stop (Ctrl-C) while a prompt runs leaves it in the state the kill left `running` in,
+    # which the restart above showed is run again
+    again = s.submit(sleep_wf("again", steps=40, step_seconds=0.05))
+    after = s.submit(sleep_wf("after"))
+    s.wait_status(again, ("running",))
+    wait_until(lambda: "start again" in s.sleep_log(), message="the prompt to be inside its node")
+    s.stop()
+    assert s.proc.returncode == 0, s.log_text()[-3000:]
+    statuses = stored_statuses(s)
+    assert statuses[again] == "running" and statuses[after] == "pending"
+    assert statuses[finished] == statuses[running] == "success"
+    log = s.sleep_log()[9:]
+    assert log[0] == "start again" and log[1].startswith("interrupted again at ")  # stopped at its next step
+    assert len(log) == 2
