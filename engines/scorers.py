@@ -93,7 +93,11 @@ def background_color(img: np.ndarray, labels: np.ndarray | None = None) -> str:
 
 
 def dominant_color(
-    img: np.ndarray, exclude: Sequence[str] = (), background: str | None = None, labels=None, dist=None
+    img: np.ndarray,
+    exclude: Sequence[str] = (),
+    background: str | None = None,
+    labels: np.ndarray | None = None,
+    dist: np.ndarray | None = None,
 ) -> str | None:
     """The palette colour (outside `exclude`) that most pixels are solidly painted in.
 
@@ -117,7 +121,13 @@ def dominant_color(
     return best
 
 
-def color_coverage(img: np.ndarray, color: str, background: str, labels=None, dist=None) -> np.ndarray:
+def color_coverage(
+    img: np.ndarray,
+    color: str,
+    background: str,
+    labels: np.ndarray | None = None,
+    dist: np.ndarray | None = None,
+) -> np.ndarray:
     """Estimated coverage [H, W] in 0..1 of `color` painted over `background`.
 
     A pixel that blends the two lies on the line between them; its position along the
@@ -210,7 +220,11 @@ def _shape_template(shape: str, size: int, blur: float) -> np.ndarray:
 
 
 def object_mask(
-    img: np.ndarray, color: str, background: str, labels=None, dist=None
+    img: np.ndarray,
+    color: str,
+    background: str,
+    labels: np.ndarray | None = None,
+    dist: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(coverage, mask of the largest blob) of `color` on `background`."""
     alpha = color_coverage(img, color, background, labels, dist)
@@ -265,7 +279,12 @@ def _word_template(word: str) -> tuple[np.ndarray, float]:
 
 
 def read_word(
-    img: np.ndarray, color: str, background: str, vocabulary: Sequence[str] = WORDS, labels=None, dist=None
+    img: np.ndarray,
+    color: str,
+    background: str,
+    vocabulary: Sequence[str] = WORDS,
+    labels: np.ndarray | None = None,
+    dist: np.ndarray | None = None,
 ) -> tuple[str | None, float]:
     """OCR by template matching: the vocabulary word whose rendering best fits the ink of `color`."""
     alpha = color_coverage(img, color, background, labels, dist)
@@ -330,12 +349,15 @@ def classify_texture(img: np.ndarray) -> dict:
 # ---------------------------------------------------------------- scoring
 
 
-def _score_objects(img: np.ndarray, a: dict, bg: str, labels, dist) -> dict[str, bool]:
+def _score_objects(
+    img: np.ndarray, a: dict, bg: str, labels: np.ndarray, dist: np.ndarray
+) -> dict[str, bool]:
     out: dict[str, bool] = {}
     if a["kind"] == "shape":
         found = dominant_color(img, (bg,), bg, labels, dist)
         out["color"] = found == a["color"]
-        alpha, mask = object_mask(img, a["color"], bg, labels, dist)
+        # shape and place are judged on the object actually drawn, whatever its colour
+        alpha, mask = object_mask(img, found or a["color"], bg, labels, dist)
         shape, _ = classify_shape(alpha, mask)
         out["shape"] = shape == a["shape"]
         out["position"] = (
@@ -358,6 +380,10 @@ def _score_objects(img: np.ndarray, a: dict, bg: str, labels, dist) -> dict[str,
 
 def score(image, attributes: dict) -> dict[str, bool]:
     """One yes/no per attribute the caption states; keys depend on the scene kind.
+
+    Checks are independent where they can be: a correct circle in the wrong colour fails
+    only `color` (shape, position and word are read from the colour actually drawn). In
+    a relation scene the colours name the two objects, so a missing colour fails them all.
 
     shape: background, color, shape, position · relation: background, color, other_color,
     shape, other_shape, relation · word: background, color, word · texture: texture,
@@ -384,8 +410,9 @@ def score(image, attributes: dict) -> dict[str, bool]:
     if kind in ("shape", "relation"):
         out.update(_score_objects(img, a, bg, labels, dist))
     elif kind == "word":
-        out["color"] = dominant_color(img, (bg,), bg, labels, dist) == a["color"]
-        out["word"] = read_word(img, a["color"], bg, labels=labels, dist=dist)[0] == a["word"]
+        found = dominant_color(img, (bg,), bg, labels, dist)
+        out["color"] = found == a["color"]
+        out["word"] = read_word(img, found or a["color"], bg, labels=labels, dist=dist)[0] == a["word"]
     else:
         raise ValueError(f"unknown scene kind {kind!r}")
     return out

@@ -63,6 +63,13 @@ def test_wrong_object_colour_is_refused():
     _wrong_render_fails("word", "color", S.COLORS)
 
 
+def test_a_wrong_colour_fails_only_the_colour():
+    for i in range(20):
+        truth = S.make_sample(33, i, kinds=("shape", "word")).attributes
+        result = R.score(S.render(_changed(truth, "color", S.COLORS), i), truth)
+        assert result.pop("color") is False and all(result.values()), S.caption(truth)
+
+
 def test_wrong_background_is_refused():
     for kind in ("shape", "relation", "word"):
         _wrong_render_fails(kind, "background", S.COLORS)
