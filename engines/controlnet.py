@@ -373,9 +373,9 @@ def with_control(
         c.vec_dim,
     ):
         raise ValueError(
-            f"this ControlNet was made for another DiT (width {n.hidden_size}, latent {n.in_channels}x{n.patch_size}², "
-            f"text {n.context_dim}/{n.vec_dim}; the model has {c.hidden_size}, {c.in_channels}x{c.patch_size}², "
-            f"{c.context_dim}/{c.vec_dim})"
+            f"this ControlNet was made for another DiT (width {n.hidden_size}, latent "
+            f"{n.in_channels}x{n.patch_size}², text {n.context_dim}/{n.vec_dim}; the model has "
+            f"{c.hidden_size}, {c.in_channels}x{c.patch_size}², {c.context_dim}/{c.vec_dim})"
         )
     new = copy_structure(model)
     new.__class__ = (
@@ -452,7 +452,7 @@ def controlnet_from_state_dict(
                 old = f"input_hint_block.{name}.{part}"
                 if old in heads:
                     heads[f"input_hint_block.{index}.{part}"] = heads.pop(old)
-    # infer_dit_config reads the output width off the final layer, which a trunk lacks: the latent width stands in
+    # infer_dit_config reads the output width off the final layer, which a trunk lacks: use the input width
     sizing = {
         **body,
         "final_layer.linear.weight": torch.empty(body["img_in.weight"].shape[1], 0, device="meta"),
@@ -492,7 +492,7 @@ def save_controlnet(net: FluxControlNet, path: str | Path, card: str | None = No
 def controlnet_from_dit(
     model: Flux, depth: int = 2, depth_single: int = 0, hint_channels: int = 0
 ) -> FluxControlNet:
-    """A new ControlNet initialised from the DiT's first blocks, heads zeroed (diffusers' `from_transformer`)."""
+    """A ControlNet initialised from the DiT's first blocks, heads zeroed (diffusers' `from_transformer`)."""
     config = replace(
         model.config,
         depth=min(depth, model.config.depth),

@@ -167,7 +167,7 @@ _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|double_bloc
 def _diffusers_layout(
     depth: int, depth_single: int, guidance: bool
 ) -> dict[str, tuple[str, tuple[tuple[str, int], ...]]]:
-    """diffusers parameter -> (BFL parameter, the (source, half) blocks the BFL tensor is made of, in row order).
+    """diffusers parameter -> (BFL parameter, the (source, half) blocks of that BFL tensor in row order).
 
     Derived on one block of each kind, then repeated for every block index (blocks are alike).
     """
