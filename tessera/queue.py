@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 TERMINAL = ("success", "error", "interrupted", "cancelled")
+FINAL_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prompts (
@@ -175,14 +176,28 @@ class PromptWorker:
         self._interrupt.clear()
         self._running = prompt_id
         self.emit("status", {"queue_remaining": self.store.remaining()})
+        # The event that ends a prompt is sent once its history entry is stored, so a client
+        # that fetches /api/history/{id} on that event finds the finished entry.
+        final: list[tuple[str, dict]] = []
+
+        def emit(kind: str, data: dict) -> None:
+            if kind in FINAL_EVENTS:
+                final.append((kind, data))
+            else:
+                self.emit(kind, data)
+
         try:
-            result = self.executor.run(item["workflow"], prompt_id, self.emit, self._interrupt.is_set)
+            result = self.executor.run(item["workflow"], prompt_id, emit, self._interrupt.is_set)
         except Exception as e:  # a bug in the runtime itself: record it, keep serving
-            self.store.finish(prompt_id, "error", {}, [{"node": None, "node_type": None, "input": None, "message": repr(e)}], {}, [])
+            error = {"node": None, "node_type": None, "input": None, "message": repr(e)}
+            self.store.finish(prompt_id, "error", {}, [error], {}, [])
+            final.append(("execution_error", {"prompt_id": prompt_id, **error}))
         else:
             if self._stop.is_set() and result.status == "interrupted":
                 return  # shutting down: left 'running', so it is run again at the next start
             self.store.finish(prompt_id, result.status, result.outputs, result.errors, result.timings, result.cached)
         finally:
             self._running = None
+            for kind, data in final:
+                self.emit(kind, data)
         self.emit("status", {"queue_remaining": self.store.remaining()})

@@ -531,10 +531,46 @@ def server(tmp_path_factory, custom_nodes):
         s.stop()
 
 
+# The servers the test modules use, by key: the factory's arguments.
+SERVERS = {
+    "api": dict(name="api"),
+    "token": dict(name="token", token="SECRET-token-123"),
+    "listen": dict(name="listen", custom_nodes_dir=None, extra_args=("--listen", "0.0.0.0")),
+    "restart": dict(name="restart"),
+}
+# Which fixtures need which of them.
+NEEDED_BY = {"api": ("api",), "guarded": ("token", "listen"), "restart_server": ("restart",)}
+
+
 @pytest.fixture(scope="session")
-def api(server) -> Server:
+def prelaunched(request, server) -> dict[str, Server]:
+    """Launch at once every server process the selected tests will need, so that their
+    interpreter start-ups (importing torch) overlap instead of queueing one after another."""
+    wanted = set()
+    for item in request.session.items:
+        for fixture, keys in NEEDED_BY.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                wanted.update(keys)
+    return {key: server(**{**SERVERS[key], "wait": False}) for key in SERVERS if key in wanted}
+
+
+def ready_server(prelaunched: dict, server, key: str) -> Server:
+    """The prelaunched server `key` once it answers (started now if it was not prelaunched)."""
+    if key not in prelaunched:
+        prelaunched[key] = server(**{**SERVERS[key], "wait": False})
+    return prelaunched[key].wait_ready()
+
+
+@pytest.fixture(scope="session")
+def api(prelaunched, server) -> Server:
     """One shared server for the API and security tests (with the test node packs)."""
-    return server("api")
+    return ready_server(prelaunched, server, "api")
+
+
+@pytest.fixture
+def restart_server(prelaunched, server) -> Server:
+    """A server of its own, for the test that kills and restarts it."""
+    return ready_server(prelaunched, server, "restart")
 
 
 @pytest.fixture

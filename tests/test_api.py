@@ -308,7 +308,7 @@ def test_prompt_events_outputs_and_cache(idle_api, recorder):
     assert ref == {"filename": "run_00001.png", "subfolder": f"events{label}", "type": "output"}
     assert executed["4"] == {"slept": [label]}
 
-    entry = api.entry(pid)
+    entry = api.entry(pid)  # stored before the final event was sent: no polling needed
     assert entry["status"] == "success" and entry["prompt_id"] == pid and entry["number"] == item["number"]
     assert entry["workflow"] == wf
     assert entry["outputs"] == {"3": {"images": [ref]}, "4": {"slept": [label]}}
@@ -351,7 +351,7 @@ def test_execution_error_event_and_history(idle_api, recorder):
     pid = api.submit(workflow({"1": {"type": "Fail", "inputs": {"reason": reason}}}))
     _, data = recorder.wait_for(lambda k, d: k == "execution_error" and d["prompt_id"] == pid, start=start)
     assert data == {"prompt_id": pid, "node": "1", "node_type": "Fail", "input": "reason", "message": reason}
-    entry = api.wait_status(pid)
+    entry = api.entry(pid)  # stored before the event was sent
     assert entry["status"] == "error" and entry["outputs"] == {}
     error = entry["errors"][0]
     assert {k: error[k] for k in ("node", "node_type", "input", "message")} == {
@@ -436,7 +436,7 @@ def test_interrupt_stops_within_one_step(idle_api, recorder):
     _, data = recorder.wait_for(lambda k, d: k == "execution_interrupted" and d["prompt_id"] == pid, start=start, timeout=10)
     elapsed = time.monotonic() - asked
     assert data == {"prompt_id": pid, "node": "1"}
-    entry = api.wait_status(pid)
+    entry = api.entry(pid)  # stored before the event was sent
     assert entry["status"] == "interrupted" and entry["outputs"] == {}
     # the node stopped at its next progress report: that step reported nothing, no later step ran
     stopped = [line for line in api.sleep_log() if line.startswith(f"interrupted {label} at ")]

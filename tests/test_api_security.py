@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import pytest
 
-from conftest import EventRecorder, multipart, png_bytes, snapshot, wait_until
+from conftest import EventRecorder, multipart, png_bytes, ready_server, snapshot, wait_until
 
 SECRET_COLOR = (13, 37, 171)
 
@@ -139,14 +139,9 @@ def test_own_host_names_are_accepted(api, host):
 
 # -- access token ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def guarded(server):
-    """Two servers, started together: `--token SECRET…` on loopback, and `--listen 0.0.0.0` with no token."""
-    both = {
-        "token": server("token", token="SECRET-token-123", wait=False),
-        "listen": server("listen", custom_nodes_dir=None, extra_args=("--listen", "0.0.0.0"), wait=False),
-    }
-    for s in both.values():
-        s.wait_ready()
+def guarded(prelaunched, server):
+    """Two servers: `--host 127.0.0.1 --token SECRET-token-123`, and `--listen 0.0.0.0` with no token."""
+    both = {key: ready_server(prelaunched, server, key) for key in ("token", "listen")}
     yield both
     for s in both.values():
         s.signal_stop()

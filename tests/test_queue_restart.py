@@ -20,8 +20,8 @@ def stored_statuses(server) -> dict[str, str]:
         db.close()
 
 
-def test_queue_and_history_survive_sigkill_and_graceful_stop(server, tmp_path_factory):
-    s = server("restart", root=tmp_path_factory.mktemp("restart"))
+def test_queue_and_history_survive_sigkill_and_graceful_stop(restart_server):
+    s = restart_server
     finished = s.submit(sleep_wf("finished"))
     first = s.wait_status(finished)
     assert first["status"] == "success"
