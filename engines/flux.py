@@ -320,8 +320,14 @@ class Flux(nn.Module):
         y: Tensor,
         guidance: Tensor | None = None,
         txt_mask: Tensor | None = None,
+        controlnet_double: list[Tensor | None] | None = None,
+        controlnet_single: list[Tensor | None] | None = None,
     ) -> Tensor:
-        """The network on packed tokens: img [B, N, C·p²], txt [B, L, context_dim], t and guidance [B]."""
+        """The network on packed tokens: img [B, N, C·p²], txt [B, L, context_dim], t and guidance [B].
+
+        `controlnet_double` / `controlnet_single` hold one residual (or None) per block, added to the
+        image tokens after that block: how a ControlNet steers the base model.
+        """
         if self.guidance_in is not None and guidance is None:
             raise ValueError("this DiT was distilled with a guidance input; pass guidance (e.g. 3.5)")
         dt = self.dtype
@@ -335,12 +341,19 @@ class Flux(nn.Module):
         if txt_mask is not None and not bool(txt_mask.all()):
             key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
 
-        for block in self.double_blocks:
+        double = controlnet_double or [None] * len(self.double_blocks)
+        single = controlnet_single or [None] * len(self.single_blocks)
+        for block, residual in zip(self.double_blocks, double):
             img, txt = block(img, txt, vec, pe, key_mask)
+            if residual is not None:
+                img = img + residual.to(img.dtype)
+        n = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
-        for block in self.single_blocks:
+        for block, residual in zip(self.single_blocks, single):
             x = block(x, vec, pe, key_mask)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+            if residual is not None:
+                x = torch.cat([x[:, :n], x[:, n:] + residual.to(x.dtype)], dim=1)
+        return self.final_layer(x[:, n:], vec)
 
     def forward(
         self,
