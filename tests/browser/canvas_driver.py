@@ -109,3 +109,61 @@ def wait_for_node_image(page: Page, node_id: int, timeout: float = 30_000) -> li
         timeout=timeout,
     )
     return node_images(page, node_id)
+
+
+WIDGET_JS = """([id, name]) => {
+  const app = window.tessera;
+  const node = app.graph.getNodeById(id);
+  const w = node.widgets.find((w) => w.name === name);
+  if (!w) throw new Error(`no widget ${name} on node ${id}`);
+  const h = (w.computedHeight ?? 24) - 4;
+  const [x, y] = app.canvas.ds.convertCanvasToOffset([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + h / 2]);
+  const box = app.canvasEl.getBoundingClientRect();
+  return [box.left + x, box.top + y];
+}"""
+
+
+def widget_point(page: Page, node_id: int, name: str) -> tuple[float, float]:
+    return tuple(page.evaluate(WIDGET_JS, [node_id, name]))
+
+
+def widget_value(page: Page, node_id: int, name: str):
+    return page.evaluate(
+        "([id, name]) => window.tessera.graph.getNodeById(id).widgets.find((w) => w.name === name).value",
+        [node_id, name],
+    )
+
+
+def type_number(page: Page, node_id: int, name: str, value) -> None:
+    """Clicks the middle of a number widget and types the value into litegraph's prompt."""
+    page.mouse.click(*widget_point(page, node_id, name))
+    field = page.locator(".graphdialog input.value")
+    field.fill(str(value))
+    field.press("Enter")
+    expect(field).to_have_count(0)
+    assert widget_value(page, node_id, name) == value
+
+
+def choose(page: Page, node_id: int, name: str, value: str) -> None:
+    """Opens a dropdown widget and picks an entry from its menu."""
+    page.mouse.click(*widget_point(page, node_id, name))
+    page.locator(".litecontextmenu .litemenu-entry", has_text=value).first.click()
+    assert widget_value(page, node_id, name) == value
+
+
+def type_text(page: Page, node_id: int, name: str, text: str) -> None:
+    """Clicks a multi-line text widget and types into the editor that opens over it."""
+    page.mouse.click(*widget_point(page, node_id, name))
+    area = page.locator("textarea.text-editor")
+    area.fill(text)
+    area.press("Escape")
+    expect(area).to_have_count(0)
+    assert widget_value(page, node_id, name) == text
+
+
+def zoom(page: Page, clicks: int, at: tuple[float, float]) -> None:
+    """Mouse-wheel zoom at a point (negative clicks zoom out)."""
+    page.mouse.move(*at)
+    for _ in range(abs(clicks)):
+        page.mouse.wheel(0, 100 if clicks < 0 else -100)
+        page.wait_for_timeout(30)

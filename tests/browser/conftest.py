@@ -74,6 +74,7 @@ class Server:
             sys.executable, "-m", "tessera", "serve", "--host", "127.0.0.1", "--port", str(self.port),
             "--models-dir", str(self.models), "--output-dir", str(self.output),
             "--input-dir", str(self.root / "in"), "--user-dir", str(self.root / "user"),
+            "--device", "cpu", "--custom-nodes-dir", str(self.root / "no_custom_nodes"),
         ]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
@@ -99,7 +100,8 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def editor_server(tmp_path_factory):
+    """One `tessera serve` process for all browser tests, with tiny models in its models folder."""
     if _missing():
         pytest.skip(_missing())
     root = tmp_path_factory.mktemp("tessera-browser")
@@ -145,7 +147,7 @@ def console_errors():
 
 
 @pytest.fixture
-def editor(page, server, console_errors):
+def editor(page, editor_server, console_errors):
     """The editor page, loaded and ready; fails the test on any console error or page error."""
 
     def on_console(message):
@@ -155,7 +157,7 @@ def editor(page, server, console_errors):
     page.on("console", on_console)
     page.on("pageerror", lambda e: console_errors.seen.append((f"uncaught: {e}", "")))
     page.set_default_timeout(15_000)
-    page.goto(server.url + "/")
+    page.goto(editor_server.url + "/")
     page.wait_for_selector("body[data-ready=true]")
     yield page
     unexpected = console_errors.unexpected()

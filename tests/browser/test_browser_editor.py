@@ -16,6 +16,7 @@ from canvas_driver import (
     node_images,
     run_and_wait,
     wait_for_node_image,
+    widget_point,
 )
 
 
@@ -36,7 +37,7 @@ def test_palette_lists_nodes_by_category_and_searches(editor: Page):
     assert page.locator(".palette-item").count() > 5
 
 
-def test_build_by_mouse_run_and_see_output(editor: Page, server):
+def test_build_by_mouse_run_and_see_output(editor: Page, editor_server):
     page = editor
     solid, save = build_solid_to_save(page)
     assert link_of(page, save, "images") == {"node": str(solid), "output": "image"}
@@ -132,8 +133,8 @@ def test_undo_redo_delete_copy_paste(editor: Page):
     assert count() == 2
 
 
-def test_templates_are_listed(editor: Page, server):
-    with urllib.request.urlopen(server.url + "/api/templates") as r:
+def test_templates_are_listed(editor: Page, editor_server):
+    with urllib.request.urlopen(editor_server.url + "/api/templates") as r:
         names = sorted(json.load(r)["templates"])
     options = editor.locator('#sel-open optgroup[label="Templates"] option')
     if names:
@@ -144,7 +145,7 @@ def test_templates_are_listed(editor: Page, server):
         expect(options).to_have_text(["(none)"])
 
 
-def test_drop_a_tessera_png_restores_its_workflow(editor: Page, server):
+def test_drop_a_tessera_png_restores_its_workflow(editor: Page, editor_server):
     page = editor
     solid, save = build_solid_to_save(page)
     page.evaluate(f"() => {{ const w = window.tessera.graph.getNodeById({solid}).widgets.find((w) => w.name === 'width'); w.value = 24; }}")
@@ -187,3 +188,47 @@ def drop_file(page: Page, selector: str, name: str, mime: str, data: bytes) -> N
         }""",
         [selector, name, mime, base64.b64encode(data).decode()],
     )
+
+
+def test_a_widget_input_takes_a_link(editor: Page):
+    page = editor
+    number = drag_from_palette(page, "Int", *canvas_point(page, 0.05, 0.5))
+    solid = drag_from_palette(page, "SolidColor", *canvas_point(page, 0.45, 0.2))
+    connect(page, number, "value", solid, "width")
+    assert link_of(page, solid, "width") == {"node": str(number), "output": "value"}
+    disabled = page.evaluate(
+        f"""() => {{ const n = window.tessera.graph.getNodeById({solid});
+            return n.widgets.find((w) => w.name === 'width').computedDisabled; }}"""
+    )
+    assert disabled
+
+
+def test_double_click_search_adds_a_node(editor: Page):
+    page = editor
+    page.mouse.dblclick(*canvas_point(page, 0.5, 0.5))
+    box = page.locator(".litesearchbox input")
+    box.press_sequentially("ImageInv")
+    page.locator(".litesearchbox .lite-search-item", has_text="ImageInvert").first.click()
+    types = page.evaluate("() => window.tessera.graph._nodes.map((n) => n.type)")
+    assert types == ["ImageInvert"]
+
+
+def test_upload_an_image_and_run_it(editor: Page):
+    page = editor
+    load = drag_from_palette(page, "LoadImage", *canvas_point(page, 0.05, 0.1))
+    invert = drag_from_palette(page, "ImageInvert", *canvas_point(page, 0.4, 0.1))
+    save = drag_from_palette(page, "SaveImage", *canvas_point(page, 0.7, 0.1))
+    connect(page, load, "image", invert, "image")
+    connect(page, invert, "image", save, "images")
+    png = base64.b64decode(  # 2x2 PNG: red, green, blue, white
+        "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAEklEQVR4nGP4z8DAAMIM/4EAAB/uBfsL2WiLAAAAAElFTkSuQmCC"
+    )
+    with page.expect_file_chooser() as chooser:
+        page.mouse.click(*widget_point(page, load, "upload image…"))
+    chooser.value.set_files(files=[{"name": "dots.png", "mimeType": "image/png", "buffer": png}])
+    page.wait_for_function(
+        f"() => window.tessera.workflow().nodes['{load}'].inputs.image === 'dots.png'"
+    )
+    wait_for_node_image(page, load)
+    run_and_wait(page)
+    assert wait_for_node_image(page, save)[0]["w"] == 2

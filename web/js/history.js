@@ -65,6 +65,8 @@ export class HistoryPanel {
         img.alt = ref.filename;
         img.title = ref.filename;
         img.loading = "lazy";
+        // small generated images (tiny models, token grids) stay crisp when enlarged
+        img.addEventListener("load", () => img.classList.toggle("pixelated", img.naturalWidth < 160), { once: true });
         img.addEventListener("click", () => window.open(img.src, "_blank", "noopener"));
         thumbs.append(img);
       }

@@ -206,7 +206,7 @@ class App {
       this.changed();
       toast(`Queued #${number}.`);
     } catch (err) {
-      this.runState.requestFailed();
+      this.runState.requestFailed(err);
       if (err.errors?.length) {
         const unplaced = showErrors(this.graph, err.errors);
         toast(`Cannot run: ${describeErrors(this.graph, err.errors)}`, "error");

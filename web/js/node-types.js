@@ -1,6 +1,6 @@
 // Registers one litegraph node class per entry of GET /api/nodes.
 
-import { LGraphNode, LiteGraph } from "litegraph";
+import { LGraphNode, LiteGraph, SlotShape } from "litegraph";
 import { addInputWidget, hasSocket, hasWidget } from "./widgets.js";
 import { drawNodeOverlay, runStateStroke } from "./node-overlay.js";
 
@@ -68,7 +68,7 @@ function buildNode(node, info, ctx) {
       const extra = { label: input.name };
       if (widget && hasWidget(input)) extra.widget = { name: input.name };
       node.addInput(input.name, input.type, extra);
-      if (input.optional) node.inputs.at(-1).shape = LiteGraph.CIRCLE_SHAPE;
+      if (input.optional) node.inputs.at(-1).shape = SlotShape.HollowCircle; // optional: hollow socket
     }
   }
   for (const output of info.outputs) node.addOutput(output.name, output.type, { label: output.name });
@@ -78,5 +78,17 @@ function buildNode(node, info, ctx) {
     drawNodeOverlay(this, c);
   };
   const size = node.computeSize();
-  node.size = [Math.max(size[0], 240), size[1]];
+  node.size = [Math.max(size[0], 240, comboWidth(node)), size[1]];
+}
+
+/** Width that shows a dropdown's label and its longest choice (model file names) unclipped. */
+function comboWidth(node) {
+  let width = 0;
+  for (const w of node.widgets ?? []) {
+    if (w.type !== "combo" || !w.input) continue;
+    const values = w.input.choices ?? [];
+    const longest = Math.max(String(w.value ?? "").length, ...values.map((v) => String(v).length));
+    width = Math.max(width, Math.round((w.name.length + longest) * 6.5 + 64));
+  }
+  return Math.min(width, 380);
 }

@@ -47,7 +47,8 @@ export class RunState extends EventTarget {
     this.requestsOut += 1;
   }
 
-  requestFailed() {
+  requestFailed(err) {
+    this.results.push({ prompt_id: null, status: "refused", error: err?.message, errors: err?.errors ?? [] });
     this.requestsOut = Math.max(0, this.requestsOut - 1);
     if (!this.requestsOut) this.early = [];
   }
@@ -146,6 +147,7 @@ export class RunState extends EventTarget {
     if (!this.isOurs(data)) return;
     const node = this.node(data.node);
     if (!node) return;
+    node.previewCount = (node.previewCount ?? 0) + 1;
     const url = URL.createObjectURL(data.blob);
     const img = new Image();
     img.onload = () => {

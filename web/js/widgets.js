@@ -103,6 +103,7 @@ function addNumber(node, info, value, onChange) {
 function addSeedControl(node, info, seedWidget, onChange) {
   const control = node.addWidget("combo", "control after generate", "randomize", onChange, { values: SEED_CONTROLS });
   control.serialize = false;
+  control.label = "after run"; // "control after generate" in ComfyUI; short enough not to clip
   control.controls = seedWidget;
   seedWidget.control = control;
   return control;
