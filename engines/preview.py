@@ -13,13 +13,14 @@ import weakref
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tessera.engines.vae import AutoencoderKL
 from torch import Tensor
 
 _fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def fit_rgb_projection(vae, images: int = 6, size: int = 64, seed: int = 0) -> Tensor:
+def fit_rgb_projection(vae: AutoencoderKL, images: int = 6, size: int = 64, seed: int = 0) -> Tensor:
     """Least-squares affine map from the VAE's normalised latents to RGB in 0..1, shape [C + 1, 3]."""
     f = vae.config.downscale
     size = max(size, 4 * f)
@@ -35,7 +36,7 @@ def fit_rgb_projection(vae, images: int = 6, size: int = 64, seed: int = 0) -> T
     return torch.linalg.solve(a.T @ a + ridge, a.T @ y).float()
 
 
-def rgb_projection_for(vae) -> Tensor:
+def rgb_projection_for(vae: AutoencoderKL) -> Tensor:
     """`fit_rgb_projection`, computed once per VAE object."""
     if vae not in _fits:
         _fits[vae] = fit_rgb_projection(vae)

@@ -22,9 +22,10 @@ from torch import Tensor
 
 Model = Callable[..., Tensor]
 Noise = torch.Generator | Callable[[Tensor, int], Tensor] | None
+Callback = Callable[[dict], None] | None
 
 
-def _report(callback, state: dict, i: int, x: Tensor, sigma: float, denoised: Tensor) -> None:
+def _report(callback: Callback, state: dict, i: int, x: Tensor, sigma: float, denoised: Tensor) -> None:
     if callback is not None:
         callback({"i": i, "total": state.get("total"), "x": x, "sigma": sigma, "denoised": denoised})
 
@@ -48,7 +49,7 @@ def sample_euler(
     x: Tensor,
     sigmas: Tensor,
     extra_args: dict | None = None,
-    callback=None,
+    callback: Callback = None,
     generator: Noise = None,
     state: dict | None = None,
 ) -> Tensor:
@@ -69,7 +70,7 @@ def sample_heun(
     x: Tensor,
     sigmas: Tensor,
     extra_args: dict | None = None,
-    callback=None,
+    callback: Callback = None,
     generator: Noise = None,
     state: dict | None = None,
 ) -> Tensor:
@@ -105,7 +106,7 @@ def sample_dpmpp_2m(
     x: Tensor,
     sigmas: Tensor,
     extra_args: dict | None = None,
-    callback=None,
+    callback: Callback = None,
     generator: Noise = None,
     state: dict | None = None,
 ) -> Tensor:
@@ -144,7 +145,7 @@ def sample_euler_ancestral(
     x: Tensor,
     sigmas: Tensor,
     extra_args: dict | None = None,
-    callback=None,
+    callback: Callback = None,
     generator: Noise = None,
     state: dict | None = None,
     eta: float = 1.0,
