@@ -34,7 +34,17 @@ from torch import nn
 
 from . import synthetic
 from .conditioning import Conditioning
-from .controlnet import ControlHint, FluxControlNet, controlnet_from_dit, save_controlnet, with_control
+from .controlnet import (
+    ARControlConfig,
+    ARControlNet,
+    ControlHint,
+    FluxControlNet,
+    controlnet_from_dit,
+    save_ar_controlnet,
+    save_controlnet,
+    with_ar_control,
+    with_control,
+)
 from .flux import Flux, load_dit
 from .gpt import GPT, load_gpt
 from .lora import Lora, Update, with_loras
@@ -349,6 +359,34 @@ def train_dit_controlnet(
     return net.eval().requires_grad_(False)
 
 
+def train_gpt_controlnet(
+    gpt: GPT,
+    vq: VQModel,
+    text: TextEncoder,
+    settings: TrainSettings,
+    width: int = 64,
+    log: Callable[[str], None] = print,
+) -> ARControlNet:
+    """An AR ControlNet steering the GPT from Canny edges of the scene to the scene's tokens."""
+    gpt.requires_grad_(False)
+    torch.manual_seed(settings.seed)
+    net = ARControlNet(ARControlConfig(gpt.config.dim, vq.downsample, width))
+    net.zero_init_heads()
+    net.train()
+
+    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
+        batch = synthetic.make_batch(settings.batch, settings.seed, step)
+        with torch.no_grad():
+            ids = vq.encode(batch.images)
+            uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+            edges = edge_map(uint8)
+            cond = text.encode(batch.captions)
+        return token_loss(with_ar_control(gpt, net, edges), cond, ids, g)
+
+    _loop(settings, list(net.parameters()), loss_at, log)
+    return net.eval().requires_grad_(False)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -435,35 +473,49 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
 
 
 def main_controlnet(argv: Sequence[str] | None = None) -> Path:
-    """`tessera train controlnet [--depth 2] …`: train and save the demo edges → scene ControlNet."""
+    """`tessera train controlnet --engine dit|gpt …`: train and save a demo edges → scene ControlNet."""
     d = TrainSettings(lr=3e-4)
     p = argparse.ArgumentParser(prog="tessera train controlnet", description=main_controlnet.__doc__)
-    p.add_argument("--depth", type=int, default=2, help="double blocks copied from the DiT")
-    p.add_argument("--depth-single", type=int, default=0, help="single blocks copied from the DiT")
-    p.add_argument("--model", help="DiT file (default: the built-in one)")
-    p.add_argument("--vae", help="VAE file (default: the built-in one)")
+    p.add_argument("--engine", choices=("dit", "gpt"), default="dit")
+    p.add_argument("--depth", type=int, default=2, help="DiT: double blocks copied from the DiT")
+    p.add_argument("--depth-single", type=int, default=0, help="DiT: single blocks copied from the DiT")
+    p.add_argument("--width", type=int, default=64, help="GPT: channels of the control image encoder")
+    p.add_argument("--model", help="DiT or GPT file (default: the built-in one)")
+    p.add_argument("--vae", help="VAE file for the DiT (default: the built-in one)")
+    p.add_argument("--vq", help="VQ tokenizer file for the GPT (default: the built-in one)")
     _common(p, d)
     args = p.parse_args(argv)
     s = _settings(args)
     md = args.models_dir
-    base_path = _only_file(md, "diffusion_models", args.model)
+    text = load_text_encoder(_only_file(md, "text_encoders", args.text_encoder)).requires_grad_(False)
     started = time.perf_counter()
-    net = train_dit_controlnet(
-        load_dit(base_path),
-        load_vae(_only_file(md, "vae", args.vae)),
-        load_text_encoder(_only_file(md, "text_encoders", args.text_encoder)),
-        s,
-        args.depth,
-        args.depth_single,
-    )
-    out = args.out or md / "controlnet" / "dit_canny_controlnet.safetensors"
+    how = "the scene's Canny edges (CannyEdges node, defaults)"
+    if args.engine == "dit":
+        base_path = _only_file(md, "diffusion_models", args.model)
+        net = train_dit_controlnet(
+            load_dit(base_path),
+            load_vae(_only_file(md, "vae", args.vae)),
+            text,
+            s,
+            args.depth,
+            args.depth_single,
+        )
+        what = f"{args.depth} double, {args.depth_single} single blocks copied from it; hint: {how}, VAE-encoded"
+        save = save_controlnet
+    else:
+        base_path = _only_file(md, "ar_models", args.model)
+        net = train_gpt_controlnet(
+            load_gpt(base_path), load_vq(_only_file(md, "vq_models", args.vq)), text, s, args.width
+        )
+        what = f"per-token embeddings of the control image, {how}, added where each token is predicted"
+        save = save_ar_controlnet
+    out = args.out or md / "controlnet" / f"{args.engine}_canny_controlnet.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     card = (
-        f"Demo Canny-edge ControlNet for {base_path.name} ({args.depth} double, {args.depth_single} single "
-        f"blocks copied from it): the control image is the scene's Canny edges (CannyEdges node, "
-        f"defaults), encoded by the VAE. Trained {s.steps} steps x {s.batch} on synthetic scenes, "
-        f"{time.perf_counter() - started:.0f}s on CPU by `tessera train controlnet`."
+        f"Demo edges -> scene ControlNet for {base_path.name} ({what}). Trained {s.steps} steps x "
+        f"{s.batch} on synthetic scenes, {time.perf_counter() - started:.0f}s on CPU by "
+        f"`tessera train controlnet --engine {args.engine}`."
     )
-    save_controlnet(net, out, card)
+    save(net, out, card)
     print(f"saved {out}")
     return out

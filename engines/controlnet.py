@@ -16,6 +16,9 @@ packed like the latent, or, with a hint encoder, the image itself in [-1, 1].
 `with_control(model, net, hint, strength, start, end)` returns the DiT as a new model object
 (sharing every base tensor) whose forward adds the residuals while the noise level lies in the
 [start, end] part of the run, so a sampler uses it as it would the plain DiT.
+
+The AR engine's counterpart (`ARControlNet`, `with_ar_control`) turns the control image into one
+embedding per token position, added to the GPT's input where that token is predicted.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from .flux import (
     rope_cos_sin,
     timestep_embedding,
 )
+from .gpt import GPT
 from .lora import copy_structure
 from .schedules import flux_mu, time_shift
 
@@ -503,4 +507,141 @@ def controlnet_from_dit(
     missing, _ = net.load_state_dict(trunk, strict=False)
     assert all(k.startswith(_HEADS) for k in missing), missing
     net.zero_init_heads()
+    return net
+
+
+# ---------------------------------------------------------------- control for the AR engine
+
+
+@dataclass(frozen=True)
+class ARControlConfig:
+    dim: int  # the GPT's width
+    downsample: int = 16  # pixels per token side (the VQ tokenizer's)
+    width: int = 64  # convolution channels
+
+
+class ARControlNet(nn.Module):
+    """Control image → one embedding per token position, for the GPT (ControlAR's conditional decoding).
+
+    The embedding of grid position i is added to the GPT's input at the sequence position that
+    predicts token i (the previous token, or the last condition row for i = 0), so raster-order
+    decoding sees the control of the token it is about to draw. The output projection starts at
+    zero: an untrained net leaves the GPT unchanged. Sequence length, RoPE and the KV cache are
+    untouched, so fixed tokens, CFG and compiled decoding work as without it.
+    """
+
+    def __init__(self, config: ARControlConfig):
+        super().__init__()
+        self.config = c = config
+        stages = int(math.log2(c.downsample))
+        if 2**stages != c.downsample:
+            raise ValueError(f"downsample {c.downsample} is not a power of two")
+        layers: list[nn.Module] = [nn.Conv2d(3, c.width, 3, padding=1), nn.SiLU()]
+        for _ in range(stages):
+            layers += [nn.Conv2d(c.width, c.width, 3, padding=1, stride=2), nn.SiLU()]
+        layers += [
+            nn.Conv2d(c.width, c.width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c.width, c.width, 3, padding=1),
+            nn.SiLU(),
+        ]
+        self.input_hint_block = nn.Sequential(*layers)
+        self.controlnet_out = nn.Conv2d(c.width, c.dim, 1)
+
+    def zero_init_heads(self) -> None:
+        with torch.no_grad():
+            for p in self.controlnet_out.parameters():
+                p.zero_()
+
+    def features(self, image: Tensor, gh: int, gw: int) -> Tensor:
+        """IMAGE [B, H, W, 3] (0..1, resized to the grid's pixels) → [B, gh·gw, dim] in raster order."""
+        p = self.controlnet_out.weight
+        f = self.config.downsample
+        pixels = (_resized(image, gh * f, gw * f) * 2 - 1).to(p.device, p.dtype)
+        return self.controlnet_out(self.input_hint_block(pixels)).flatten(2).transpose(1, 2)
+
+
+@dataclass(eq=False)
+class ARControl:
+    """One AR control net applied to a GPT, with its control image and strength."""
+
+    net: ARControlNet
+    image: Tensor
+    strength: float = 1.0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def features(self, gh: int, gw: int) -> Tensor:
+        if (gh, gw) not in self._cache:
+            self._cache[(gh, gw)] = self.net.features(self.image, gh, gw)
+        return self._cache[(gh, gw)]
+
+
+class ControlledGPT(GPT):
+    """A GPT (sharing the base's tensors) whose forward adds its `ar_controls`' embeddings."""
+
+    ar_controls: list[ARControl]
+
+    def forward(self, x: Tensor, input_pos: Tensor, use_cache: bool = True) -> Tensor:
+        if self.grid is not None and self.ar_controls:
+            gh, gw = self.grid
+            n = gh * gw
+            extra = sum(c.strength * c.features(gh, gw) for c in self.ar_controls if c.strength)
+            if isinstance(extra, Tensor):
+                if extra.shape[0] != x.shape[0]:
+                    if x.shape[0] % extra.shape[0]:
+                        raise ValueError(
+                            f"control image batch {extra.shape[0]} does not divide the batch {x.shape[0]}"
+                        )
+                    extra = extra.repeat(x.shape[0] // extra.shape[0], 1, 1)
+                target = input_pos - self.prefix_len + 1  # the grid index each position predicts
+                valid = ((target >= 0) & (target < n)).to(x.dtype)[None, :, None]
+                x = x + extra[:, target.clamp(0, n - 1)].to(x.dtype) * valid
+        return super().forward(x, input_pos, use_cache)
+
+
+def with_ar_control(model: GPT, net: ARControlNet, image: Tensor, strength: float = 1.0) -> ControlledGPT:
+    """The GPT as a new model object (sharing its tensors) that applies one more AR control net."""
+    if not isinstance(model, GPT):
+        raise TypeError(f"an AR ControlNet controls a GPT, not {type(model).__name__}")
+    if net.config.dim != model.config.dim:
+        raise ValueError(
+            f"this AR ControlNet is for a {net.config.dim}-wide GPT; the model is {model.config.dim} wide"
+        )
+    new = copy_structure(model)
+    new.clear_caches()
+    new.__class__ = (
+        ControlledGPT
+        if type(model) in (GPT, ControlledGPT)
+        else type("Controlled" + type(model).__name__, (ControlledGPT, type(model)), {})
+    )
+    new.ar_controls = [*getattr(model, "ar_controls", []), ARControl(net, image, strength)]
+    return new
+
+
+def save_ar_controlnet(net: ARControlNet, path: str | Path, card: str | None = None) -> None:
+    metadata = {"tessera.config": json.dumps({"kind": "ar", **asdict(net.config)})}
+    if card:
+        metadata["tessera.card"] = card
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=metadata)
+
+
+def load_any_controlnet(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FluxControlNet | ARControlNet:
+    """A ControlNet file for either engine: an AR control net (`controlnet_out`) or a Flux one."""
+    sd, metadata = read_safetensors(path)
+    if "controlnet_out.weight" not in sd:
+        return controlnet_from_state_dict(sd, metadata, path, device, dtype)
+    raw = metadata_config(metadata, path)
+    try:
+        config = ARControlConfig(
+            dim=sd["controlnet_out.weight"].shape[0],
+            downsample=int(raw.get("downsample", 16)),
+            width=sd["controlnet_out.weight"].shape[1],
+        )
+        with torch.device("meta"):
+            net = ARControlNet(config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(path, f"inconsistent AR ControlNet config ({e})") from None
+    assign_checked(net, sd, path, device, dtype)
     return net

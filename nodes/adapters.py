@@ -1,5 +1,5 @@
-"""Adapter nodes: LoRAs for either engine, ControlNet for the DiT, control-image preprocessors,
-and mask-driven token control for the AR engine.
+"""Adapter nodes: LoRAs and ControlNets for either engine, control-image preprocessors, and
+mask-driven token control for the AR engine.
 
 Adapters never change the model they are given: `LoadLoRA` and `ApplyControlNet` output a new
 model object that shares the base's tensors (see engines/lora.py), so the cached base stays
@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from tessera.engines.checkpoint import CheckpointError
-from tessera.engines.controlnet import ControlHint, FluxControlNet, load_controlnet, with_control
+from tessera.engines.controlnet import (
+    ARControlNet,
+    ControlHint,
+    FluxControlNet,
+    load_any_controlnet,
+    with_ar_control,
+    with_control,
+)
 from tessera.engines.flux import Flux
 from tessera.engines.lora import load_lora, with_loras
 from tessera.engines.preprocess import canny_image, scribble_image
@@ -91,7 +98,7 @@ class LoadLoRAGPT(Node):
 
 
 class LoadControlNet(Node):
-    """Load a Flux ControlNet (diffusers FluxControlNetModel, BFL or XLabs-style keys)."""
+    """Load a ControlNet: for the DiT (diffusers FluxControlNetModel, BFL or XLabs-style keys) or the GPT."""
 
     category = "loaders"
     inputs = (Input("file", "STRING", model_folder="controlnet", link="widget"),)
@@ -103,7 +110,7 @@ class LoadControlNet(Node):
 
     def execute(self, ctx: ExecutionContext, file: str):
         try:
-            return (load_controlnet(_model_file(ctx, "controlnet", file), ctx.device, ctx.dtype),)
+            return (load_any_controlnet(_model_file(ctx, "controlnet", file), ctx.device, ctx.dtype),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 
@@ -140,6 +147,10 @@ class ApplyControlNet(Node):
         end: float,
         vae=None,
     ):
+        if not isinstance(control_net, FluxControlNet):
+            raise NodeError(
+                "this ControlNet is for the AR engine: use ApplyControlNetGPT", input="control_net"
+            )
         if start > end:
             raise NodeError(f"start {start} is after end {end}", input="start")
         if not control_net.pixel_hint and vae is None:
@@ -160,6 +171,31 @@ class ApplyControlNet(Node):
             return (
                 with_control(model, control_net, ControlHint(image=image, vae=vae), strength, start, end),
             )
+        except (TypeError, ValueError) as e:
+            raise NodeError(str(e), input="control_net") from None
+
+
+class ApplyControlNetGPT(Node):
+    """Steer an autoregressive GPT with a control image through an AR ControlNet.
+
+    Each token position gets an embedding of the control image under it, added where the GPT
+    predicts that token; connect the output to ARGenerateTokens instead of the plain model.
+    """
+
+    category = "conditioning"
+    inputs = (
+        Input("model", "AR_MODEL"),
+        Input("control_net", "CONTROL_NET"),
+        Input("image", "IMAGE"),
+        Input("strength", "FLOAT", default=1.0, min=0.0, max=10.0, step=0.05),
+    )
+    outputs = (Output("model", "AR_MODEL"),)
+
+    def execute(self, ctx: ExecutionContext, model, control_net, image: torch.Tensor, strength: float):
+        if not isinstance(control_net, ARControlNet):
+            raise NodeError("this ControlNet is for the DiT: use ApplyControlNet", input="control_net")
+        try:
+            return (with_ar_control(model, control_net, image, strength),)
         except (TypeError, ValueError) as e:
             raise NodeError(str(e), input="control_net") from None
 

@@ -212,3 +212,46 @@ def test_interval_rule_and_file_errors(tmp_path):
     save_file({"img_in.weight": torch.zeros(2, 2)}, str(tmp_path / "dit.safetensors"))
     with pytest.raises(CheckpointError, match="dit.safetensors.*not a Flux ControlNet"):
         load_controlnet(tmp_path / "dit.safetensors")
+
+
+def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompute(tmp_path):
+    from tessera.engines.ar_decoding import condition_prefix, generate
+    from tessera.engines.controlnet import (
+        ARControlConfig,
+        ARControlNet,
+        ControlledGPT,
+        load_any_controlnet,
+        save_ar_controlnet,
+        with_ar_control,
+    )
+    from tessera.engines.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    gpt = randomized(
+        GPT(GPTConfig(dim=32, n_layer=2, n_head=4, n_kv_head=4, ffn_hidden=64, vocab_size=24, num_classes=3)),
+        6,
+    )
+    net = ARControlNet(ARControlConfig(dim=32, downsample=8, width=8))
+    net.zero_init_heads()
+    image = torch.rand(1, 24, 32, 3, generator=torch.Generator().manual_seed(1))
+
+    def run(model, use_cache=True, fixed=None):
+        prefix = condition_prefix(model, 2, class_ids=torch.tensor([1]), cfg=True)
+        return generate(model, prefix, 3, 4, cfg_scale=2.0, temperature=0.0, use_cache=use_cache, fixed=fixed)
+
+    base = run(gpt)
+    assert torch.equal(run(with_ar_control(gpt, net, image)), base)
+    for p in net.parameters():
+        p.data.normal_(0, 0.3)
+    save_ar_controlnet(net, tmp_path / "ar.safetensors")
+    net = load_any_controlnet(tmp_path / "ar.safetensors")
+    controlled = with_ar_control(gpt, net, image, strength=2.0)
+    assert isinstance(controlled, ControlledGPT) and not isinstance(gpt, ControlledGPT)
+    cached = run(controlled)
+    assert not torch.equal(cached, base)
+    assert torch.equal(run(controlled, use_cache=False), cached)
+    from tessera.engines.tokens import TokenGrid
+
+    top = TokenGrid(cached).fix_rows(1)  # fixed rows are prefilled in one pass: same control positions
+    assert torch.equal(run(controlled, fixed=top), cached)
+    assert gpt.freqs is None and all(layer.attention.kv_cache is None for layer in gpt.layers)
