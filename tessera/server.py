@@ -160,8 +160,8 @@ class TesseraServer:
 
     async def validate(self, request):
         body = await read_json(request)
-        try:
-            self._validated(body)
+        try:  # the same checks /api/prompt makes (and `tessera validate`): graph, fingerprints, an output node
+            self.executor.compile(self._validated(body))
         except InvalidWorkflow as e:
             return self._invalid(e)
         return web.json_response({"valid": True})

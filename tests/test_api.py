@@ -106,7 +106,8 @@ def test_model_folders_and_live_choices(api):
     assert choices() == (["first.safetensors", "sub/nested.safetensors"],) * 2
     (api.models_dir / "vae" / "added.safetensors").write_bytes(b"x")  # the choices are the files there *now*
     assert choices()[0] == ["added.safetensors", "first.safetensors", "sub/nested.safetensors"]
-    ok = api.request("POST", "/api/validate", json_body={"workflow": workflow({"1": {"type": "PickVAE", "inputs": {"vae_name": "added.safetensors"}}})})
+    picked = workflow({"1": {"type": "PickVAE", "inputs": {"vae_name": "added.safetensors"}}, "2": {"type": "Sleep"}})
+    ok = api.request("POST", "/api/validate", json_body={"workflow": picked})
     assert ok.status == 200 and ok.json() == {"valid": True}
 
 
@@ -259,9 +260,16 @@ def test_malformed_request_bodies(idle_api):
         for body in ({"nodes": {}}, [1, 2], "workflow"):
             r = api.request("POST", route, json_body=body)
             assert r.status == 400 and r.json()["errors"][0]["node"] is None
-    # valid, but nothing to run: refused before queueing
-    r = api.request("POST", "/api/prompt", json_body={"workflow": workflow({"1": solid()})})
-    assert r.status == 400 and "no output node" in r.json()["errors"][0]["reason"]
+    # graph-valid, but refused before queueing, by /api/validate and /api/prompt alike:
+    # nothing to run, and a LoadImage whose file is not there
+    missing = f"missing_{unique()}.png"
+    for wf, expected in ((workflow({"1": solid()}), (None, None, "no output node")),
+                         (workflow({"1": {"type": "LoadImage", "inputs": {"image": missing}}, "2": save(link("1"))}),
+                          ("1", "image", f"input image '{missing}' does not exist"))):
+        for route in ("/api/validate", "/api/prompt"):
+            r = api.request("POST", route, json_body={"workflow": wf})
+            assert r.status == 400, (route, r.body)
+            assert_issues(r.json(), [expected])
     assert history_state(api) == before
 
 
@@ -444,7 +452,8 @@ def test_interrupt_stops_within_one_step(idle_api, recorder):
     stopped_at = int(stopped[0].rsplit(" ", 1)[1])
     values = [d["value"] for k, d in recorder.of_prompt(pid) if k == "progress"]
     assert values == list(range(1, stopped_at)) and stopped_at < steps
-    assert elapsed < 2.0, f"interrupt took {elapsed:.2f}s with {step_seconds}s steps"
+    # generous for a loaded machine, yet far below the ~40 s the prompt would otherwise run
+    assert elapsed < 5.0, f"interrupt took {elapsed:.2f}s with {step_seconds}s steps"
     assert not any(k == "execution_success" for k, _ in recorder.of_prompt(pid))
 
 
