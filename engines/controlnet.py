@@ -23,7 +23,6 @@ embedding per token position, added to the GPT's input where that token is predi
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -249,10 +248,6 @@ class Control:
         return lo - 1e-6 <= sigma <= hi + 1e-6
 
 
-def _forward_takes_residuals() -> bool:
-    return "controlnet_double" in inspect.signature(Flux.forward_tokens).parameters
-
-
 class ControlledFlux(Flux):
     """A Flux DiT (sharing the base's tensors) whose forward adds its `controls`' residuals."""
 
@@ -270,23 +265,17 @@ class ControlledFlux(Flux):
         txt_mask: Tensor | None = None,
     ) -> Tensor:
         double, single = self.control_residuals(img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
-        if double is None and single is None:
-            return super().forward_tokens(img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
-        if _forward_takes_residuals():
-            return super().forward_tokens(
-                img,
-                img_ids,
-                txt,
-                txt_ids,
-                t,
-                y,
-                guidance,
-                txt_mask,
-                controlnet_double=double,
-                controlnet_single=single,
-            )
-        return _forward_tokens_with_residuals(
-            self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask, double, single
+        return super().forward_tokens(
+            img,
+            img_ids,
+            txt,
+            txt_ids,
+            t,
+            y,
+            guidance,
+            txt_mask,
+            controlnet_double=double,
+            controlnet_single=single,
         )
 
     def control_residuals(self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask):
@@ -320,41 +309,6 @@ def _accumulate(total: list | None, residuals: list[Tensor | None], strength: fl
         a if r is None else (r * strength if a is None else a + r * strength)
         for a, r in zip(total, residuals)
     ]
-
-
-def _forward_tokens_with_residuals(
-    model: Flux, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask, double, single
-):
-    """`Flux.forward_tokens` with residuals added to the image tokens after each block.
-
-    Stands in until engines/flux.py takes `controlnet_double` / `controlnet_single` itself.
-    """
-    emb = timestep_embedding
-    if model.guidance_in is not None and guidance is None:
-        raise ValueError("this DiT was distilled with a guidance input; pass guidance (e.g. 3.5)")
-    dt = model.dtype
-    vec = model.time_in(emb(t).to(dt))
-    if model.guidance_in is not None:
-        vec = vec + model.guidance_in(emb(guidance).to(dt))
-    vec = vec + model.vector_in(y.to(dt))
-    img, txt = model.img_in(img.to(dt)), model.txt_in(txt.to(dt))
-    pe = rope_cos_sin(torch.cat([txt_ids, img_ids]), model.config.axes_dim, model.config.theta)
-    key_mask = None
-    if txt_mask is not None and not bool(txt_mask.all()):
-        key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
-    double = double or [None] * len(model.double_blocks)
-    single = single or [None] * len(model.single_blocks)
-    for block, r in zip(model.double_blocks, double):
-        img, txt = block(img, txt, vec, pe, key_mask)
-        if r is not None:
-            img = img + r.to(img.dtype)
-    x = torch.cat([txt, img], dim=1)
-    n = txt.shape[1]
-    for block, r in zip(model.single_blocks, single):
-        x = block(x, vec, pe, key_mask)
-        if r is not None:
-            x = torch.cat([x[:, :n], x[:, n:] + r.to(x.dtype)], dim=1)
-    return model.final_layer(x[:, n:], vec)
 
 
 def with_control(

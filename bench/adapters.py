@@ -1,0 +1,172 @@
+"""What the shipped adapters do, measured in one run on the same prompts and seeds with and without them.
+
+- LoRA (DiT and GPT): prompts naming the new colour word ("a pink star at the top on a blue
+  background"): the rate of images that show the concept colour (`concept_rate`), base vs LoRA;
+  plus the scorers' adherence on ordinary prompts, to show what the LoRA leaves alone.
+- ControlNet (DiT and GPT): held-out synthetic scenes; the control image is the scene's Canny
+  edges; the IoU (1 px tolerance) between those edges and the Canny edges of the output, for the
+  un-controlled base and the controlled model, same caption and seed.
+
+Prints a table, then one JSON line. `python bench/adapters.py [--n 32] [--models-dir models]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tessera.engines import scorers, synthetic  # noqa: E402
+from tessera.engines.adapter_training import CONCEPTS, _only_file, concept_rate, edge_iou, edge_map  # noqa: E402
+from tessera.engines.ar_decoding import condition_prefix, generate  # noqa: E402
+from tessera.engines.controlnet import (  # noqa: E402
+    ARControlNet,
+    ControlHint,
+    load_any_controlnet,
+    with_ar_control,
+    with_control,
+)
+from tessera.engines.flux import guided_velocity, load_dit  # noqa: E402
+from tessera.engines.gpt import load_gpt  # noqa: E402
+from tessera.engines.latent import Latent, denoise  # noqa: E402
+from tessera.engines.lora import load_lora, with_loras  # noqa: E402
+from tessera.engines.preprocess import canny, luma  # noqa: E402
+from tessera.engines.schedules import sigmas_for  # noqa: E402
+from tessera.engines.text_encoder import load_text_encoder  # noqa: E402
+from tessera.engines.vae import load_vae  # noqa: E402
+from tessera.engines.vq import load_vq  # noqa: E402
+
+
+def concept_prompts(n: int, word: str, seed: int = 123) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        attrs = dict(synthetic.sample_attributes(rng, "shape", "heldout"), color=word)
+        out.append(synthetic.caption(attrs))
+    return out
+
+
+def ordinary_scenes(n: int, seed: int = 321) -> list[synthetic.Sample]:
+    return [synthetic.make_sample(seed, i, "heldout", kinds=("shape",), paraphrase=False) for i in range(n)]
+
+
+# ---------------------------------------------------------------- generators (IMAGE [B, H, W, 3] 0..1 out)
+
+
+class DiT:
+    def __init__(self, md: Path, text, steps: int, cfg: float):
+        self.model = load_dit(_only_file(md, "diffusion_models", None))
+        self.vae = load_vae(_only_file(md, "vae", None))
+        self.text, self.steps, self.cfg = text, steps, cfg
+
+    def __call__(self, model, prompts: list[str], seed: int) -> torch.Tensor:
+        pos, neg = self.text.encode(prompts), self.text.encode([""] * len(prompts))
+        f, c = self.vae.config.downscale, self.model.config.in_channels
+        size = synthetic.IMAGE_SIZE // f
+        p = self.model.config.patch_size
+        sigmas = sigmas_for("flux", self.steps, 1.0, (size // p) ** 2)
+        velocity = guided_velocity(model, pos, neg, self.cfg, 3.5)
+        latent = Latent(torch.zeros(len(prompts), c, size, size))
+        out = denoise(velocity, latent, sampler="euler", sigmas=sigmas, seed=seed)
+        return ((self.vae.decode(out.samples) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+class AR:
+    def __init__(self, md: Path, text, cfg: float):
+        self.model = load_gpt(_only_file(md, "ar_models", None))
+        self.vq = load_vq(_only_file(md, "vq_models", None))
+        self.text, self.cfg = text, cfg
+
+    def __call__(self, model, prompts: list[str], seed: int) -> torch.Tensor:
+        grid = synthetic.IMAGE_SIZE // self.vq.downsample
+        prefix = condition_prefix(model, len(prompts), positive=self.text.encode(prompts), cfg=self.cfg != 1.0)
+        g = torch.Generator().manual_seed(seed)
+        ids = generate(model, prefix, grid, grid, cfg_scale=self.cfg, temperature=1.0, top_k=0, generator=g)
+        return ((self.vq.decode(ids) + 1) / 2).permute(0, 2, 3, 1)
+
+
+def batched(generate_fn, model, prompts: list[str], seed: int, batch: int = 16) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([generate_fn(model, prompts[i : i + batch], seed + i) for i in range(0, len(prompts), batch)])
+
+
+def adherence(images: torch.Tensor, scenes: list[synthetic.Sample]) -> float:
+    results = scorers.score_batch([img.numpy() for img in images], [s.attributes for s in scenes])
+    return float(np.mean([all(r.values()) for r in results]))
+
+
+def edge_ious(images: torch.Tensor, controls: torch.Tensor) -> float:
+    return float(np.mean([edge_iou(canny(luma(img.numpy()), 0.1, 0.2, 1.4), ctl[..., 0].numpy() > 0.5)
+                          for img, ctl in zip(images, controls)]))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    p.add_argument("--n", type=int, default=32, help="prompts (and scenes) per measurement")
+    p.add_argument("--steps", type=int, default=20, help="DiT sampling steps")
+    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale for both engines")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    md = args.models_dir
+    text = load_text_encoder(_only_file(md, "text_encoders", None))
+    word = next(iter(CONCEPTS))
+    prompts = concept_prompts(args.n, word)
+    scenes = ordinary_scenes(args.n)
+    held = [synthetic.make_sample(args.seed + 7, i, "heldout") for i in range(args.n)]
+    controls = edge_map(np.stack([s.image for s in held]))
+    engines = {"dit": DiT(md, text, args.steps, args.cfg), "gpt": AR(md, text, args.cfg)}
+    rows, record = [], {"bench": "adapters", "n": args.n, "concept": word}
+    for name, gen in engines.items():
+        lora_file = md / "loras" / f"{name}_{word}_lora.safetensors"
+        if lora_file.is_file():
+            lora = with_loras(gen.model, [(load_lora(lora_file, gen.model), 1.0)])
+            started = time.perf_counter()
+            base_rate = concept_rate(batched(gen, gen.model, prompts, args.seed), word)
+            lora_rate = concept_rate(batched(gen, lora, prompts, args.seed), word)
+            base_adh = adherence(batched(gen, gen.model, [s.caption for s in scenes], args.seed), scenes)
+            lora_adh = adherence(batched(gen, lora, [s.caption for s in scenes], args.seed), scenes)
+            rows.append((f"{name} LoRA", f"'{word}' rate", base_rate, lora_rate))
+            rows.append((f"{name} LoRA", "adherence, ordinary prompts", base_adh, lora_adh))
+            record[f"{name}_lora"] = {"concept_rate": [base_rate, lora_rate], "adherence": [base_adh, lora_adh],
+                                      "seconds": round(time.perf_counter() - started, 1)}
+        cn_file = md / "controlnet" / f"{name}_canny_controlnet.safetensors"
+        if cn_file.is_file():
+            net = load_any_controlnet(cn_file)
+            if isinstance(net, ARControlNet):
+                controlled = with_ar_control(gen.model, net, controls)
+            else:
+                controlled = with_control(gen.model, net, ControlHint(image=controls, vae=gen.vae))
+            captions = [s.caption for s in held]
+            started = time.perf_counter()
+            # the control image batch matches the prompts one to one: run it in one batch per chunk
+            base = batched(gen, gen.model, captions, args.seed, batch=args.n)
+            ctl = batched(gen, controlled, captions, args.seed, batch=args.n)
+            base_iou, ctl_iou = edge_ious(base, controls), edge_ious(ctl, controls)
+            base_adh, ctl_adh = adherence(base, held), adherence(ctl, held)
+            rows.append((f"{name} ControlNet", "edge IoU with the control", base_iou, ctl_iou))
+            rows.append((f"{name} ControlNet", "adherence to the caption", base_adh, ctl_adh))
+            record[f"{name}_controlnet"] = {"edge_iou": [base_iou, ctl_iou], "adherence": [base_adh, ctl_adh],
+                                            "seconds": round(time.perf_counter() - started, 1)}
+    print(f"{'adapter':<16} {'measure':<30} {'without':>8} {'with':>8}")
+    for adapter, measure, without, with_ in rows:
+        print(f"{adapter:<16} {measure:<30} {without:>8.3f} {with_:>8.3f}")
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()
