@@ -263,20 +263,15 @@ class ControlledFlux(Flux):
         y: Tensor,
         guidance: Tensor | None = None,
         txt_mask: Tensor | None = None,
+        controlnet_double: list[Tensor | None] | None = None,
+        controlnet_single: list[Tensor | None] | None = None,
     ) -> Tensor:
         double, single = self.control_residuals(img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
         return super().forward_tokens(
-            img,
-            img_ids,
-            txt,
-            txt_ids,
-            t,
-            y,
-            guidance,
-            txt_mask,
-            controlnet_double=double,
-            controlnet_single=single,
-        )
+            img, img_ids, txt, txt_ids, t, y, guidance, txt_mask,
+            controlnet_double=_merge(controlnet_double, double),
+            controlnet_single=_merge(controlnet_single, single),
+        )  # fmt: skip
 
     def control_residuals(self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask):
         """Per-base-block residual lists (double, single) summed over the active controls, or Nones."""
@@ -299,6 +294,13 @@ class ControlledFlux(Flux):
             double = _accumulate(double, spread(d, len(self.double_blocks), net.pixel_hint), control.strength)
             single = _accumulate(single, spread(s, len(self.single_blocks), net.pixel_hint), control.strength)
         return double, single
+
+
+def _merge(a: list | None, b: list | None) -> list | None:
+    """Per-block residual lists added together (a caller's own residuals plus this model's)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return [x if y is None else (y if x is None else x + y) for x, y in zip(a, b)]
 
 
 def _accumulate(total: list | None, residuals: list[Tensor | None], strength: float) -> list | None:
