@@ -10,8 +10,7 @@ import uuid
 
 import pytest
 from PIL import Image
-
-from conftest import (
+from tessera_harness import (
     ROOT,
     EventRecorder,
     multipart,

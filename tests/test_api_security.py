@@ -12,8 +12,7 @@ import uuid
 from urllib.parse import quote
 
 import pytest
-
-from conftest import EventRecorder, multipart, png_bytes, ready_server, snapshot, wait_until
+from tessera_harness import EventRecorder, multipart, png_bytes, ready_server, snapshot, wait_until
 
 SECRET_COLOR = (13, 37, 171)
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from conftest import PYTHON, png_bytes, png_text_chunks, write_custom_nodes
+from tessera_harness import PYTHON, png_bytes, png_text_chunks, write_custom_nodes
 
 WORKFLOW = {
     "version": 1,
@@ -46,7 +45,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def tessera(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "tessera", *args], cwd=cwd, capture_output=True, text=True, timeout=180)
+    return subprocess.run([PYTHON, "-m", "tessera", *args], cwd=cwd, capture_output=True, text=True, timeout=180, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +112,10 @@ def test_run_a_bad_workflow_fails_naming_the_node(bad_run):
 
 def test_run_reports_a_failing_node_and_progress(workdir, capsys):
     (workdir / "fail.json").write_text(json.dumps({"version": 1, "nodes": {"1": {"type": "Fail", "inputs": {"reason": "no luck"}}}}))
-    status, out, err = main(capsys, "run", "fail.json", "--out", "out", *DIRS)
+    status, _, err = main(capsys, "run", "fail.json", "--out", "out", *DIRS)
     assert status == 1 and "tessera: node 1 (Fail), input 'reason': no luck" in err
     (workdir / "sleep.json").write_text(json.dumps({"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": 3, "step_seconds": 0}}}}))
-    status, out, err = main(capsys, "run", "sleep.json", "--out", "out", *DIRS)
+    status, _, err = main(capsys, "run", "sleep.json", "--out", "out", *DIRS)
     assert status == 0 and "3/3" in err and "node 1" in err
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from conftest import wait_until
+from tessera_harness import wait_until
 
 
 def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0) -> dict:
