@@ -12,8 +12,8 @@ sampled, which gives continuation, outpainting and in-filling for free.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -68,8 +68,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """[B, V] logits -> [B] long ids. temperature <= 0 is greedy.
 
     Draws by exponential race (argmax p / E, E ~ Exp(1)), which equals multinomial
@@ -101,9 +106,15 @@ def _fit_batch(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise ValueError(f"{what} has batch {t.shape[0]}, which does not match batch {batch}")
 
 
-def condition_prefix(model: GPT, batch: int, *, positive: Conditioning | None = None,
-                     negative: Conditioning | None = None, class_ids: torch.Tensor | None = None,
-                     cfg: bool = True) -> Prefix:
+def condition_prefix(
+    model: GPT,
+    batch: int,
+    *,
+    positive: Conditioning | None = None,
+    negative: Conditioning | None = None,
+    class_ids: torch.Tensor | None = None,
+    cfg: bool = True,
+) -> Prefix:
     """Embed the condition prefix for `batch` images, with the CFG uncond rows appended.
 
     Caption models project text features; their uncond rows are the learned null caption
@@ -145,15 +156,17 @@ def _guide(logits: torch.Tensor, batch: int, scale: torch.Tensor | None) -> torc
     return uncond + scale * (cond - uncond)
 
 
-def prefill(model: GPT, x: torch.Tensor, input_pos: torch.Tensor, batch: int,
-            scale: torch.Tensor | None) -> torch.Tensor:
+def prefill(
+    model: GPT, x: torch.Tensor, input_pos: torch.Tensor, batch: int, scale: torch.Tensor | None
+) -> torch.Tensor:
     """Run the prefix (and leading fixed tokens) into the cache; guided logits [B, V] of the
     last position, i.e. for the first token still to decode."""
     return _guide(model(x, input_pos)[:, -1], batch, scale)
 
 
-def decode_one_token(model: GPT, ids: torch.Tensor, input_pos: torch.Tensor,
-                     scale: torch.Tensor | None) -> torch.Tensor:
+def decode_one_token(
+    model: GPT, ids: torch.Tensor, input_pos: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
     """Feed one token per image ([B, 1]) at `input_pos` [1]; guided logits [B, V] for the next.
 
     The token is duplicated for the uncond rows when the cache holds 2B rows (CFG).
@@ -165,7 +178,9 @@ def decode_one_token(model: GPT, ids: torch.Tensor, input_pos: torch.Tensor,
     return _guide(model(model.embed_tokens(ids), input_pos)[:, -1], batch, scale)
 
 
-def recompute_logits(model: GPT, prefix: Prefix, ids: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def recompute_logits(
+    model: GPT, prefix: Prefix, ids: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
     """The naive reference: run prefix + all tokens so far ([B, n]) without a cache; guided
     logits [B, V] for position n. Used by tests and the benchmark baseline."""
     ids = torch.cat([ids, ids]) if prefix.cfg else ids
@@ -174,10 +189,20 @@ def recompute_logits(model: GPT, prefix: Prefix, ids: torch.Tensor, scale: torch
     return _guide(model(x, pos, use_cache=False)[:, -1], prefix.batch, scale)
 
 
-def decode_n_tokens(logits: torch.Tensor, seq: torch.Tensor, start: int,
-                    forced: torch.Tensor, forced_ids: torch.Tensor, *, temperature: float, top_k: int,
-                    top_p: float, generator: torch.Generator | None, callback: Callback | None,
-                    step: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+def decode_n_tokens(
+    logits: torch.Tensor,
+    seq: torch.Tensor,
+    start: int,
+    forced: torch.Tensor,
+    forced_ids: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | None,
+    callback: Callback | None,
+    step: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
     """Fill seq[:, start:] one token at a time. `logits` predict position `start`;
     `step(token [B,1], i)` feeds the token at grid position i and returns logits for i+1.
 
@@ -197,11 +222,24 @@ def decode_n_tokens(logits: torch.Tensor, seq: torch.Tensor, start: int,
 
 
 @torch.inference_mode()
-def generate(model: GPT, prefix: Prefix, grid_h: int, grid_w: int, *, cfg_scale: float = 1.0,
-             schedule: str = "constant", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, fixed: TokenGrid | None = None,
-             callback: Callback | None = None, use_cache: bool = True,
-             decode_fn: Callable = decode_one_token, keep_caches: bool = False) -> torch.Tensor:
+def generate(
+    model: GPT,
+    prefix: Prefix,
+    grid_h: int,
+    grid_w: int,
+    *,
+    cfg_scale: float = 1.0,
+    schedule: str = "constant",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    fixed: TokenGrid | None = None,
+    callback: Callback | None = None,
+    use_cache: bool = True,
+    decode_fn: Callable = decode_one_token,
+    keep_caches: bool = False,
+) -> torch.Tensor:
     """Decode a grid_h x grid_w token grid in raster order; returns ids [B, H, W].
 
     Leading positions fixed in every image are prefilled in one pass instead of one at a
@@ -237,8 +275,9 @@ def generate(model: GPT, prefix: Prefix, grid_h: int, grid_w: int, *, cfg_scale:
         if use_cache:
             lead_ids = seq[:, :lead].repeat(rows // b, 1)
             x = torch.cat([prefix.x, model.embed_tokens(lead_ids)], dim=1)
-            logits = prefill(model, x, torch.arange(t + lead, device=device), b,
-                             None if scales is None else scales[lead])
+            logits = prefill(
+                model, x, torch.arange(t + lead, device=device), b, None if scales is None else scales[lead]
+            )
             pos = torch.tensor([t], device=device, dtype=torch.long)
 
             def step(tok: torch.Tensor, i: int) -> torch.Tensor:
@@ -248,10 +287,23 @@ def generate(model: GPT, prefix: Prefix, grid_h: int, grid_w: int, *, cfg_scale:
             logits = recompute_logits(model, prefix, seq[:, :lead], None if scales is None else scales[lead])
 
             def step(tok: torch.Tensor, i: int) -> torch.Tensor:
-                return recompute_logits(model, prefix, seq[:, : i + 1], None if scales is None else scales[i + 1])
+                return recompute_logits(
+                    model, prefix, seq[:, : i + 1], None if scales is None else scales[i + 1]
+                )
 
-        decode_n_tokens(logits, seq, lead, forced, forced_ids, temperature=temperature,
-                        top_k=top_k, top_p=top_p, generator=generator, callback=callback, step=step)
+        decode_n_tokens(
+            logits,
+            seq,
+            lead,
+            forced,
+            forced_ids,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            callback=callback,
+            step=step,
+        )
     finally:
         if not keep_caches:
             model.clear_caches()

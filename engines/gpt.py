@@ -81,8 +81,15 @@ class FeedForward(nn.Module):
 class KVCache(nn.Module):
     """Static per-layer cache [B, n_kv_head, max_seq, head_dim], written in place at `input_pos`."""
 
-    def __init__(self, batch: int, max_seq: int, n_kv_head: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(
+        self,
+        batch: int,
+        max_seq: int,
+        n_kv_head: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         super().__init__()
         shape = (batch, n_kv_head, max_seq, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -128,8 +135,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor,
-                use_cache: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        input_pos: torch.Tensor,
+        mask: torch.Tensor,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         kv = self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([self.n_head * self.head_dim, kv, kv], dim=-1)
@@ -138,7 +151,9 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv_head, self.head_dim).transpose(1, 2)
         if use_cache and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head
+        )
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -252,8 +267,15 @@ class GPT(nn.Module):
         return u.unsqueeze(0).expand(batch, -1, -1)
 
     # ---- caches ---------------------------------------------------------------------------
-    def setup_caches(self, batch: int, grid_h: int, grid_w: int, key_valid: torch.Tensor | None = None,
-                     dtype: torch.dtype | None = None, allocate_kv: bool = True) -> None:
+    def setup_caches(
+        self,
+        batch: int,
+        grid_h: int,
+        grid_w: int,
+        key_valid: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        allocate_kv: bool = True,
+    ) -> None:
         """Allocate the static KV cache, the RoPE table for this grid and the attention mask.
 
         `key_valid` [batch, prefix_len] marks real condition tokens (text padding is False).
@@ -269,9 +291,14 @@ class GPT(nn.Module):
             old = layer.attention.kv_cache
             if not allocate_kv:
                 layer.attention.kv_cache = None
-            elif old is None or old.k_cache.shape != (batch, cfg.n_kv_head, max_seq, cfg.head_dim) \
-                    or old.k_cache.dtype != dtype:
-                layer.attention.kv_cache = KVCache(batch, max_seq, cfg.n_kv_head, cfg.head_dim, dtype, p.device)
+            elif (
+                old is None
+                or old.k_cache.shape != (batch, cfg.n_kv_head, max_seq, cfg.head_dim)
+                or old.k_cache.dtype != dtype
+            ):
+                layer.attention.kv_cache = KVCache(
+                    batch, max_seq, cfg.n_kv_head, cfg.head_dim, dtype, p.device
+                )
             # a reused cache keeps stale entries; the causal mask hides them until overwritten
         freqs = rope_2d(grid_h, grid_w, cfg.head_dim, cfg.rope_base, self.prefix_len)
         freqs = torch.cat([freqs, torch.zeros(max_seq - seq, *freqs.shape[1:])]).to(p.device)
@@ -339,8 +366,12 @@ def infer_gpt_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
     n_kv_head = (qkv_rows - dim) // (2 * head_dim)
     cfg = GPTConfig(
-        dim=dim, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-        ffn_hidden=sd["layers.0.feed_forward.w1.weight"].shape[0], vocab_size=vocab,
+        dim=dim,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_kv_head=n_kv_head,
+        ffn_hidden=sd["layers.0.feed_forward.w1.weight"].shape[0],
+        vocab_size=vocab,
     )
     if "cls_embedding.cap_proj.fc1.weight" in sd:
         cfg.caption_dim = sd["cls_embedding.cap_proj.fc1.weight"].shape[1]
@@ -354,15 +385,19 @@ def infer_gpt_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     return cfg
 
 
-def gpt_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                        path: str | Path = "<state dict>") -> GPT:
+def gpt_from_state_dict(
+    sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path: str | Path = "<state dict>"
+) -> GPT:
     """Build a GPT sized from `sd` (see `infer_gpt_config`) and load it."""
     for key in ("tok_embeddings.weight", "layers.0.attention.wqkv.weight", "layers.0.feed_forward.w1.weight"):
         if key not in sd:
             raise CheckpointError(path, "missing tensor (not a LlamaGen-layout GPT?)", key)
     if "cls_embedding.cap_proj.fc1.weight" not in sd and "cls_embedding.embedding_table.weight" not in sd:
-        raise CheckpointError(path, "missing condition embedding (class table or caption projection)",
-                              "cls_embedding.embedding_table.weight")
+        raise CheckpointError(
+            path,
+            "missing condition embedding (class table or caption projection)",
+            "cls_embedding.embedding_table.weight",
+        )
     try:
         cfg = infer_gpt_config(sd, metadata)
         if cfg.dim % cfg.n_head or cfg.n_kv_head <= 0 or cfg.n_head % cfg.n_kv_head:
@@ -371,8 +406,9 @@ def gpt_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | 
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
         raise CheckpointError(path, f"cannot size a GPT from this file ({e})") from None
     if cfg.is_caption and "cls_embedding.uncond_embedding" not in sd:
-        raise CheckpointError(path, "caption model without its null caption for CFG",
-                              "cls_embedding.uncond_embedding")
+        raise CheckpointError(
+            path, "caption model without its null caption for CFG", "cls_embedding.uncond_embedding"
+        )
     load_state_dict_checked(model, sd, path, ("freqs_cis", "causal_mask", "kv_cache"))
     return model.eval()
 

@@ -48,29 +48,29 @@ class TokenGrid:
             return torch.zeros_like(self.ids, dtype=torch.bool)
         return self.fixed
 
-    def to(self, device: torch.device | str) -> "TokenGrid":
+    def to(self, device: torch.device | str) -> TokenGrid:
         return TokenGrid(self.ids.to(device), None if self.fixed is None else self.fixed.to(device))
 
-    def with_fixed(self, fixed: torch.Tensor | None) -> "TokenGrid":
+    def with_fixed(self, fixed: torch.Tensor | None) -> TokenGrid:
         """The same ids under a new fixed mask ([H, W] or [B, H, W]; broadcast over the batch)."""
         if fixed is not None:
             fixed = fixed.to(self.ids.device, torch.bool).expand_as(self.ids).clone()
         return TokenGrid(self.ids, fixed)
 
-    def fix_rows(self, rows: int) -> "TokenGrid":
+    def fix_rows(self, rows: int) -> TokenGrid:
         """Fix the top `rows` rows and free the rest: raster-order continuation / outpainting below."""
         rows = max(0, min(rows, self.height))
         mask = torch.zeros(self.height, self.width, dtype=torch.bool)
         mask[:rows] = True
         return self.with_fixed(mask)
 
-    def fix_region(self, top: int, left: int, height: int, width: int, inside: bool = True) -> "TokenGrid":
+    def fix_region(self, top: int, left: int, height: int, width: int, inside: bool = True) -> TokenGrid:
         """Fix a rectangle (inside=True) or everything but it (inside=False); the rest is free."""
         mask = torch.zeros(self.height, self.width, dtype=torch.bool)
         mask[max(top, 0) : max(top + height, 0), max(left, 0) : max(left + width, 0)] = True
         return self.with_fixed(mask if inside else ~mask)
 
-    def placed(self, height: int, width: int) -> "TokenGrid":
+    def placed(self, height: int, width: int) -> TokenGrid:
         """Put this grid at the top-left of a height x width grid; new positions are free (id 0).
 
         Growing the height is how a graph outpaints below a tokenized image.

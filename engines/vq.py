@@ -132,8 +132,14 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
         cins = [ch] + [ch * m for m in mult[:-1]]
         self.conv_blocks = nn.ModuleList(
-            Level(cins[i], ch * mult[i], cfg.num_res_blocks, cfg.attn_deepest and i == n - 1,
-                  "down" if i != n - 1 else None, g)
+            Level(
+                cins[i],
+                ch * mult[i],
+                cfg.num_res_blocks,
+                cfg.attn_deepest and i == n - 1,
+                "down" if i != n - 1 else None,
+                g,
+            )
             for i in range(n)
         )
         c = ch * mult[-1]
@@ -159,8 +165,16 @@ class Decoder(nn.Module):
         self.mid = _mid(c, g)
         levels = []
         for j, i in enumerate(reversed(range(n))):  # deepest level first, as LlamaGen numbers them
-            levels.append(Level(c, ch * mult[i], cfg.num_res_blocks + 1, cfg.attn_deepest and j == 0,
-                                "up" if i != 0 else None, g))
+            levels.append(
+                Level(
+                    c,
+                    ch * mult[i],
+                    cfg.num_res_blocks + 1,
+                    cfg.attn_deepest and j == 0,
+                    "up" if i != 0 else None,
+                    g,
+                )
+            )
             c = ch * mult[i]
         self.conv_blocks = nn.ModuleList(levels)
         self.norm_out = nn.GroupNorm(g, c, eps=1e-6)
@@ -293,8 +307,9 @@ def infer_vq_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
 _IGNORED = ("codebook_used",)
 
 
-def load_state_dict_checked(module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path,
-                            ignored: tuple[str, ...] = ()) -> None:
+def load_state_dict_checked(
+    module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, ignored: tuple[str, ...] = ()
+) -> None:
     """Copy `sd` into `module`, failing with the file and the first missing, misshapen or
     unknown key named (keys containing one of `ignored` are training leftovers and skipped)."""
     own = module.state_dict()
@@ -311,8 +326,9 @@ def load_state_dict_checked(module: nn.Module, sd: dict[str, torch.Tensor], path
     module.load_state_dict({k: sd[k] for k in own}, strict=True)
 
 
-def vq_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                       path: str | Path = "<state dict>") -> VQModel:
+def vq_from_state_dict(
+    sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path: str | Path = "<state dict>"
+) -> VQModel:
     """Build a VQModel sized from `sd` (see `infer_vq_config`) and load it."""
     for key in ("encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight"):
         if key not in sd:
@@ -326,7 +342,9 @@ def vq_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | N
     return model.eval()
 
 
-def load_vq(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VQModel:
+def load_vq(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> VQModel:
     """Load a LlamaGen-layout VQ tokenizer from a `.safetensors` file."""
     sd, metadata = read_safetensors(path)
     return vq_from_state_dict(sd, metadata, path).to(device, dtype)

@@ -8,13 +8,13 @@ which ids generation must keep, so a graph can outpaint or in-fill in token spac
 from __future__ import annotations
 
 import torch
-
 from tessera.engines.ar_decoding import SCHEDULES, condition_prefix, generate
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
+
 from tessera.images import tensor_to_pil
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output
 from tessera.paths import UnsafePathError
@@ -140,23 +140,48 @@ class ARGenerateTokens(Node):
     )
     outputs = (Output("tokens", "TOKENS"),)
 
-    def execute(self, ctx: ExecutionContext, model: GPT, class_id: int, width: int, height: int,
-                batch_size: int, cfg: float, guidance_schedule: str, temperature: float, top_k: int,
-                top_p: float, seed: int, preview_every: int, positive: Conditioning | None = None,
-                negative: Conditioning | None = None, fixed: TokenGrid | None = None,
-                vq: VQModel | None = None):
+    def execute(
+        self,
+        ctx: ExecutionContext,
+        model: GPT,
+        class_id: int,
+        width: int,
+        height: int,
+        batch_size: int,
+        cfg: float,
+        guidance_schedule: str,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int,
+        preview_every: int,
+        positive: Conditioning | None = None,
+        negative: Conditioning | None = None,
+        fixed: TokenGrid | None = None,
+        vq: VQModel | None = None,
+    ):
         if model.config.is_caption and positive is None:
-            raise NodeError("this AR model is text-conditioned: link a positive CONDITIONING", input="positive")
+            raise NodeError(
+                "this AR model is text-conditioned: link a positive CONDITIONING", input="positive"
+            )
         if not model.config.is_caption and class_id >= model.config.num_classes:
             raise NodeError(f"class_id must be below {model.config.num_classes}", input="class_id")
         grid = _fit_fixed(fixed, height, width) if fixed is not None else None
         batches = [batch_size] + [c.batch for c in (positive, negative, grid) if c is not None]
         batch = max(batches)
         if any(b not in (1, batch) for b in batches[1:]) or batch_size not in (1, batch):
-            raise NodeError(f"batch sizes {batches} do not match (each must be 1 or {batch})", input="batch_size")
+            raise NodeError(
+                f"batch sizes {batches} do not match (each must be 1 or {batch})", input="batch_size"
+            )
         try:
-            prefix = condition_prefix(model, batch, positive=positive, negative=negative,
-                                      class_ids=torch.tensor([class_id]), cfg=cfg != 1.0)
+            prefix = condition_prefix(
+                model,
+                batch,
+                positive=positive,
+                negative=negative,
+                class_ids=torch.tensor([class_id]),
+                cfg=cfg != 1.0,
+            )
         except ValueError as e:
             raise NodeError(str(e), input="positive") from None
         generator = torch.Generator(device=ctx.device).manual_seed(seed)
@@ -169,9 +194,20 @@ class ARGenerateTokens(Node):
                 preview = _preview(vq, info["tokens"][:1], height, width)
             ctx.progress(done, total, preview)
 
-        ids = generate(model, prefix, height, width, cfg_scale=cfg, schedule=guidance_schedule,
-                       temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                       fixed=None if grid is None else grid.to(ctx.device), callback=on_token)
+        ids = generate(
+            model,
+            prefix,
+            height,
+            width,
+            cfg_scale=cfg,
+            schedule=guidance_schedule,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            fixed=None if grid is None else grid.to(ctx.device),
+            callback=on_token,
+        )
         return (TokenGrid(ids.cpu()),)
 
 
@@ -224,6 +260,7 @@ class TokenRegion(Node):
     )
     outputs = (Output("tokens", "TOKENS"),)
 
-    def execute(self, ctx: ExecutionContext, tokens: TokenGrid, x: int, y: int, width: int, height: int,
-                keep: str):
+    def execute(
+        self, ctx: ExecutionContext, tokens: TokenGrid, x: int, y: int, width: int, height: int, keep: str
+    ):
         return (tokens.fix_region(y, x, height, width, inside=keep == "inside"),)

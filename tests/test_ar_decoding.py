@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tessera.engines.ar_decoding import (
     condition_prefix,
     decode_one_token,
@@ -23,9 +22,17 @@ VOCAB = 40
 
 
 def tiny_gpt(caption: bool, seed: int = 0) -> GPT:
-    cfg = GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=96, vocab_size=VOCAB,
-                    num_classes=0 if caption else 10, caption_dim=24 if caption else 0,
-                    cls_token_num=6 if caption else 1)
+    cfg = GPTConfig(
+        dim=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        ffn_hidden=96,
+        vocab_size=VOCAB,
+        num_classes=0 if caption else 10,
+        caption_dim=24 if caption else 0,
+        cls_token_num=6 if caption else 1,
+    )
     torch.manual_seed(seed)
     model = GPT(cfg)
     with torch.no_grad():
@@ -86,8 +93,11 @@ def test_batched_cfg_mixes_separate_cond_and_uncond_logits():
 def test_text_padding_content_does_not_change_logits():
     model = tiny_gpt(True)
     cond = text(2)
-    noisy = Conditioning(torch.where(cond.mask[..., None], cond.tokens, torch.randn_like(cond.tokens) * 9),
-                         cond.pooled, cond.mask)
+    noisy = Conditioning(
+        torch.where(cond.mask[..., None], cond.tokens, torch.randn_like(cond.tokens) * 9),
+        cond.pooled,
+        cond.mask,
+    )
     outs = []
     for c in (cond, noisy):
         torch.manual_seed(0)
@@ -101,14 +111,25 @@ def test_top_k_1_is_greedy_argmax_of_guided_logits(schedule):
     model = tiny_gpt(True)
     prefix = make_prefix(model, 2)
     gh, gw = 2, 3
-    out = generate(model, prefix, gh, gw, cfg_scale=5.0, schedule=schedule, temperature=1.0, top_k=1,
-                   generator=torch.Generator().manual_seed(3))
+    out = generate(
+        model,
+        prefix,
+        gh,
+        gw,
+        cfg_scale=5.0,
+        schedule=schedule,
+        temperature=1.0,
+        top_k=1,
+        generator=torch.Generator().manual_seed(3),
+    )
     scales = guidance_scales(schedule, 5.0, gh * gw)
     ids = torch.zeros(2, 0, dtype=torch.long)
     with torch.inference_mode():
         model.setup_caches(4, gh, gw, prefix.key_valid, allocate_kv=False)
         for i in range(gh * gw):
-            ids = torch.cat([ids, recompute_logits(model, prefix, ids, scales[i]).argmax(-1, keepdim=True)], 1)
+            ids = torch.cat(
+                [ids, recompute_logits(model, prefix, ids, scales[i]).argmax(-1, keepdim=True)], 1
+            )
         model.clear_caches()
     assert torch.equal(out.reshape(2, -1), ids)
 
@@ -118,8 +139,9 @@ def test_seed_reproduces_and_different_seeds_differ():
     prefix = make_prefix(model, 2)
 
     def run(seed: int) -> torch.Tensor:
-        return generate(model, prefix, 4, 4, cfg_scale=2.0, temperature=1.5,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model, prefix, 4, 4, cfg_scale=2.0, temperature=1.5, generator=torch.Generator().manual_seed(seed)
+        )
 
     a, b, c = run(7), run(7), run(8)
     assert torch.equal(a, b)
@@ -134,8 +156,16 @@ def test_fixed_tokens_stay_fixed_anywhere_in_the_grid():
     ids = torch.randint(0, VOCAB, (2, 4, 4), generator=g)
     fixed = torch.rand(2, 4, 4, generator=g) < 0.4
     fixed[:, 0, 0] = False  # the first token is sampled: nothing is prefilled, all forcing is per token
-    out = generate(model, prefix, 4, 4, cfg_scale=3.0, temperature=2.0, fixed=TokenGrid(ids, fixed),
-                   generator=torch.Generator().manual_seed(1))
+    out = generate(
+        model,
+        prefix,
+        4,
+        4,
+        cfg_scale=3.0,
+        temperature=2.0,
+        fixed=TokenGrid(ids, fixed),
+        generator=torch.Generator().manual_seed(1),
+    )
     assert torch.equal(out[fixed], ids[fixed])
     assert not torch.equal(out[~fixed], ids[~fixed])
 
@@ -156,14 +186,22 @@ def test_prefilled_fixed_rows_match_forcing_token_by_token():
 def test_fully_fixed_grid_is_returned_unchanged():
     model = tiny_gpt(False)
     ids = torch.randint(0, VOCAB, (1, 2, 2))
-    out = generate(model, make_prefix(model, 1), 2, 2, fixed=TokenGrid(ids, torch.ones(1, 2, 2, dtype=torch.bool)))
+    out = generate(
+        model, make_prefix(model, 1), 2, 2, fixed=TokenGrid(ids, torch.ones(1, 2, 2, dtype=torch.bool))
+    )
     assert torch.equal(out, ids)
 
 
 def test_callback_reports_every_token_and_its_exception_propagates():
     model = tiny_gpt(False)
     seen = []
-    generate(model, make_prefix(model, 1), 2, 3, callback=lambda d: seen.append((d["i"], d["total"], d["tokens"].shape)))
+    generate(
+        model,
+        make_prefix(model, 1),
+        2,
+        3,
+        callback=lambda d: seen.append((d["i"], d["total"], d["tokens"].shape)),
+    )
     assert seen == [(i, 6, (1, i + 1)) for i in range(6)]
 
     class Stop(Exception):

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import tessera.nodes.autoregressive as ar_nodes
+import tessera.nodes.image as image_nodes
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-
-import tessera.nodes.autoregressive as ar_nodes
-import tessera.nodes.image as image_nodes
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.gpt import GPT, GPTConfig, gpt_config_metadata
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQConfig, VQModel, vq_config_metadata
+
 from tessera.executor import Executor
 from tessera.node import NodeError
 from tessera.registry import NodeRegistry
@@ -27,9 +27,17 @@ def _randomize(module: torch.nn.Module, std: float) -> None:
 
 
 def _save_gpt(path, caption: bool) -> None:
-    cfg = GPTConfig(dim=64, n_layer=2, n_head=4, n_kv_head=4, ffn_hidden=128, vocab_size=CODES,
-                    num_classes=0 if caption else 10, caption_dim=16 if caption else 0,
-                    cls_token_num=4 if caption else 1)
+    cfg = GPTConfig(
+        dim=64,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=4,
+        ffn_hidden=128,
+        vocab_size=CODES,
+        num_classes=0 if caption else 10,
+        caption_dim=16 if caption else 0,
+        cls_token_num=4 if caption else 1,
+    )
     torch.manual_seed(1)
     model = GPT(cfg)
     _randomize(model, 0.3)
@@ -45,11 +53,20 @@ def models_dir(tmp_path_factory):
     (root / "vq_models").mkdir()
     _save_gpt(root / "ar_models" / "tiny_c2i.safetensors", caption=False)
     _save_gpt(root / "ar_models" / "tiny_t2i.safetensors", caption=True)
-    cfg = VQConfig(channels=32, ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, z_channels=16,
-                   codebook_size=CODES, codebook_dim=8)
+    cfg = VQConfig(
+        channels=32,
+        ch_mult=[1, 2],
+        decoder_ch_mult=[1, 2],
+        num_res_blocks=1,
+        z_channels=16,
+        codebook_size=CODES,
+        codebook_dim=8,
+    )
     torch.manual_seed(2)
     vq = VQModel(cfg)
-    save_file(vq.state_dict(), str(root / "vq_models" / "tiny_vq.safetensors"), metadata=vq_config_metadata(cfg))
+    save_file(
+        vq.state_dict(), str(root / "vq_models" / "tiny_vq.safetensors"), metadata=vq_config_metadata(cfg)
+    )
     (root / "ar_models" / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     return root
 
@@ -72,10 +89,25 @@ def generation_workflow(seed: int = 3, model: str = "tiny_c2i.safetensors") -> d
         "nodes": {
             "gpt": {"type": "LoadARModel", "inputs": {"model_name": model}},
             "vq": {"type": "LoadVQModel", "inputs": {"model_name": "tiny_vq.safetensors"}},
-            "gen": {"type": "ARGenerateTokens", "inputs": {
-                "model": link("gpt", "model"), "vq": link("vq", "vq"), "class_id": 4, "width": 4, "height": 3,
-                "batch_size": 2, "cfg": 3.0, "seed": seed, "preview_every": 4, "top_k": 0}},
-            "decode": {"type": "VQDecode", "inputs": {"vq": link("vq", "vq"), "tokens": link("gen", "tokens")}},
+            "gen": {
+                "type": "ARGenerateTokens",
+                "inputs": {
+                    "model": link("gpt", "model"),
+                    "vq": link("vq", "vq"),
+                    "class_id": 4,
+                    "width": 4,
+                    "height": 3,
+                    "batch_size": 2,
+                    "cfg": 3.0,
+                    "seed": seed,
+                    "preview_every": 4,
+                    "top_k": 0,
+                },
+            },
+            "decode": {
+                "type": "VQDecode",
+                "inputs": {"vq": link("vq", "vq"), "tokens": link("gen", "tokens")},
+            },
             "show": {"type": "PreviewImage", "inputs": {"images": link("decode", "image")}},
         },
     }
@@ -100,8 +132,19 @@ def test_generated_tokens_reproduce_by_seed_and_decode_to_images(executor, model
     gpt = ar_nodes.LoadARModel().execute(ctx, "tiny_c2i.safetensors")[0]
     vq = ar_nodes.LoadVQModel().execute(ctx, "tiny_vq.safetensors")[0]
     gen = ar_nodes.ARGenerateTokens()
-    args = dict(model=gpt, class_id=1, width=3, height=3, batch_size=1, cfg=2.0, guidance_schedule="linear",
-                temperature=1.0, top_k=0, top_p=0.9, preview_every=0)
+    args = {
+        "model": gpt,
+        "class_id": 1,
+        "width": 3,
+        "height": 3,
+        "batch_size": 1,
+        "cfg": 2.0,
+        "guidance_schedule": "linear",
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 0.9,
+        "preview_every": 0,
+    }
     a, b, c = (gen.execute(ctx, seed=s, **args)[0] for s in (5, 5, 6))
     assert isinstance(a, TokenGrid) and a.ids.shape == (1, 3, 3)
     assert torch.equal(a.ids, b.ids) and not torch.equal(a.ids, c.ids)
@@ -120,9 +163,24 @@ def test_token_space_outpainting_keeps_the_tokenized_top(executor):
     assert top.fixed[0, :2].all() and not top.fixed[0, 2:].any()
     text = Conditioning(torch.randn(1, 6, 16), torch.zeros(1, 4), torch.ones(1, 6, dtype=torch.bool))
     out = ar_nodes.ARGenerateTokens().execute(
-        ctx, model=gpt, positive=text, negative=None, class_id=0, width=4, height=6, batch_size=2, cfg=4.0,
-        guidance_schedule="constant", temperature=1.5, top_k=0, top_p=1.0, seed=1, fixed=top, vq=vq,
-        preview_every=0)[0]
+        ctx,
+        model=gpt,
+        positive=text,
+        negative=None,
+        class_id=0,
+        width=4,
+        height=6,
+        batch_size=2,
+        cfg=4.0,
+        guidance_schedule="constant",
+        temperature=1.5,
+        top_k=0,
+        top_p=1.0,
+        seed=1,
+        fixed=top,
+        vq=vq,
+        preview_every=0,
+    )[0]
     assert out.ids.shape == (2, 6, 4)
     assert torch.equal(out.ids[:, :2], tokens.ids[:, :2].expand(2, -1, -1))
     assert not torch.equal(out.ids[0, 2:], out.ids[1, 2:])
@@ -134,8 +192,19 @@ def test_token_space_outpainting_keeps_the_tokenized_top(executor):
 def test_node_errors_name_the_input(executor):
     ctx = executor.context("n")
     t2i = ar_nodes.LoadARModel().execute(ctx, "tiny_t2i.safetensors")[0]
-    args = dict(class_id=0, width=2, height=2, batch_size=1, cfg=1.0, guidance_schedule="constant",
-                temperature=1.0, top_k=0, top_p=1.0, seed=0, preview_every=0)
+    args = {
+        "class_id": 0,
+        "width": 2,
+        "height": 2,
+        "batch_size": 1,
+        "cfg": 1.0,
+        "guidance_schedule": "constant",
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "seed": 0,
+        "preview_every": 0,
+    }
     with pytest.raises(NodeError, match="positive") as e:
         ar_nodes.ARGenerateTokens().execute(ctx, model=t2i, **args)
     assert e.value.input == "positive"

@@ -7,14 +7,22 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.gpt import apply_rope, infer_gpt_config, load_gpt, rope_2d
 
 
-def llamagen_gpt_shapes(dim: int, n_layer: int, n_head: int, n_kv_head: int, hidden: int, vocab: int,
-                        num_classes: int = 0, caption_dim: int = 0, cls_tokens: int = 120) -> dict:
+def llamagen_gpt_shapes(
+    dim: int,
+    n_layer: int,
+    n_head: int,
+    n_kv_head: int,
+    hidden: int,
+    vocab: int,
+    num_classes: int = 0,
+    caption_dim: int = 0,
+    cls_tokens: int = 120,
+) -> dict:
     """Key -> shape of LlamaGen's autoregressive/models/gpt.py Transformer, written out by hand."""
     hd = dim // n_head
     shapes = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
@@ -59,9 +67,25 @@ def test_caption_model_with_gqa_loads_from_metadata_and_projects_text(tmp_path):
     shapes = llamagen_gpt_shapes(96, 2, 6, 2, 256, 40, caption_dim=32, cls_tokens=5)
     sd = random_sd(shapes)
     path = tmp_path / "t2i.safetensors"
-    save_file(sd, str(path), metadata={"tessera.config": json.dumps(
-        {"dim": 96, "n_layer": 2, "n_head": 6, "n_kv_head": 2, "ffn_hidden": 256, "vocab_size": 40,
-         "num_classes": 0, "caption_dim": 32, "cls_token_num": 5})})
+    save_file(
+        sd,
+        str(path),
+        metadata={
+            "tessera.config": json.dumps(
+                {
+                    "dim": 96,
+                    "n_layer": 2,
+                    "n_head": 6,
+                    "n_kv_head": 2,
+                    "ffn_hidden": 256,
+                    "vocab_size": 40,
+                    "num_classes": 0,
+                    "caption_dim": 32,
+                    "cls_token_num": 5,
+                }
+            )
+        },
+    )
     model = load_gpt(path)
     assert (model.config.n_head, model.config.n_kv_head, model.config.cls_token_num) == (6, 2, 5)
     # without metadata the heads come from dim // 64 = 1 here: kv heads 2/6 of that does not fit
@@ -69,7 +93,9 @@ def test_caption_model_with_gqa_loads_from_metadata_and_projects_text(tmp_path):
     with pytest.raises(CheckpointError, match="plain.safetensors.*cannot size"):
         load_gpt(tmp_path / "plain.safetensors")
 
-    cond = Conditioning(torch.randn(1, 7, 32), torch.zeros(1, 4), torch.tensor([[1, 1, 0, 1, 1, 1, 1]]).bool())
+    cond = Conditioning(
+        torch.randn(1, 7, 32), torch.zeros(1, 4), torch.tensor([[1, 1, 0, 1, 1, 1, 1]]).bool()
+    )
     feats, valid = model.caption_features(cond)
     assert valid.tolist() == [[True] * 5]  # six real tokens truncated to five
     assert torch.equal(feats[0], cond.tokens[0, [0, 1, 3, 4, 5]])
@@ -78,17 +104,21 @@ def test_caption_model_with_gqa_loads_from_metadata_and_projects_text(tmp_path):
     assert valid.tolist() == [[False, False, False, True, True]]  # left padding, as LlamaGen
     assert torch.equal(feats[0, 3:], short.tokens[0, :2])
     with pytest.raises(ValueError, match="expects 32"):
-        model.caption_features(Conditioning(torch.randn(1, 3, 16), torch.zeros(1, 4), torch.ones(1, 3).bool()))
+        model.caption_features(
+            Conditioning(torch.randn(1, 3, 16), torch.zeros(1, 4), torch.ones(1, 3).bool())
+        )
 
 
 def test_head_count_follows_llamagen_sizes_by_width():
     def meta_sd(dim, hidden, kv_rows):
         m = "meta"
-        return {"tok_embeddings.weight": torch.empty(16384, dim, device=m),
-                "layers.0.attention.wqkv.weight": torch.empty(kv_rows, dim, device=m),
-                "layers.35.attention.wo.weight": torch.empty(dim, dim, device=m),
-                "layers.0.feed_forward.w1.weight": torch.empty(hidden, dim, device=m),
-                "cls_embedding.embedding_table.weight": torch.empty(1001, dim, device=m)}
+        return {
+            "tok_embeddings.weight": torch.empty(16384, dim, device=m),
+            "layers.0.attention.wqkv.weight": torch.empty(kv_rows, dim, device=m),
+            "layers.35.attention.wo.weight": torch.empty(dim, dim, device=m),
+            "layers.0.feed_forward.w1.weight": torch.empty(hidden, dim, device=m),
+            "cls_embedding.embedding_table.weight": torch.empty(1001, dim, device=m),
+        }
 
     xl = infer_gpt_config(meta_sd(1280, 3584, 3 * 1280))
     assert (xl.n_head, xl.n_kv_head, xl.n_layer, xl.num_classes, xl.cls_token_num) == (20, 20, 36, 1000, 1)
@@ -121,7 +151,9 @@ def test_bad_gpt_files_name_file_and_key(tmp_path):
     with pytest.raises(CheckpointError, match="junk.safetensors"):
         load_gpt(tmp_path / "junk.safetensors")
 
-    extra = dict(sd, **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1), "lm_head.bias": torch.zeros(3)})
+    extra = dict(
+        sd, **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1), "lm_head.bias": torch.zeros(3)}
+    )
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(CheckpointError, match=r"extra.safetensors, key 'lm_head.bias'.*unexpected"):
         load_gpt(tmp_path / "extra.safetensors")

@@ -13,15 +13,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.vq import VQConfig, VQModel, load_vq, vq_config_metadata
 
 
 def _res(shapes: dict, p: str, cin: int, cout: int) -> None:
-    shapes.update({p + "norm1.weight": (cin,), p + "norm1.bias": (cin,), p + "conv1.weight": (cout, cin, 3, 3),
-                   p + "conv1.bias": (cout,), p + "norm2.weight": (cout,), p + "norm2.bias": (cout,),
-                   p + "conv2.weight": (cout, cout, 3, 3), p + "conv2.bias": (cout,)})
+    shapes.update(
+        {
+            p + "norm1.weight": (cin,),
+            p + "norm1.bias": (cin,),
+            p + "conv1.weight": (cout, cin, 3, 3),
+            p + "conv1.bias": (cout,),
+            p + "norm2.weight": (cout,),
+            p + "norm2.bias": (cout,),
+            p + "conv2.weight": (cout, cout, 3, 3),
+            p + "conv2.bias": (cout,),
+        }
+    )
     if cin != cout:
         shapes.update({p + "nin_shortcut.weight": (cout, cin, 1, 1), p + "nin_shortcut.bias": (cout,)})
 
@@ -32,8 +40,9 @@ def _attn(shapes: dict, p: str, c: int) -> None:
         shapes.update({p + n + ".weight": (c, c, 1, 1), p + n + ".bias": (c,)})
 
 
-def llamagen_vq_shapes(ch: int, enc_mult: list[int], dec_mult: list[int], n_res: int, z: int, n_codes: int,
-                       code_dim: int) -> dict:
+def llamagen_vq_shapes(
+    ch: int, enc_mult: list[int], dec_mult: list[int], n_res: int, z: int, n_codes: int, code_dim: int
+) -> dict:
     """Key -> shape of LlamaGen's tokenizer/tokenizer_image/vq_model.py VQModel, written out by hand."""
     s: dict = {"encoder.conv_in.weight": (ch, 3, 3, 3), "encoder.conv_in.bias": (ch,)}
     n = len(enc_mult)
@@ -50,11 +59,20 @@ def llamagen_vq_shapes(ch: int, enc_mult: list[int], dec_mult: list[int], n_res:
     _res(s, "encoder.mid.0.", cin, cin)
     _attn(s, "encoder.mid.1.", cin)
     _res(s, "encoder.mid.2.", cin, cin)
-    s.update({"encoder.norm_out.weight": (cin,), "encoder.norm_out.bias": (cin,),
-              "encoder.conv_out.weight": (z, cin, 3, 3), "encoder.conv_out.bias": (z,),
-              "quant_conv.weight": (code_dim, z, 1, 1), "quant_conv.bias": (code_dim,),
-              "post_quant_conv.weight": (z, code_dim, 1, 1), "post_quant_conv.bias": (z,),
-              "quantize.embedding.weight": (n_codes, code_dim), "quantize.codebook_used": (65536,)})
+    s.update(
+        {
+            "encoder.norm_out.weight": (cin,),
+            "encoder.norm_out.bias": (cin,),
+            "encoder.conv_out.weight": (z, cin, 3, 3),
+            "encoder.conv_out.bias": (z,),
+            "quant_conv.weight": (code_dim, z, 1, 1),
+            "quant_conv.bias": (code_dim,),
+            "post_quant_conv.weight": (z, code_dim, 1, 1),
+            "post_quant_conv.bias": (z,),
+            "quantize.embedding.weight": (n_codes, code_dim),
+            "quantize.codebook_used": (65536,),
+        }
+    )
     c = ch * dec_mult[-1]
     s.update({"decoder.conv_in.weight": (c, z, 3, 3), "decoder.conv_in.bias": (c,)})
     _res(s, "decoder.mid.0.", c, c)
@@ -69,8 +87,14 @@ def llamagen_vq_shapes(ch: int, enc_mult: list[int], dec_mult: list[int], n_res:
         if i != 0:
             s[f"decoder.conv_blocks.{j}.upsample.conv.weight"] = (c, c, 3, 3)
             s[f"decoder.conv_blocks.{j}.upsample.conv.bias"] = (c,)
-    s.update({"decoder.norm_out.weight": (c,), "decoder.norm_out.bias": (c,),
-              "decoder.conv_out.weight": (3, c, 3, 3), "decoder.conv_out.bias": (3,)})
+    s.update(
+        {
+            "decoder.norm_out.weight": (c,),
+            "decoder.norm_out.bias": (c,),
+            "decoder.conv_out.weight": (3, c, 3, 3),
+            "decoder.conv_out.bias": (3,),
+        }
+    )
     return s
 
 
@@ -92,7 +116,13 @@ def test_llamagen_layout_loads_and_reproduces_config(vq_file):
     vq = load_vq(path)
     c = vq.config
     assert (c.channels, c.ch_mult, c.decoder_ch_mult, c.num_res_blocks) == (32, [1, 2, 2], [1, 1, 2], 1)
-    assert (c.z_channels, c.codebook_size, c.codebook_dim, c.attn_deepest, c.downsample) == (16, 64, 8, True, 4)
+    assert (c.z_channels, c.codebook_size, c.codebook_dim, c.attn_deepest, c.downsample) == (
+        16,
+        64,
+        8,
+        True,
+        4,
+    )
     own = vq.state_dict()
     assert set(own) == set(sd) - {"quantize.codebook_used"}
     for k, v in own.items():
@@ -145,8 +175,17 @@ def test_partial_decode_is_grey_where_unknown(vq_file):
 
 
 def test_metadata_config_wins_over_inference(tmp_path):
-    cfg = VQConfig(channels=16, ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
-                   codebook_size=32, codebook_dim=4, codebook_l2_norm=False, norm_groups=8)
+    cfg = VQConfig(
+        channels=16,
+        ch_mult=[1, 2],
+        decoder_ch_mult=[1, 2],
+        num_res_blocks=1,
+        z_channels=8,
+        codebook_size=32,
+        codebook_dim=4,
+        codebook_l2_norm=False,
+        norm_groups=8,
+    )
     torch.manual_seed(0)
     model = VQModel(cfg)
     save_file(model.state_dict(), str(tmp_path / "m.safetensors"), metadata=vq_config_metadata(cfg))
@@ -161,7 +200,9 @@ def test_bad_vq_files_name_file_and_key(tmp_path, vq_file):
     sd = dict(vq_file[1])
     del sd["decoder.conv_blocks.1.upsample.conv.bias"]
     save_file(sd, str(tmp_path / "cut.safetensors"))
-    with pytest.raises(CheckpointError, match=r"cut.safetensors, key 'decoder.conv_blocks.1.upsample.conv.bias'"):
+    with pytest.raises(
+        CheckpointError, match=r"cut.safetensors, key 'decoder.conv_blocks.1.upsample.conv.bias'"
+    ):
         load_vq(tmp_path / "cut.safetensors")
     sd = dict(vq_file[1], **{"post_quant_conv.weight": torch.zeros(16, 4, 1, 1)})
     save_file(sd, str(tmp_path / "shape.safetensors"))
