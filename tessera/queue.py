@@ -133,7 +133,8 @@ class PromptWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._running: str | None = None
-        self._interrupt = threading.Event()
+        self._interrupted: str | None = None
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="tessera-worker", daemon=True)
 
     def start(self) -> None:
@@ -142,7 +143,6 @@ class PromptWorker:
 
     def stop(self) -> None:
         self._stop.set()
-        self._interrupt.set()
         self._wake.set()
         self._thread.join(timeout=30)
 
@@ -154,11 +154,16 @@ class PromptWorker:
         return self._running
 
     def interrupt(self, prompt_id: str | None = None) -> str | None:
-        """Interrupt the running prompt (only if it is `prompt_id`, when given)."""
-        running = self._running
-        if running is None or (prompt_id is not None and prompt_id != running):
-            return None
-        self._interrupt.set()
+        """Interrupt the running prompt (only if it is `prompt_id`, when given).
+
+        The request names the prompt it saw running, so one that lands just as that prompt
+        ends cannot interrupt the next.
+        """
+        with self._lock:
+            running = self._running
+            if running is None or (prompt_id is not None and prompt_id != running):
+                return None
+            self._interrupted = running
         return running
 
     def _loop(self) -> None:
@@ -173,8 +178,8 @@ class PromptWorker:
 
     def _run(self, item: dict) -> None:
         prompt_id = item["prompt_id"]
-        self._interrupt.clear()
-        self._running = prompt_id
+        with self._lock:
+            self._running = prompt_id
         self.emit("status", {"queue_remaining": self.store.remaining()})
         # The event that ends a prompt is sent once its history entry is stored, so a client
         # that fetches /api/history/{id} on that event finds the finished entry.
@@ -187,7 +192,8 @@ class PromptWorker:
                 self.emit(kind, data)
 
         try:
-            result = self.executor.run(item["workflow"], prompt_id, emit, self._interrupt.is_set)
+            stop_now = lambda: self._stop.is_set() or self._interrupted == prompt_id  # noqa: E731
+            result = self.executor.run(item["workflow"], prompt_id, emit, stop_now)
         except Exception as e:  # a bug in the runtime itself: record it, keep serving
             error = {"node": None, "node_type": None, "input": None, "message": repr(e)}
             self.store.finish(prompt_id, "error", {}, [error], {}, [])
@@ -197,7 +203,8 @@ class PromptWorker:
                 return  # shutting down: left 'running', so it is run again at the next start
             self.store.finish(prompt_id, result.status, result.outputs, result.errors, result.timings, result.cached)
         finally:
-            self._running = None
+            with self._lock:
+                self._running = None
             for kind, data in final:
                 self.emit(kind, data)
         self.emit("status", {"queue_remaining": self.store.remaining()})

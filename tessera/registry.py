@@ -57,7 +57,7 @@ class NodeRegistry:
                 self.register_module(module)
             elif callable(module):  # an entry point may name a register(registry) function
                 module(self)
-        except Exception:
+        except (Exception, SystemExit):  # a pack calling sys.exit() must not stop the server either
             self.failed_packs[name] = traceback.format_exc(limit=3)
 
     def load_builtins(self) -> None:

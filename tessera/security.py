@@ -27,6 +27,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _bearer(header: str) -> str:
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
 class RequestGuard:
     def __init__(self, host: str, port: int, token: str | None):
         self.port = port
@@ -50,7 +55,7 @@ class RequestGuard:
         if self.token is None:
             return True
         given = (
-            request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            _bearer(request.headers.get("Authorization", ""))
             or request.query.get("token", "")
             or request.cookies.get(TOKEN_COOKIE, "")
         )

@@ -290,7 +290,10 @@ class TesseraServer:
         path = self._workflow_path(request)
         if not path.is_file():
             return error("no such workflow", 404)
-        return web.json_response(json.loads(path.read_text()))
+        try:
+            return web.json_response(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error(f"saved workflow '{path.stem}' is not valid JSON ({e}); PUT a new version to replace it", 422)
 
     async def workflow_put(self, request):
         path = self._workflow_path(request)

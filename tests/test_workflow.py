@@ -150,6 +150,7 @@ def test_broken_custom_node_pack_is_reported_by_name_and_skipped(tmp_path):
         "class Answer(Node):\n    outputs = (Output('value', 'INT'),)\n    def execute(self, ctx):\n        return (42,)\n"
     )
     (tmp_path / "broken.py").write_text("raise RuntimeError('this pack is broken')\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(3)\n")
     pack = tmp_path / "folder_pack"
     pack.mkdir()
     (pack / "__init__.py").write_text("from .impl import *\n")
@@ -159,7 +160,7 @@ def test_broken_custom_node_pack_is_reported_by_name_and_skipped(tmp_path):
     )
     registry = default_registry(tmp_path)
     assert "Answer" in registry.nodes and "Other" in registry.nodes and "SaveImage" in registry.nodes
-    assert list(registry.failed_packs) == ["custom_nodes/broken.py"]
+    assert sorted(registry.failed_packs) == ["custom_nodes/broken.py", "custom_nodes/exits.py"]
     assert "this pack is broken" in registry.failed_packs["custom_nodes/broken.py"]
 
 
