@@ -348,20 +348,17 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 def infer_gpt_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> GPTConfig:
-    """A `GPTConfig` from `tessera.config` metadata if present, else from tensor shapes.
+    """A `GPTConfig` from tensor shapes, then overridden by any `tessera.config` metadata.
 
-    Head count is not visible in the shapes, so it comes from LlamaGen's size table
-    by width (else dim // 64); kv heads then follow from the `wqkv` rows.
+    Head count is not visible in the shapes, so it comes from metadata, else LlamaGen's
+    size table by width (else dim // 64); kv heads then follow from the `wqkv` rows.
     """
-    if metadata and "tessera.config" in metadata:
-        raw = json.loads(metadata["tessera.config"])
-        cfg = GPTConfig(**{k: v for k, v in raw.items() if k in GPTConfig.__dataclass_fields__})
-        if "n_kv_head" not in raw:
-            cfg.n_kv_head = cfg.n_head
-        return cfg
+    raw = json.loads(metadata["tessera.config"]) if metadata and "tessera.config" in metadata else {}
+    if not isinstance(raw, dict):
+        raise TypeError("metadata 'tessera.config' is not a JSON object")
     vocab, dim = sd["tok_embeddings.weight"].shape
     n_layer = 1 + max(int(m.group(1)) for k in sd if (m := _LAYER.match(k)))
-    n_head = LLAMAGEN_HEADS.get(dim, max(1, dim // 64))
+    n_head = int(raw.get("n_head", LLAMAGEN_HEADS.get(dim, max(1, dim // 64))))
     head_dim = dim // n_head
     qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
     n_kv_head = (qkv_rows - dim) // (2 * head_dim)
@@ -382,6 +379,9 @@ def infer_gpt_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     elif "cls_embedding.embedding_table.weight" in sd:
         cfg.num_classes = sd["cls_embedding.embedding_table.weight"].shape[0] - 1
         cfg.cls_token_num = 1
+    for key, value in raw.items():
+        if key in GPTConfig.__dataclass_fields__:
+            setattr(cfg, key, value)
     return cfg
 
 
@@ -400,7 +400,7 @@ def gpt_from_state_dict(
         )
     try:
         cfg = infer_gpt_config(sd, metadata)
-        if cfg.dim % cfg.n_head or cfg.n_kv_head <= 0 or cfg.n_head % cfg.n_kv_head:
+        if cfg.dim % cfg.n_head or cfg.head_dim % 4 or cfg.n_kv_head <= 0 or cfg.n_head % cfg.n_kv_head:
             raise ValueError(f"dim {cfg.dim}, {cfg.n_head} heads and {cfg.n_kv_head} kv heads do not fit")
         model = GPT(cfg)
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:

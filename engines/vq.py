@@ -267,14 +267,14 @@ _LEVEL = re.compile(r"^(encoder|decoder)\.conv_blocks\.(\d+)\.res\.(\d+)\.conv1\
 
 
 def infer_vq_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> VQConfig:
-    """A `VQConfig` from `tessera.config` metadata if present, else from tensor shapes.
+    """A `VQConfig` from tensor shapes, then overridden by any `tessera.config` metadata.
 
     Shapes give every size except the l2 normalisation and the GroupNorm group count,
-    which take LlamaGen's values (True, 32).
+    which take LlamaGen's values (True, 32) unless the metadata says otherwise.
     """
-    if metadata and "tessera.config" in metadata:
-        known = set(VQConfig.__dataclass_fields__)
-        return VQConfig(**{k: v for k, v in json.loads(metadata["tessera.config"]).items() if k in known})
+    raw = json.loads(metadata["tessera.config"]) if metadata and "tessera.config" in metadata else {}
+    if not isinstance(raw, dict):
+        raise TypeError("metadata 'tessera.config' is not a JSON object")
     res: dict[str, dict[int, int]] = {"encoder": {}, "decoder": {}}
     out_ch: dict[str, dict[int, int]] = {"encoder": {}, "decoder": {}}
     for key, t in sd.items():
@@ -290,7 +290,7 @@ def infer_vq_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
     ch_mult = [out_ch["encoder"][i] // ch for i in range(n_enc)]
     dec_mult = [out_ch["decoder"][n_dec - 1 - i] // ch for i in range(n_dec)]
     emb = sd["quantize.embedding.weight"]
-    return VQConfig(
+    cfg = VQConfig(
         in_channels=conv_in.shape[1],
         channels=ch,
         ch_mult=ch_mult,
@@ -301,6 +301,10 @@ def infer_vq_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
         codebook_size=emb.shape[0],
         codebook_dim=emb.shape[1],
     )
+    for key, value in raw.items():
+        if key in VQConfig.__dataclass_fields__:
+            setattr(cfg, key, value)
+    return cfg
 
 
 # Buffers LlamaGen checkpoints may carry that inference does not use.
