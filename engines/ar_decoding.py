@@ -206,8 +206,8 @@ def decode_n_tokens(
     """Fill seq[:, start:] one token at a time. `logits` predict position `start`;
     `step(token [B,1], i)` feeds the token at grid position i and returns logits for i+1.
 
-    A token is drawn at every position (so the generator advances the same way whatever is
-    fixed) and then replaced by the forced id where `forced` is set.
+    A token is drawn at every decoded position, fixed or not, so which positions are fixed
+    does not shift the random stream of the others; the forced id then replaces it.
     """
     n = seq.shape[1]
     for i in range(start, n):
