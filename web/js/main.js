@@ -124,6 +124,7 @@ class App {
     this.graph.add(node);
     this.canvas.selectNode(node);
     this.changed();
+    this.drawNow();
     return node;
   }
 
@@ -144,6 +145,7 @@ class App {
     for (const warning of warnings.slice(0, 3)) toast(warning, "warn");
     this.workflows.setName(name);
     this.changed();
+    this.drawNow();
     return true;
   }
 
@@ -153,6 +155,12 @@ class App {
     workflowToGraph(JSON.parse(state), this.graph, null);
     for (const node of this.graph._nodes) if (images.get(node.id)?.length) node.images = images.get(node.id);
     this.saveSession();
+    this.drawNow();
+  }
+
+  /** Renders a frame now: litegraph finds nodes under the pointer by the areas of the last frame. */
+  drawNow() {
+    this.canvas.draw(true, true);
   }
 
   /** Call after any edit: records an undo step and the session copy. */
@@ -248,9 +256,12 @@ class App {
       save: () => this.workflows.save(),
       forwardToCanvas: (e) => this.canvas.processKey(e),
     });
-    // Snapshot after each gesture; litegraph changes the graph in place.
+    // Undo snapshots: litegraph changes the graph in place, so the state is compared after
+    // each gesture (a timer, as litegraph acts after this listener) and, because timers can
+    // lag behind fast input, again synchronously when the next gesture starts.
     // (capture phase: the canvas stops the propagation of the events it handles)
     for (const type of ["pointerup", "keyup"]) window.addEventListener(type, () => setTimeout(() => this.changed(), 0), true);
+    for (const type of ["pointerdown", "keydown"]) window.addEventListener(type, () => this.undo.check(), true);
     this.canvasEl.addEventListener("wheel", () => this.saveSession(), { passive: true });
     this.bindFileDrop();
   }
