@@ -242,17 +242,26 @@ class DoubleStreamBlock(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = self.img_mod(vec)
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(_modulate(img, img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(_modulate(txt, txt_shift1, txt_scale1))
-        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        out = _attend(q, k, v, pe, key_mask)
-        txt_out, img_out = out[:, : txt.shape[1]], out[:, txt.shape[1] :]
-
-        img = img + img_gate1 * self.img_attn.proj(img_out)
+        img_attn, txt_attn = self._attention(
+            _modulate(img, img_shift1, img_scale1), _modulate(txt, txt_shift1, txt_scale1), pe, key_mask
+        )
+        img = img + img_gate1 * img_attn
+        txt = txt + txt_gate1 * txt_attn
+        del img_attn, txt_attn
         img = _clip_fp16(img + img_gate2 * self.img_mlp(_modulate(img, img_shift2, img_scale2)))
-        txt = txt + txt_gate1 * self.txt_attn.proj(txt_out)
         txt = _clip_fp16(txt + txt_gate2 * self.txt_mlp(_modulate(txt, txt_shift2, txt_scale2)))
         return img, txt
+
+    def _attention(self, img: Tensor, txt: Tensor, pe, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Joint attention, projected per stream. A function of its own so that q, k, v and the
+        projections' inputs are freed before the MLPs run (they would otherwise set the peak)."""
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img)
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt)
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        del img_q, img_k, img_v, txt_q, txt_k, txt_v
+        out = _attend(q, k, v, pe, key_mask)
+        n = txt.shape[1]
+        return self.img_attn.proj(out[:, n:]), self.txt_attn.proj(out[:, :n])
 
 
 class SingleStreamBlock(nn.Module):
@@ -269,10 +278,18 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe, key_mask: Tensor | None) -> Tensor:
         ((shift, scale, gate),) = self.modulation(vec)
-        qkv, mlp = self.linear1(_modulate(x, shift, scale)).split([3 * self.dim, self.mlp_hidden], dim=-1)
-        q, k, v = _split_heads(qkv, self.heads)
+        return _clip_fp16(x + gate * self.linear2(self._mixed(_modulate(x, shift, scale), pe, key_mask)))
+
+    def _mixed(self, x: Tensor, pe, key_mask: Tensor | None) -> Tensor:
+        """[attention | gelu(mlp)] from one projection; its temporaries die before linear2 runs."""
+        h = self.linear1(x)
+        del x
+        q, k, v = _split_heads(h[..., : 3 * self.dim], self.heads)
         out = _attend(self.norm.query_norm(q), self.norm.key_norm(k), v, pe, key_mask)
-        return _clip_fp16(x + gate * self.linear2(torch.cat([out, F.gelu(mlp, approximate="tanh")], dim=-1)))
+        del q, k, v
+        act = F.gelu(h[..., 3 * self.dim :], approximate="tanh")
+        del h  # q, k, v and the MLP input share this buffer; free it before the concatenation
+        return torch.cat([out, act], dim=-1)
 
 
 class LastLayer(nn.Module):
