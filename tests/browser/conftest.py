@@ -171,7 +171,9 @@ def screens():
 
 
 def pytest_configure(config):
-    # Chromium must not try to reach the network; keep Playwright from downloading anything.
+    # Playwright uses Debian's Chromium; it must never download a browser of its own.
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    # pytest-playwright's own `base_url` fixture triggers this deprecation; not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:Session-scoped fixtures defined as instance methods")
 
 

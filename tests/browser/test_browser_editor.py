@@ -6,6 +6,7 @@ import base64
 import json
 import urllib.request
 
+import pytest
 from playwright.sync_api import Page, expect
 
 from canvas_driver import (
@@ -232,3 +233,39 @@ def test_upload_an_image_and_run_it(editor: Page):
     wait_for_node_image(page, load)
     run_and_wait(page)
     assert wait_for_node_image(page, save)[0]["w"] == 2
+
+
+def test_export_and_restore_from_history(editor: Page):
+    page = editor
+    solid, save = build_solid_to_save(page)
+    with page.expect_download() as download:
+        page.locator("#btn-export").click()
+    exported = json.loads(open(download.value.path()).read())
+    assert exported["version"] == 1
+    assert exported["nodes"][str(save)]["inputs"]["images"] == {"node": str(solid), "output": "image"}
+    assert exported["nodes"][str(solid)]["ui"]["title"] == "SolidColor"
+    assert "viewport" in exported["ui"]
+    run_and_wait(page)
+    prompt_id = page.evaluate("() => window.tessera.runState.results.at(-1).prompt_id")
+    page.locator("#btn-new").click()
+    page.locator(f'.history-item[data-prompt-id="{prompt_id}"]').get_by_role("button", name="Load workflow").click()
+    nodes = page.evaluate("() => window.tessera.workflow().nodes")
+    assert {v["type"] for v in nodes.values()} == {"SolidColor", "SaveImage"}
+
+
+def test_refresh_lists_new_model_files(editor: Page, editor_server):
+    page = editor
+    if "LoadVAE" not in page.evaluate("() => Object.keys(window.tessera.nodeInfos)"):
+        pytest.skip("LoadVAE is not available yet")
+    vae = drag_from_palette(page, "LoadVAE", *canvas_point(page, 0.3, 0.3))
+    folder = editor_server.models / "vae"
+    extra = folder / "another-vae.safetensors"
+    extra.write_bytes(next(folder.glob("*.safetensors")).read_bytes())
+    try:
+        page.locator("#btn-refresh-nodes").click()
+        expect(page.locator(".toast.ok").last).to_contain_text("refreshed")
+        page.mouse.click(*widget_point(page, vae, "file"))
+        expect(page.locator(".litecontextmenu .litemenu-entry", has_text="another-vae.safetensors")).to_be_visible()
+        page.keyboard.press("Escape")
+    finally:
+        extra.unlink()

@@ -88,7 +88,7 @@ function comboWidth(node) {
     if (w.type !== "combo" || !w.input) continue;
     const values = w.input.choices ?? [];
     const longest = Math.max(String(w.value ?? "").length, ...values.map((v) => String(v).length));
-    width = Math.max(width, Math.round((w.name.length + longest) * 6.5 + 64));
+    width = Math.max(width, (w.name.length + longest) * 7 + 64);
   }
   return Math.min(width, 380);
 }
