@@ -249,6 +249,7 @@ class TrainSettings:
     concept: str = "pink"
     fraction: float = 0.5  # share of new-concept scenes in a batch
     log_every: int = 25
+    bf16: bool = True  # autocast on CPU: 2-3x faster where the CPU has bf16 matrix units
 
 
 def _loop(
@@ -270,7 +271,8 @@ def _loop(
     g = torch.Generator().manual_seed(settings.seed)
     losses, started = [], time.perf_counter()
     for step in range(settings.steps):
-        loss = loss_at(step, g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            loss = loss_at(step, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -412,13 +414,16 @@ def _common(parser: argparse.ArgumentParser, defaults: TrainSettings) -> None:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--out", type=Path, help="output .safetensors")
 
 
 def _settings(args: argparse.Namespace, **extra) -> TrainSettings:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return TrainSettings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, **extra)
+    return TrainSettings(
+        steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, bf16=not args.fp32, **extra
+    )
 
 
 def main_lora(argv: Sequence[str] | None = None) -> Path:
@@ -500,7 +505,9 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
             args.depth,
             args.depth_single,
         )
-        what = f"{args.depth} double, {args.depth_single} single blocks copied from it; hint: {how}, VAE-encoded"
+        what = (
+            f"{args.depth} double, {args.depth_single} single blocks copied from it; hint: {how}, VAE-encoded"
+        )
         save = save_controlnet
     else:
         base_path = _only_file(md, "ar_models", args.model)
