@@ -107,10 +107,16 @@ def rope_cos_sin(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> tuple[Te
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x₂ᵢ, x₂ᵢ₊₁) of [B, H, L, D] by the position angles, in fp32."""
+    """Rotate adjacent pairs (x₂ᵢ, x₂ᵢ₊₁) of [B, H, L, D] by the position angles, in fp32.
+
+    Written into one output buffer (no stacked temporaries): this runs twice per block.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+    out = torch.empty(pairs.shape, dtype=torch.float32, device=x.device)
+    torch.mul(x0, cos, out=out[..., 0]).addcmul_(x1, sin, value=-1)
+    torch.mul(x0, sin, out=out[..., 1]).addcmul_(x1, cos)
+    return out.flatten(-2).to(x.dtype)
 
 
 def image_ids(h: int, w: int, device: torch.device) -> Tensor:
