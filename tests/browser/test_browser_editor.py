@@ -67,7 +67,7 @@ def test_incompatible_link_is_refused_with_a_reason(editor: Page):
     assert page.evaluate("() => window.tessera.graph.links.size ?? window.tessera.graph._links.size") == 0
 
 
-def test_validation_error_marks_the_offending_node_and_input(editor: Page, console_errors):
+def test_validation_error_marks_the_offending_node_and_input(editor: Page, console_errors, screens):
     page = editor
     console_errors.allow("/api/prompt", "400")
     solid = drag_from_palette(page, "SolidColor", *canvas_point(page, 0.2, 0.25))
@@ -79,6 +79,7 @@ def test_validation_error_marks_the_offending_node_and_input(editor: Page, conso
     assert page.evaluate(f"() => window.tessera.graph.getNodeById({save}).has_errors")
     assert not page.evaluate(f"() => window.tessera.graph.getNodeById({solid}).has_errors")
     # fixing the graph and running clears the marks
+    page.screenshot(path=str(screens / "validation-error.png"))
     connect(page, solid, "image", save, "images")
     run_and_wait(page)
     assert not page.evaluate(f"() => window.tessera.graph.getNodeById({save}).has_errors")

@@ -20,6 +20,7 @@ from canvas_driver import (
     type_text,
     wait_for_node_image,
 )
+from test_browser_editor import drop_file
 
 DIFFUSION_NODES = ["LoadDiffusionModel", "LoadVAE", "LoadTextEncoder", "TextEncode", "EmptyLatent",
                    "DiTSampler", "VAEDecode", "SaveImage"]
@@ -143,3 +144,33 @@ def test_import_a_workflow_file_then_interrupt_the_run(editor: Page, editor_serv
     assert page.evaluate("() => window.tessera.runState.results.at(-1).status") == "interrupted"
     expect(page.locator(".toast.warn").last).to_contain_text("Interrupted")
     expect(page.locator(".history-item").first).to_have_attribute("data-status", "interrupted")
+
+
+def test_execution_error_marks_node_and_input(editor: Page, editor_server, screens):
+    page = editor
+    need_nodes(editor_server, AR_NODES)
+    workflow = {
+        "version": 1,
+        "nodes": {
+            "1": {"type": "LoadARModel", "inputs": {"model_name": "tiny-gpt.safetensors"}, "ui": {"pos": [30, 60]}},
+            "2": {"type": "ARGenerateTokens", "ui": {"pos": [340, 40]},
+                  "inputs": {"model": {"node": "1", "output": "model"}, "width": 8, "height": 8, "class_id": 50}},
+            "3": {"type": "LoadVQModel", "inputs": {"model_name": "tiny-vq.safetensors"}, "ui": {"pos": [30, 260]}},
+            "4": {"type": "VQDecode", "inputs": {"vq": {"node": "3", "output": "vq"},
+                                                 "tokens": {"node": "2", "output": "tokens"}}, "ui": {"pos": [640, 60]}},
+            "5": {"type": "PreviewImage", "inputs": {"images": {"node": "4", "output": "image"}}, "ui": {"pos": [640, 220]}},
+        },
+    }
+    drop_file(page, "#canvas-wrap", "bad-class.json", "application/json", json.dumps(workflow).encode())
+    expect(page.locator(".toast.ok").last).to_contain_text("bad-class.json")
+    before = page.evaluate("() => window.tessera.runState.results.length")
+    page.locator("#graph-canvas").focus()
+    page.keyboard.press("Control+Enter")
+    page.wait_for_function("(n) => window.tessera.runState.results.length > n", arg=before, timeout=60_000)
+    assert page.evaluate("() => window.tessera.runState.results.at(-1).status") == "error"
+    errors = page.evaluate("() => window.tessera.graph.getNodeById(2).errors")
+    assert errors[0]["input"] == "class_id" and "class_id" in errors[0]["message"], errors
+    assert page.evaluate("() => window.tessera.graph.getNodeById(2).runState") == "error"
+    expect(page.locator(".toast.error").last).to_contain_text("class_id")
+    expect(page.locator(".history-item").first).to_have_attribute("data-status", "error")
+    page.screenshot(path=str(screens / "execution-error.png"))

@@ -82,9 +82,10 @@ function drawBadge(node, ctx) {
   if (!text) return;
   ctx.save();
   ctx.font = "bold 11px sans-serif";
+  // inside the title bar, right-aligned, so it never leaves the node's area
   const w = ctx.measureText(text).width + 12;
-  const x = node.size[0] - w;
-  const y = -LiteGraph.NODE_TITLE_HEIGHT - 20;
+  const x = node.size[0] - w - 8;
+  const y = -LiteGraph.NODE_TITLE_HEIGHT + (LiteGraph.NODE_TITLE_HEIGHT - 16) / 2;
   ctx.fillStyle = colour;
   ctx.beginPath();
   ctx.roundRect(x, y, w, 16, 4);
@@ -102,19 +103,26 @@ function drawErrors(node, ctx) {
   for (const err of node.errors) {
     if (!err.input) continue;
     const widget = node.widgets?.find((w) => w.name === err.input && w.input);
-    const slot = node.inputs?.find((s) => s.name === err.input);
+    const index = node.inputs?.findIndex((s) => s.name === err.input) ?? -1;
     if (widget && !widget.hidden && node.getSlotFromWidget(widget)?.link == null) {
       const h = widget.computedHeight ? widget.computedHeight - 4 : LiteGraph.NODE_WIDGET_HEIGHT;
       ctx.beginPath();
       ctx.roundRect(11, widget.y - 3, node.size[0] - 22, h + 6, 6);
       ctx.stroke();
-    } else if (slot?.pos) {
+    } else if (index >= 0) {
+      const [ax, ay] = node.getInputPos(index);
+      const x = ax - node.pos[0];
+      const y = ay - node.pos[1];
       ctx.beginPath();
-      ctx.arc(slot.pos[0], slot.pos[1], 8, 0, Math.PI * 2);
+      ctx.arc(x, y, 7, 0, Math.PI * 2);
       ctx.stroke();
-      ctx.fillStyle = LiteGraph.NODE_ERROR_COLOUR;
-      ctx.font = "bold 12px sans-serif";
-      ctx.fillText(slot.label ?? slot.name, slot.pos[0] + 12, slot.pos[1] + 4);
+      const slot = node.inputs[index];
+      const label = slot.label ?? slot.name;
+      ctx.font = "12px sans-serif";
+      const w = ctx.measureText(label).width;
+      ctx.beginPath();
+      ctx.roundRect(x + 8, y - 9, w + 10, 18, 4);
+      ctx.stroke();
     }
   }
   // The messages, under the node.

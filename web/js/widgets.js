@@ -212,6 +212,7 @@ function addImageUpload(node, info, ctx) {
   button.serialize = false;
   button.label = "upload image…";
   node.uploadTarget = { info, combo };
+  node.onWorkflowLoaded = () => showInputImage(node, combo.value, ctx.api);
   queueMicrotask(() => showInputImage(node, combo.value, ctx.api));
   return combo;
 }
