@@ -270,3 +270,13 @@ def test_refresh_lists_new_model_files(editor: Page, editor_server):
         page.keyboard.press("Escape")
     finally:
         extra.unlink()
+
+
+def test_the_session_survives_a_reload(editor: Page):
+    page = editor
+    solid, save = build_solid_to_save(page)
+    page.wait_for_function("() => (localStorage.getItem('tessera.workflow') || '').includes('SaveImage')")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    assert link_of(page, save, "images") == {"node": str(solid), "output": "image"}
+    expect(page.locator("#empty-hint")).to_be_hidden()
