@@ -8,6 +8,7 @@ skipped, with the reason, when one of them is missing.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from tiny_models import write_tiny_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
         return
     here = Path(__file__).parent
     for item in items:
-        if here in Path(item.fspath).parents:
+        if here in Path(item.path).parents:
             item.add_marker(pytest.mark.skip(reason=f"browser tests need: {reason}"))
 
 
@@ -76,7 +76,7 @@ class Server:
             "--input-dir", str(self.root / "in"), "--user-dir", str(self.root / "user"),
             "--device", "cpu", "--custom-nodes-dir", str(self.root / "no_custom_nodes"),
         ]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -92,11 +92,12 @@ class Server:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.send_signal(signal.SIGINT)  # a clean aiohttp shutdown
             try:
-                self.proc.wait(10)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ import json
 import urllib.request
 
 import pytest
-from playwright.sync_api import Page, expect
+
+pytest.importorskip("playwright.sync_api", reason="browser tests need: pip install playwright pytest-playwright")
 
 from canvas_driver import (
     canvas_point,
@@ -19,6 +20,7 @@ from canvas_driver import (
     wait_for_node_image,
     widget_point,
 )
+from playwright.sync_api import Page, expect
 
 
 def build_solid_to_save(page: Page) -> tuple[int, int]:
@@ -87,7 +89,7 @@ def test_validation_error_marks_the_offending_node_and_input(editor: Page, conso
 
 def test_save_new_and_open_a_workflow(editor: Page):
     page = editor
-    solid, save = build_solid_to_save(page)
+    build_solid_to_save(page)
     before = page.evaluate("() => window.tessera.workflow().nodes")
     page.keyboard.press("Control+s")
     page.locator("#name-dialog input[name=name]").fill("browser test")
@@ -114,7 +116,7 @@ def title_point(page: Page, node_id: int) -> tuple[float, float]:
 def test_undo_redo_delete_copy_paste(editor: Page):
     page = editor
     solid, save = build_solid_to_save(page)
-    count = lambda: page.evaluate("() => window.tessera.graph._nodes.length")  # noqa: E731
+    count = lambda: page.evaluate("() => window.tessera.graph._nodes.length")
     page.mouse.click(*title_point(page, save))
     page.keyboard.press("Delete")
     assert count() == 1
@@ -241,7 +243,7 @@ def test_export_and_restore_from_history(editor: Page):
     solid, save = build_solid_to_save(page)
     with page.expect_download() as download:
         page.locator("#btn-export").click()
-    exported = json.loads(open(download.value.path()).read())
+    exported = json.loads(download.value.path().read_text())
     assert exported["version"] == 1
     assert exported["nodes"][str(save)]["inputs"]["images"] == {"node": str(solid), "output": "image"}
     assert exported["nodes"][str(solid)]["ui"]["title"] == "SolidColor"

@@ -7,7 +7,8 @@ import json
 import urllib.request
 
 import pytest
-from playwright.sync_api import Page, expect
+
+pytest.importorskip("playwright.sync_api", reason="browser tests need: pip install playwright pytest-playwright")
 
 from canvas_driver import (
     canvas_point,
@@ -20,6 +21,7 @@ from canvas_driver import (
     type_text,
     wait_for_node_image,
 )
+from playwright.sync_api import Page, expect
 from test_browser_editor import drop_file
 
 DIFFUSION_NODES = ["LoadDiffusionModel", "LoadVAE", "LoadTextEncoder", "TextEncode", "EmptyLatent",
