@@ -1,8 +1,8 @@
 """Browser tests: a real `tessera serve` process and Debian's Chromium driven by Playwright.
 
-Needs `apt-get install -y chromium`, `npm ci --prefix web` and
-`pip install playwright pytest-playwright`; no browser download. The whole folder is
-skipped, with the reason, when one of them is missing.
+Needs `apt-get install -y chromium`, `npm ci --prefix web` and `pip install playwright`
+(no browser download; pytest-playwright is not needed). The whole folder is skipped, with
+the reason, when one of them is missing.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ CHROMIUM_ARGS = [
 
 def _missing() -> str | None:
     try:
-        import playwright  # noqa: F401
-        import pytest_playwright  # noqa: F401
+        import playwright.sync_api  # noqa: F401
     except ImportError:
-        return "pip install playwright pytest-playwright"
+        return "pip install playwright"
     if not Path(CHROMIUM).exists():
         return f"apt-get install -y chromium ({CHROMIUM} not found)"
     if not LITEGRAPH.exists():
@@ -114,13 +113,14 @@ def editor_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+def chromium_browser():
+    """Debian's Chromium, headless, started once for the session."""
+    from playwright.sync_api import sync_playwright
 
-
-@pytest.fixture(scope="session")
-def browser_context_args(browser_context_args):
-    return {**browser_context_args, "viewport": VIEWPORT}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
 
 
 class ConsoleErrors:
@@ -148,8 +148,11 @@ def console_errors():
 
 
 @pytest.fixture
-def editor(page, editor_server, console_errors):
-    """The editor page, loaded and ready; fails the test on any console error or page error."""
+def editor(chromium_browser, editor_server, console_errors):
+    """The editor in a fresh browser context (empty storage) at 1280x800, loaded and ready;
+    fails the test on any console error or uncaught exception in the page."""
+    context = chromium_browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    page = context.new_page()
 
     def on_console(message):
         if message.type == "error":
@@ -161,6 +164,7 @@ def editor(page, editor_server, console_errors):
     page.goto(editor_server.url + "/")
     page.wait_for_selector("body[data-ready=true]")
     yield page
+    context.close()
     unexpected = console_errors.unexpected()
     assert not unexpected, "console errors:\n" + "\n".join(unexpected)
 
@@ -174,7 +178,5 @@ def screens():
 def pytest_configure(config):
     # Playwright uses Debian's Chromium; it must never download a browser of its own.
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-    # pytest-playwright's own `base_url` fixture triggers this deprecation; not ours to fix.
-    config.addinivalue_line("filterwarnings", "ignore:Session-scoped fixtures defined as instance methods")
 
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("playwright.sync_api", reason="browser tests need: pip install playwright pytest-playwright")
+pytest.importorskip("playwright.sync_api", reason="browser tests need: pip install playwright")
 
 from canvas_driver import (
     canvas_point,
