@@ -50,6 +50,7 @@ from .gpt import GPT, load_gpt
 from .lora import Lora, Update, with_loras
 from .preprocess import canny, luma
 from .text_encoder import TextEncoder, load_text_encoder
+from .training import _trainable_flux, gpt_training_logits
 from .vae import AutoencoderKL, load_vae
 from .vq import VQModel, load_vq
 
@@ -306,7 +307,8 @@ def train_dit_lora(
             cond = text.encode(_dropout_captions(batch.captions, g))
         return flow_loss(model, latents, cond, g)
 
-    _loop(settings, lora_parameters(lora), loss_at, log)
+    with _trainable_flux():  # flux.apply_rope writes into out= buffers, which autograd refuses
+        _loop(settings, lora_parameters(lora), loss_at, log)
     return lora
 
 
@@ -325,9 +327,12 @@ def train_gpt_lora(
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = concept_batch(settings.batch, settings.seed, step, settings.concept, settings.fraction)
         with torch.no_grad():
-            ids = vq.encode(batch.images)
-            cond = text.encode(batch.captions)
-        return token_loss(model, cond, ids, g)
+            ids = vq.encode(batch.images).flatten(1)
+            feats, valid = model.caption_features(text.encode(batch.captions))
+        drop = (torch.rand(len(ids), generator=g) < CAPTION_DROPOUT)[:, None, None]
+        feats = torch.where(drop, model.uncond_features(len(ids)).to(feats), feats)
+        logits = gpt_training_logits(model, feats, valid, ids).float()
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
     _loop(settings, lora_parameters(lora), loss_at, log)
     return lora
@@ -357,7 +362,8 @@ def train_dit_controlnet(
         controlled = with_control(dit, net, ControlHint(latent=hint))
         return flow_loss(controlled, latents, cond, g)
 
-    _loop(settings, list(net.parameters()), loss_at, log)
+    with _trainable_flux():
+        _loop(settings, list(net.parameters()), loss_at, log)
     return net.eval().requires_grad_(False)
 
 
