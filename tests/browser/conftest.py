@@ -1,8 +1,8 @@
 """Browser tests: a real `tessera serve` process and Debian's Chromium driven by Playwright.
 
 Needs `apt-get install -y chromium`, `npm ci --prefix web` and `pip install playwright`
-(no browser download; pytest-playwright is not needed). The whole folder is skipped, with
-the reason, when one of them is missing.
+(no browser download; pytest-playwright is not needed). A missing requirement fails the
+tests with the command that installs it: a skipped browser test would hide a broken editor.
 """
 
 from __future__ import annotations
@@ -40,16 +40,6 @@ def _missing() -> str | None:
     if not LITEGRAPH.exists():
         return "npm ci --prefix web (web/node_modules is missing)"
     return None
-
-
-def pytest_collection_modifyitems(config, items):
-    reason = _missing()
-    if reason is None:
-        return
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.path).parents:
-            item.add_marker(pytest.mark.skip(reason=f"browser tests need: {reason}"))
 
 
 def _free_port() -> int:
@@ -103,7 +93,7 @@ class Server:
 def editor_server(tmp_path_factory):
     """One `tessera serve` process for all browser tests, with tiny models in its models folder."""
     if _missing():
-        pytest.skip(_missing())
+        pytest.fail(f"browser tests need: {_missing()}")
     root = tmp_path_factory.mktemp("tessera-browser")
     write_tiny_models(root / "models")
     srv = Server(root)

@@ -6,10 +6,6 @@ import base64
 import json
 import urllib.request
 
-import pytest
-
-pytest.importorskip("playwright.sync_api", reason="browser tests need: pip install playwright")
-
 from canvas_driver import (
     canvas_point,
     connect,
@@ -21,6 +17,7 @@ from canvas_driver import (
     widget_point,
 )
 from playwright.sync_api import Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 
 def build_solid_to_save(page: Page) -> tuple[int, int]:
@@ -209,8 +206,14 @@ def test_a_widget_input_takes_a_link(editor: Page):
 
 def test_double_click_search_adds_a_node(editor: Page):
     page = editor
-    page.mouse.dblclick(*canvas_point(page, 0.5, 0.5))
     box = page.locator(".litesearchbox input")
+    for _ in range(3):  # litegraph times the two clicks itself; a busy CI machine can stretch them apart
+        page.mouse.dblclick(*canvas_point(page, 0.5, 0.5))
+        try:
+            box.wait_for(state="visible", timeout=3_000)
+            break
+        except PlaywrightTimeout:
+            continue
     box.press_sequentially("ImageInv")
     page.locator(".litesearchbox .lite-search-item", has_text="ImageInvert").first.click()
     types = page.evaluate("() => window.tessera.graph._nodes.map((n) => n.type)")
@@ -258,8 +261,6 @@ def test_export_and_restore_from_history(editor: Page):
 
 def test_refresh_lists_new_model_files(editor: Page, editor_server):
     page = editor
-    if "LoadVAE" not in page.evaluate("() => Object.keys(window.tessera.nodeInfos)"):
-        pytest.skip("LoadVAE is not available yet")
     vae = drag_from_palette(page, "LoadVAE", *canvas_point(page, 0.3, 0.3))
     folder = editor_server.models / "vae"
     extra = folder / "another-vae.safetensors"

@@ -6,10 +6,6 @@ from __future__ import annotations
 import json
 import urllib.request
 
-import pytest
-
-pytest.importorskip("playwright.sync_api", reason="browser tests need: pip install playwright")
-
 from canvas_driver import (
     canvas_point,
     choose,
@@ -33,8 +29,7 @@ def need_nodes(server, names: list[str]) -> dict:
     with urllib.request.urlopen(server.url + "/api/nodes") as r:
         catalogue = json.load(r)["nodes"]
     missing = [n for n in names if n not in catalogue]
-    if missing:
-        pytest.skip(f"node types not available yet: {', '.join(missing)}")
+    assert not missing, f"node types missing from the catalogue: {', '.join(missing)}"
     return catalogue
 
 

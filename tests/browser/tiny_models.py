@@ -1,6 +1,5 @@
 """Tiny random-weight model files for the browser tests, written with the engines' own code.
 
-Each model is written only when its engine exists; the tests that need it skip otherwise.
 Sizes are the smallest that load and run in well under a second on a CPU.
 """
 
@@ -11,6 +10,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tessera.engines.flux import Flux, FluxConfig, save_dit
+from tessera.engines.gpt import GPT as GPTModel
+from tessera.engines.gpt import GPTConfig
+from tessera.engines.text_encoder import save_text_encoder, tiny_text_encoder
+from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
+from tessera.engines.vq import VQConfig, VQModel
 
 DIT = "tiny-dit.safetensors"
 VAE = "tiny-vae.safetensors"
@@ -27,12 +32,6 @@ def _save(model: torch.nn.Module, config, path: Path) -> None:
 
 
 def write_ar_models(models: Path) -> list[str]:
-    try:
-        from tessera.engines.gpt import GPT as GPTModel
-        from tessera.engines.gpt import GPTConfig
-        from tessera.engines.vq import VQConfig, VQModel
-    except ImportError:
-        return []
     (models / "vq_models").mkdir(parents=True, exist_ok=True)
     (models / "ar_models").mkdir(parents=True, exist_ok=True)
     vq_cfg = VQConfig(channels=32, ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1,
@@ -45,47 +44,21 @@ def write_ar_models(models: Path) -> list[str]:
 
 
 def write_diffusion_models(models: Path) -> list[str]:
-    try:
-        from tessera.engines.flux import Flux, FluxConfig, save_dit
-        from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
-    except ImportError:
-        return []
-    written = []
-    (models / "vae").mkdir(parents=True, exist_ok=True)
+    for folder in ("vae", "text_encoders", "diffusion_models"):
+        (models / folder).mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL(VAEConfig(latent_channels=4, block_out_channels=(16, 16), layers_per_block=1, norm_groups=8))
     save_vae(vae, models / "vae" / VAE)
-    written.append(VAE)
-    context_dim, vec_dim = 32, 16
-    encoder = _text_encoder(models)
-    if encoder is not None:
-        written.append(TEXT_ENCODER)
-        context_dim, vec_dim = encoder
-    (models / "diffusion_models").mkdir(parents=True, exist_ok=True)
+    encoder = tiny_text_encoder()
+    save_text_encoder(encoder, models / "text_encoders" / TEXT_ENCODER)
     dit = Flux(FluxConfig(in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth=1, depth_single=1,
-                          context_dim=context_dim, vec_dim=vec_dim, axes_dim=(4, 6, 6), guidance_embed=False))
+                          context_dim=encoder.config.context_dim, vec_dim=encoder.config.pooled_dim,
+                          axes_dim=(4, 6, 6), guidance_embed=False))
     save_dit(dit, models / "diffusion_models" / DIT)
-    written.append(DIT)
-    return written
-
-
-def _text_encoder(models: Path) -> tuple[int, int] | None:
-    """Writes a tiny text encoder if the engine has one; returns its (token width, pooled width)."""
-    try:
-        from tessera.engines import text_encoder as te
-    except ImportError:
-        return None
-    tiny = getattr(te, "tiny_text_encoder", None)
-    save = getattr(te, "save_text_encoder", None)
-    if tiny is None or save is None:
-        return None
-    (models / "text_encoders").mkdir(parents=True, exist_ok=True)
-    model = tiny()
-    save(model, models / "text_encoders" / TEXT_ENCODER)
-    return model.config.context_dim, model.config.pooled_dim
+    return [VAE, TEXT_ENCODER, DIT]
 
 
 def write_tiny_models(models: Path) -> list[str]:
-    """Writes every tiny model whose engine exists; returns the file names written."""
+    """Writes every tiny model; returns the file names written."""
     models.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     return write_diffusion_models(models) + write_ar_models(models)
