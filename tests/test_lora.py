@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from tessera.engines.checkpoint import CheckpointError
-from tessera.engines.flux import Flux, FluxConfig, convert_diffusers_dit
-from tessera.engines.gpt import GPT, GPTConfig
+from tessera.engines.checkpoint import CheckpointError, read_safetensors
+from tessera.engines.flux import Flux, FluxConfig, convert_diffusers_dit, load_dit
+from tessera.engines.gpt import GPT, GPTConfig, load_gpt
 from tessera.engines.lora import LoraLinear, load_lora, merged_deltas, patched, with_loras
 
 SMALL_DIT = FluxConfig(
@@ -375,3 +375,102 @@ def test_unmatched_keys_are_reported_and_a_file_matching_nothing_names_itself(di
     assert "2 keys matched" in lora.summary() and "7 keys not applied" in lora.summary()
     with pytest.raises(CheckpointError, match="partial.safetensors: no LoRA tensor matches"):
         load_lora(tmp_path / "partial.safetensors", gpt)
+
+
+def test_concept_scenes_are_drawn_in_the_new_colour_and_detected():
+    from tessera.engines.adapter_training import CONCEPTS, concept_batch, concept_rate, concept_sample
+
+    s = concept_sample(0, 3, "pink")
+    assert "pink" in s.caption and s.attributes["color"] == "pink"
+    near = (abs(s.image.astype(int) - CONCEPTS["pink"]).sum(-1) < 30).sum()
+    assert near > 100  # the shape's pixels now carry the new colour
+    batch = concept_batch(8, 0, 0, "pink", fraction=1.0)
+    assert concept_rate((batch.images.permute(0, 2, 3, 1) + 1) / 2, "pink") == 1.0
+    ordinary = concept_batch(8, 0, 0, "pink", fraction=0.0)
+    assert concept_rate((ordinary.images.permute(0, 2, 3, 1) + 1) / 2, "pink") == 0.0
+
+
+def test_train_commands_write_adapters_the_loaders_read(tmp_path):
+    """`tessera train lora|controlnet` end to end on tiny stand-ins of the built-in models (2 steps)."""
+    from safetensors.torch import save_file as save
+    from tessera.engines.adapter_training import main_controlnet, main_lora
+    from tessera.engines.controlnet import ARControlNet, FluxControlNet, load_any_controlnet
+    from tessera.engines.flux import save_dit
+    from tessera.engines.gpt import gpt_config_metadata
+    from tessera.engines.text_encoder import save_text_encoder, tiny_text_encoder
+    from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
+    from tessera.engines.vq import VQConfig, VQModel, vq_config_metadata
+
+    md = tmp_path / "models"
+    for folder in ("text_encoders", "diffusion_models", "vae", "ar_models", "vq_models"):
+        (md / folder).mkdir(parents=True)
+    torch.manual_seed(0)
+    save_text_encoder(tiny_text_encoder(), md / "text_encoders" / "te.safetensors")
+    dit = Flux(
+        FluxConfig(
+            in_channels=4,
+            out_channels=4,
+            patch_size=1,
+            hidden_size=32,
+            num_heads=2,
+            depth=1,
+            depth_single=1,
+            context_dim=32,
+            vec_dim=16,
+            axes_dim=(2, 6, 8),
+            guidance_embed=False,
+        )
+    )
+    save_dit(dit, md / "diffusion_models" / "dit.safetensors")
+    vae = AutoencoderKL(
+        VAEConfig(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_groups=4)
+    )
+    save_vae(vae, md / "vae" / "vae.safetensors")
+    gcfg = GPTConfig(
+        dim=32,
+        n_layer=1,
+        n_head=2,
+        n_kv_head=2,
+        ffn_hidden=64,
+        vocab_size=16,
+        num_classes=0,
+        caption_dim=32,
+        cls_token_num=80,
+        grid_size=8,
+    )
+    save(
+        {k: v.contiguous() for k, v in GPT(gcfg).state_dict().items()},
+        str(md / "ar_models" / "gpt.safetensors"),
+        metadata=gpt_config_metadata(gcfg),
+    )
+    vcfg = VQConfig(
+        channels=16,
+        ch_mult=[1, 1, 1, 1],
+        decoder_ch_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        attn_deepest=False,
+        z_channels=8,
+        codebook_size=16,
+        codebook_dim=4,
+        norm_groups=4,
+    )
+    save(
+        VQModel(vcfg).state_dict(),
+        str(md / "vq_models" / "vq.safetensors"),
+        metadata=vq_config_metadata(vcfg),
+    )
+    common = ["--models-dir", str(md), "--steps", "2", "--batch", "2", "--threads", "1"]
+
+    for engine, model_file in (
+        ("dit", "diffusion_models/dit.safetensors"),
+        ("gpt", "ar_models/gpt.safetensors"),
+    ):
+        out = main_lora(["--engine", engine, "--rank", "2", *common])
+        base = load_dit(md / model_file) if engine == "dit" else load_gpt(md / model_file)
+        lora = load_lora(out, base)
+        assert not lora.unmatched and lora.updates
+        assert "pink" in read_safetensors(out)[1]["tessera.card"]
+        net = load_any_controlnet(
+            main_controlnet(["--engine", engine, "--depth", "1", "--width", "8", *common])
+        )
+        assert isinstance(net, FluxControlNet if engine == "dit" else ARControlNet)
