@@ -7,6 +7,7 @@ their last consumer. Everything the outside world sees leaves through `emit(type
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -69,8 +70,11 @@ class Executor:
         """Compile a validated workflow; a failing fingerprint hook is reported on its node."""
 
         def fingerprint(cls, node_id, constants):
+            ctx = self.context(node_id)
             try:
-                return cls.fingerprint(self.context(node_id), constants)
+                files = [ctx.model_file_identity(i.model_folder, constants[i.name]) for i in cls.inputs
+                         if i.model_folder and isinstance(constants.get(i.name), str)]
+                return json.dumps([cls.fingerprint(ctx, constants), files])
             except Exception as e:
                 raise InvalidWorkflow([WorkflowIssue(node_id, getattr(e, "input", None), str(e))]) from None
 

@@ -142,6 +142,29 @@ class ExecutionContext:
 
         return confined_path(self.models_dir / folder, name, suffixes=(".safetensors",))
 
+    def model_file(self, folder: str, name: str, input: str = "file") -> Path:
+        """The model file an input names, or a NodeError on that input if it is unsafe or missing."""
+        from tessera.paths import UnsafePathError
+
+        try:
+            path = self.model_path(folder, name)
+        except UnsafePathError as e:
+            raise NodeError(str(e), input=input) from None
+        if not path.is_file():
+            raise NodeError(f"model file '{name}' is not in models/{folder}", input=input)
+        return path
+
+    def model_file_identity(self, folder: str, name: str) -> str | None:
+        """Size and mtime of a model file: part of every loader's cache key, so a replaced
+        file re-runs its loader, without hashing gigabytes on each run."""
+        from tessera.paths import UnsafePathError
+
+        try:
+            stat = self.model_path(folder, name).stat()
+        except (OSError, UnsafePathError):
+            return None
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
     def input_path(self, name: str) -> Path:
         from tessera.paths import find_input
 

@@ -239,3 +239,31 @@ def test_interrupted_is_raised_by_progress_when_flagged(executor):
     ctx = executor.context("n", is_interrupted=lambda: True)
     with pytest.raises(Interrupted):
         ctx.progress(1, 2)
+
+
+class LoadWeights(Node):
+    inputs = (Input("file", "STRING", model_folder="vae"),)
+    outputs = (Output("x", "X"),)
+
+    def execute(self, ctx, file):
+        CALLS["LoadWeights"] += 1
+        return (torch.tensor(float(ctx.model_file("vae", file).stat().st_size)),)
+
+
+def test_replacing_a_model_file_reruns_its_loader(executor, tmp_path):
+    executor.registry.register(LoadWeights)
+    folder = tmp_path / "models" / "vae"
+    folder.mkdir(parents=True)
+    (folder / "a.safetensors").write_bytes(b"x" * 10)
+    workflow = {"version": 1, "nodes": {
+        "w": {"type": "LoadWeights", "inputs": {"file": "a.safetensors"}},
+        "d": {"type": "Decode", "inputs": {"x": link("w", "x")}},
+        "o": {"type": "Sink", "inputs": {"image": link("d", "image")}},
+    }}
+    first = executor.run(workflow)
+    assert first.status == "success", first.errors
+    assert first.outputs["o"] == {"value": [20.0]}
+    assert executor.run(workflow).executed == []
+    (folder / "a.safetensors").write_bytes(b"y" * 30)
+    again = executor.run(workflow)
+    assert again.executed == ["w", "d", "o"] and again.outputs["o"] == {"value": [60.0]}
