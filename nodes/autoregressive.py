@@ -17,29 +17,9 @@ from tessera.engines.vq import VQModel, load_vq
 
 from tessera.images import tensor_to_pil
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output
-from tessera.paths import UnsafePathError
 
 MAX_GRID = 256
 MAX_SEED = 2**63 - 1
-
-
-def _model_file(ctx: ExecutionContext, folder: str, name: str, input_name: str):
-    try:
-        path = ctx.model_path(folder, name)
-    except UnsafePathError as e:
-        raise NodeError(str(e), input=input_name) from None
-    if not path.is_file():
-        raise NodeError(f"model file '{name}' is not in models/{folder}", input=input_name)
-    return path
-
-
-def _file_fingerprint(ctx: ExecutionContext, folder: str, name: str) -> str | None:
-    """Size and mtime: a replaced file re-runs the loader without hashing gigabytes each run."""
-    try:
-        stat = ctx.model_path(folder, name).stat()
-    except (OSError, UnsafePathError):
-        return None
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 class LoadARModel(Node):
@@ -49,13 +29,9 @@ class LoadARModel(Node):
     inputs = (Input("model_name", "STRING", model_folder="ar_models", link="widget"),)
     outputs = (Output("model", "AR_MODEL"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        return _file_fingerprint(ctx, "ar_models", inputs.get("model_name", ""))
-
     def execute(self, ctx: ExecutionContext, model_name: str):
         try:
-            return (load_gpt(_model_file(ctx, "ar_models", model_name, "model_name"), ctx.device, ctx.dtype),)
+            return (load_gpt(ctx.model_file("ar_models", model_name, "model_name"), ctx.device, ctx.dtype),)
         except CheckpointError as e:
             raise NodeError(str(e), input="model_name") from None
 
@@ -67,13 +43,9 @@ class LoadVQModel(Node):
     inputs = (Input("model_name", "STRING", model_folder="vq_models", link="widget"),)
     outputs = (Output("vq", "VQ_MODEL"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        return _file_fingerprint(ctx, "vq_models", inputs.get("model_name", ""))
-
     def execute(self, ctx: ExecutionContext, model_name: str):
         try:
-            return (load_vq(_model_file(ctx, "vq_models", model_name, "model_name"), ctx.device, ctx.dtype),)
+            return (load_vq(ctx.model_file("vq_models", model_name, "model_name"), ctx.device, ctx.dtype),)
         except CheckpointError as e:
             raise NodeError(str(e), input="model_name") from None
 

@@ -14,26 +14,9 @@ from tessera.engines.schedules import SCHEDULES, sigmas_for
 from tessera.engines.vae import FAMILIES, AutoencoderKL, load_vae, with_family
 
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output
-from tessera.paths import UnsafePathError
 
 MAX_SIDE = 8192
 DTYPES = {"default": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _file_fingerprint(ctx: ExecutionContext, folder: str, name: str) -> str | None:
-    """Size and mtime: a replaced file re-runs the loader without hashing gigabytes each run."""
-    try:
-        stat = ctx.model_path(folder, name).stat()
-    except (OSError, UnsafePathError):
-        return None
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def _model_file(ctx: ExecutionContext, folder: str, name: str):
-    try:
-        return ctx.model_path(folder, name)
-    except UnsafePathError as e:
-        raise NodeError(str(e), input="file") from None
 
 
 class LoadDiffusionModel(Node):
@@ -46,14 +29,10 @@ class LoadDiffusionModel(Node):
     )
     outputs = (Output("model", "DIT_MODEL"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        return _file_fingerprint(ctx, "diffusion_models", inputs.get("file", ""))
-
     def execute(self, ctx: ExecutionContext, file: str, weight_dtype: str = "default"):
         try:
             model = load_dit(
-                _model_file(ctx, "diffusion_models", file), ctx.device, DTYPES[weight_dtype] or ctx.dtype
+                ctx.model_file("diffusion_models", file), ctx.device, DTYPES[weight_dtype] or ctx.dtype
             )
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
@@ -70,13 +49,9 @@ class LoadVAE(Node):
     )
     outputs = (Output("vae", "VAE"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        return _file_fingerprint(ctx, "vae", inputs.get("file", ""))
-
     def execute(self, ctx: ExecutionContext, file: str, family: str = "auto"):
         try:
-            vae = load_vae(_model_file(ctx, "vae", file), ctx.device, ctx.dtype)
+            vae = load_vae(ctx.model_file("vae", file), ctx.device, ctx.dtype)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
         return (with_family(vae, family) if family != "auto" else vae,)

@@ -12,7 +12,6 @@ from tessera.engines.conditioning import Conditioning
 from tessera.engines.text_encoder import TextEncoder, load_text_encoder
 
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output
-from tessera.paths import UnsafePathError
 
 FOLDER = "text_encoders"
 
@@ -24,20 +23,11 @@ class LoadTextEncoder(Node):
     inputs = (Input("file", "STRING", model_folder=FOLDER, link="widget"),)
     outputs = (Output("text_encoder", "TEXT_ENCODER"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        """Size and mtime, so replacing the file re-runs the loader."""
-        try:
-            stat = ctx.model_path(FOLDER, inputs.get("file", "")).stat()
-        except (OSError, UnsafePathError):
-            return None
-        return f"{stat.st_size}:{stat.st_mtime_ns}"
-
     def execute(self, ctx: ExecutionContext, file: str):
         try:
             # kept in float32 whatever ctx.dtype is: it is small, and consumers cast its output
-            return (load_text_encoder(ctx.model_path(FOLDER, file), ctx.device),)
-        except (CheckpointError, UnsafePathError) as e:
+            return (load_text_encoder(ctx.model_file(FOLDER, file), ctx.device),)
+        except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 
 
