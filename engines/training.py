@@ -65,7 +65,7 @@ TEXT_ENCODER_CONFIG = TextEncoderConfig(
 )
 VAE_CONFIG = VAEConfig(
     latent_channels=8,
-    block_out_channels=(32, 64, 64, 128),
+    block_out_channels=(32, 64, 64, 64),
     layers_per_block=1,
     norm_groups=16,
     mid_attention=True,
@@ -74,8 +74,8 @@ VAE_CONFIG = VAEConfig(
 )
 VQ_CONFIG = VQConfig(
     channels=32,
-    ch_mult=[1, 2, 2, 4],
-    decoder_ch_mult=[1, 2, 2, 4],
+    ch_mult=[1, 2, 2, 2],
+    decoder_ch_mult=[1, 2, 2, 2],
     num_res_blocks=1,
     attn_deepest=False,
     z_channels=64,
@@ -158,7 +158,7 @@ class TrainLog:
     """Prints progress and appends one JSON object per logged step; keeps the loss tail for the card."""
 
     def __init__(self, path: Path, kind: str, options: RunOptions, append: bool):
-        self.path, self.kind = path, kind
+        self.path, self.kind, self.options = path, kind, options
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a" if append else "w")
         self.start_wall, self.start_cpu = time.time(), _cpu_seconds()
@@ -179,6 +179,16 @@ class TrainLog:
             self.write(rec)
             shown = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
             print(f"[{self.kind}] {i + 1}/{total} {shown} ({wall:.0f}s)", flush=True)
+
+    def commands(self) -> list[str]:
+        """Every command that wrote to this log (a resumed run appends its own)."""
+        self.file.flush()
+        out = []
+        for line in self.path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("event") == "start" and record["options"].get("command"):
+                out.append(record["options"]["command"])
+        return out
 
     def final(self, key: str = "loss") -> float | None:
         values = self.tail.get(key)
@@ -249,7 +259,7 @@ def _card(kind: str, options: RunOptions, log: TrainLog, model: nn.Module, step:
         "final_loss": None if log.final() is None else round(log.final(), 5),
         "parameters": count_params(model),
         "stored_dtype": str(STORE_DTYPE).replace("torch.", ""),
-        "command": options.command,
+        "command": " && ".join(log.commands()) or options.command,
         "code_commit": _git_commit(),
         "license": "Apache-2.0 (trained from scratch on procedurally generated data)",
     }
@@ -269,6 +279,8 @@ def _save_state(path: Path, step: int, modules: dict[str, nn.Module], opt: torch
                 log: TrainLog, extra: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     wall, cpu = log.times()
+    prior = log.options.extra.get("prior_time", {"wall_s": 0.0, "cpu_s": 0.0})
+    wall, cpu = wall + prior["wall_s"], cpu + prior["cpu_s"]  # cumulative over resumes
     state = {
         "step": step,
         "modules": {k: m.state_dict() for k, m in modules.items()},

@@ -1,0 +1,132 @@
+"""The shipped default models: they load through the node loaders, the shipped workflows run
+end to end on CPU, and a held-out caption comes out with the right background colour."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tessera.engines import synthetic
+from tessera.engines.checkpoint import read_safetensors
+from tessera.engines.scorers import score
+from tessera.executor import Executor
+from tessera.paths import SOURCE_ROOT
+from tessera.registry import default_registry
+
+MODELS = SOURCE_ROOT / "models"
+WORKFLOWS = SOURCE_ROOT / "workflows"
+INPUTS = WORKFLOWS / "inputs"
+SHIPPED = {
+    "text_encoders/tessera-text-encoder.safetensors": ("LoadTextEncoder", "file"),
+    "vae/tessera-vae-f8.safetensors": ("LoadVAE", "file"),
+    "vq_models/tessera-vq-f8.safetensors": ("LoadVQModel", "model_name"),
+    "diffusion_models/tessera-dit-tiny.safetensors": ("LoadDiffusionModel", "file"),
+    "ar_models/tessera-ar-tiny.safetensors": ("LoadARModel", "model_name"),
+}
+DEFAULT_WORKFLOWS = (
+    "text_to_image_diffusion",
+    "text_to_image_autoregressive",
+    "image_to_image_diffusion",
+    "outpaint_tokens_autoregressive",
+)
+CARD_FIELDS = ("data", "steps", "examples_seen", "wall_time_s", "hardware", "final_loss")
+
+
+@pytest.fixture(scope="module")
+def executor(tmp_path_factory) -> Executor:
+    return Executor(default_registry(None), MODELS, INPUTS, tmp_path_factory.mktemp("out"), "cpu")
+
+
+def _workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def _run(executor: Executor, workflow: dict) -> list[Path]:
+    result = executor.run(workflow)
+    assert result.status == "success", result.errors
+    refs = [ref for ui in result.outputs.values() for ref in ui.get("images", [])]
+    return [executor.output_dir / ref["subfolder"] / ref["filename"] for ref in refs]
+
+
+@pytest.mark.parametrize("relpath", sorted(SHIPPED))
+def test_shipped_file_is_half_precision_with_config_and_card(relpath):
+    tensors, metadata = read_safetensors(MODELS / relpath)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} <= {torch.float16, torch.bfloat16}
+    assert isinstance(json.loads(metadata["tessera.config"]), dict)
+    card = json.loads(metadata["tessera.card"])
+    missing = [k for k in CARD_FIELDS if card.get(k) in (None, "")]
+    assert not missing, f"{relpath}: card lacks {missing}"
+    assert card["examples_seen"] == card["steps"] * card["batch"]
+
+
+def test_shipped_models_fit_the_size_budget_and_generators_match():
+    total = sum((MODELS / p).stat().st_size for p in SHIPPED)
+    assert total < 40 * 2**20, f"shipped weights take {total / 2**20:.1f} MiB"
+    cards = {p.split("/")[0]: json.loads(read_safetensors(MODELS / p)[1]["tessera.card"]) for p in SHIPPED}
+    dit, ar = cards["diffusion_models"], cards["ar_models"]
+    assert abs(dit["parameters"] - ar["parameters"]) <= 0.1 * dit["parameters"]
+    assert dit["examples_seen"] == ar["examples_seen"]
+    assert dit["text_encoder"]["sha256_16"] == ar["text_encoder"]["sha256_16"]  # one frozen encoder, shared
+
+
+@pytest.mark.parametrize("relpath", sorted(SHIPPED))
+def test_shipped_file_loads_through_its_node_in_float32(executor, relpath):
+    node_type, input_name = SHIPPED[relpath]
+    cls = executor.registry.nodes[node_type]
+    assert Path(relpath).name in executor.model_files(relpath.split("/")[0])
+    inputs = {i.name: i.default for i in cls.inputs if i.default is not None}
+    inputs[input_name] = Path(relpath).name
+    (model,) = cls().execute(executor.context("load"), **inputs)
+    dtypes = {p.dtype for p in model.parameters()}
+    assert dtypes == {torch.float32}, f"{node_type} keeps {dtypes} on the CPU"
+
+
+@pytest.mark.parametrize("name", DEFAULT_WORKFLOWS)
+def test_default_workflow_runs_and_writes_an_image(executor, name):
+    workflow = _workflow(name)
+    executor.validate(workflow)
+    (path,) = _run(executor, workflow)
+    image = Image.open(path)
+    assert image.size == (64, 64)
+    lo, hi = image.convert("L").getextrema()
+    assert hi - lo > 30, "a blank image"
+
+
+def test_default_workflows_are_laid_out_on_one_screen():
+    for name in DEFAULT_WORKFLOWS:
+        for node_id, node in _workflow(name)["nodes"].items():
+            (x, y), (w, h) = node["ui"]["pos"], node["ui"]["size"]
+            assert 0 <= x and x + w <= 1280 and 0 <= y and y + h <= 800, f"{name} node {node_id} is off-screen"
+
+
+def test_example_input_is_a_64px_rgb_image():
+    image = Image.open(INPUTS / "example.png")
+    assert image.size == (64, 64) and image.mode == "RGB"
+
+
+def _heldout_shape_scene() -> dict:
+    attributes = synthetic.sample_attributes(random.Random(2), "shape", "heldout")
+    assert synthetic.split_of(attributes) == "heldout"
+    return attributes
+
+
+@pytest.mark.parametrize("paradigm", ["diffusion", "autoregressive"])
+def test_heldout_caption_gets_its_background_colour(executor, paradigm):
+    attributes = _heldout_shape_scene()
+    workflow = copy.deepcopy(_workflow(f"text_to_image_{paradigm}"))
+    nodes = workflow["nodes"]
+    next(n for n in nodes.values() if n["ui"].get("title") == "prompt")["inputs"]["text"] = synthetic.caption(attributes)
+    if paradigm == "diffusion":
+        next(n for n in nodes.values() if n["type"] == "EmptyLatent")["inputs"]["batch"] = 4
+    else:
+        next(n for n in nodes.values() if n["type"] == "ARGenerateTokens")["inputs"]["batch_size"] = 4
+    paths = _run(executor, workflow)
+    assert len(paths) == 4
+    scores = [score(Image.open(p).convert("RGB"), attributes)["background"] for p in paths]
+    assert sum(scores) >= 3, f"{synthetic.caption(attributes)!r}: background right in {sum(scores)} of 4"
