@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import synthetic
+from .checkpoint import read_safetensors
 from .flux import Flux, FluxConfig, default_axes_dim, guided_velocity, load_dit, save_dit
 from .gpt import GPT, GPTConfig, gpt_config_metadata, load_gpt, rope_2d
 from .samplers import SAMPLERS
@@ -264,6 +265,12 @@ def _card(kind: str, options: RunOptions, log: TrainLog, model: nn.Module, step:
         "license": "Apache-2.0 (trained from scratch on procedurally generated data)",
     }
     card.update(more)
+    previous = more.get("continued_from", {}).get("card")
+    if previous:  # totals over every stage that led to this file
+        for key, prev_key in (("steps", "steps"), ("examples_seen", "examples_seen"), ("wall_time_s", "wall_time_s"),
+                              ("cpu_time_s", "cpu_time_s")):
+            total = previous.get(f"{key}_all_stages", previous.get(prev_key, 0)) + card[key]
+            card[f"{key}_all_stages"] = round(total, 1) if isinstance(total, float) else total
     return json.dumps(card)
 
 
@@ -407,13 +414,23 @@ def _heldout_reconstruction(encode_decode: Callable[[Tensor], Tensor], n: int = 
             "n_images": n, "n_words": len(words)}
 
 
-def train_vae(options: RunOptions, config: VAEConfig = VAE_CONFIG, kl_weight: float = 1e-5) -> dict:
-    """f8 KL autoencoder: L1 + L2 + image-gradient loss, tiny KL; latent scale/shift fitted at the end."""
+def train_vae(options: RunOptions, config: VAEConfig = VAE_CONFIG, kl_weight: float = 1e-5,
+              init_from: Path | None = None, decoder_only: bool = False) -> dict:
+    """f8 KL autoencoder: L1 + L2 + image-gradient loss, tiny KL; latent scale/shift fitted at the end.
+
+    `decoder_only` (with `init_from`, a trained file) keeps the encoder, and so the latent space
+    and its scale/shift, exactly as they are and trains the decoder alone: a DiT trained on the
+    earlier file's latents stays valid while its images get sharper.
+    """
     _setup(options)
     lr = options.lr or 1e-3
     warmup = options.warmup if options.warmup is not None else max(1, options.steps // 50)
-    model = AutoencoderKL(config).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if decoder_only and not init_from:
+        raise ValueError("decoder-only training continues a trained VAE: pass init_from")
+    model = load_vae(init_from) if init_from else AutoencoderKL(config)
+    model = model.to(memory_format=torch.channels_last).requires_grad_(not decoder_only)
+    trainable = _decoder_side(model, decoder_only)
+    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
@@ -424,16 +441,19 @@ def train_vae(options: RunOptions, config: VAEConfig = VAE_CONFIG, kl_weight: fl
         for group in opt.param_groups:
             group["lr"] = lr * _lr_at(step, options.steps, warmup)
         x = _batch(options, step).images.contiguous(memory_format=torch.channels_last)
-        with _autocast(options):
+        with _autocast(options), torch.set_grad_enabled(not decoder_only):
             mean, logvar = model.encode_moments(x)
+        with _autocast(options):
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            if model.post_quant_conv is not None:
+                z = model.post_quant_conv(z.to(x.dtype))
             y = model.decoder(z.to(x.dtype)).float()
         recon, l1 = _recon_loss(y, x)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = recon + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         log.step(step, options.steps, {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(),
                                        "psnr": psnr(y.detach(), x)}, options.log_every)
@@ -441,20 +461,53 @@ def train_vae(options: RunOptions, config: VAEConfig = VAE_CONFIG, kl_weight: fl
             _save_state(options.state, step + 1, {"model": model}, opt, log)
     model.eval()
     model = model.to(memory_format=torch.contiguous_format)
-    scale, shift = _fit_latent_normalisation(model, options)
-    model.config = VAEConfig.from_dict({**asdict(model.config), "scaling_factor": scale, "shift_factor": shift})
+    if not decoder_only:
+        scale, shift = _fit_latent_normalisation(model, options)
+        model.config = VAEConfig.from_dict({**asdict(model.config), "scaling_factor": scale, "shift_factor": shift})
     _save_state(options.state, options.steps, {"model": model}, opt, log)
     stored = _stored(model)
     evaluation = _heldout_reconstruction(lambda x: stored.float().decode(stored.float().encode(x)))
     log.write({"event": "heldout_reconstruction", **evaluation})
     print(f"[vae] held-out {evaluation}", flush=True)
     card = _card("vae", options, log, model, options.steps, heldout_reconstruction=evaluation,
+                 **_stage_fields(init_from, decoder_only, model.encoder),
                  losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + {kl_weight} KL (per element)",
                  latent="8x8x%d for 64x64x3 (f8); scale/shift fitted to unit variance" % config.latent_channels)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     save_vae(_stored(model), options.out, card)
     log.close()
     return json.loads(card)
+
+
+def _decoder_side(model: nn.Module, decoder_only: bool) -> list[nn.Parameter]:
+    """The parameters to train: all of them, or the decoder and its input conv when the encoder stays frozen."""
+    if not decoder_only:
+        return list(model.parameters())
+    modules = [model.decoder] + ([model.post_quant_conv] if model.post_quant_conv is not None else [])
+    params = [p for m in modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def module_digest(*modules: nn.Module) -> str:
+    """A hash of the weights (as stored, fp16) of some modules: names which latent space or token map a file has."""
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().to(STORE_DTYPE).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _stage_fields(init_from: Path | None, decoder_only: bool, *frozen: nn.Module) -> dict:
+    """Card fields that chain a continued run to the file it started from."""
+    out = {"encoder_sha256_16": module_digest(*frozen)}
+    if init_from:
+        previous = json.loads(read_safetensors(init_from)[1].get("tessera.card", "{}"))
+        out["continued_from"] = {"file": Path(init_from).name, "sha256_16": file_digest(init_from),
+                                 "decoder_only": decoder_only, "card": previous}
+    return out
 
 
 @torch.no_grad()
@@ -467,13 +520,22 @@ def _fit_latent_normalisation(model: AutoencoderKL, options: RunOptions, batches
 
 
 def train_vq(options: RunOptions, config: VQConfig = VQ_CONFIG, beta: float = 0.25,
-             reinit_every: int = 50) -> dict:
-    """f8 VQ tokenizer: l2-normalised codebook, codebook + commitment losses, dead codes re-seeded from the batch."""
+             reinit_every: int = 50, init_from: Path | None = None, decoder_only: bool = False) -> dict:
+    """f8 VQ tokenizer: l2-normalised codebook, codebook + commitment losses, dead codes re-seeded from the batch.
+
+    `decoder_only` (with `init_from`) freezes the encoder and the codebook, so every image keeps
+    its tokens (a GPT trained on them stays valid), and trains the decoder alone.
+    """
     _setup(options)
     lr = options.lr or 1e-3
     warmup = options.warmup if options.warmup is not None else max(1, options.steps // 50)
-    model = VQModel(config).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    if decoder_only and not init_from:
+        raise ValueError("decoder-only training continues a trained VQ model: pass init_from")
+    model = load_vq(init_from) if init_from else VQModel(config)
+    config = model.config
+    model = model.to(memory_format=torch.channels_last).requires_grad_(not decoder_only)
+    trainable = _decoder_side(model, decoder_only)
+    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
@@ -485,7 +547,7 @@ def train_vq(options: RunOptions, config: VQConfig = VQ_CONFIG, beta: float = 0.
         for group in opt.param_groups:
             group["lr"] = lr * _lr_at(step, options.steps, warmup)
         x = _batch(options, step).images.contiguous(memory_format=torch.channels_last)
-        with _autocast(options):
+        with _autocast(options), torch.set_grad_enabled(not decoder_only):
             h = model.quant_conv(model.encoder(x))
         z = F.normalize(h.float(), dim=1)  # [B, D, h, w]
         ids = model.quantize.ids(z.detach())
@@ -496,13 +558,13 @@ def train_vq(options: RunOptions, config: VQConfig = VQ_CONFIG, beta: float = 0.
         with _autocast(options):
             y = model.decoder(model.post_quant_conv(zq.to(x.dtype))).float()
         recon, l1 = _recon_loss(y, x)
-        loss = recon + codebook_loss + beta * commit_loss
+        loss = recon if decoder_only else recon + codebook_loss + beta * commit_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         usage += torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
-        if (step + 1) % reinit_every == 0 and step + 1 < options.steps * 0.9:
+        if not decoder_only and (step + 1) % reinit_every == 0 and step + 1 < options.steps * 0.9:
             _reseed_dead_codes(model, usage, z.detach(), gen)
             usage.zero_()
         counts = torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
@@ -521,6 +583,7 @@ def train_vq(options: RunOptions, config: VQConfig = VQ_CONFIG, beta: float = 0.
     log.write({"event": "heldout_reconstruction", **evaluation})
     print(f"[vq] held-out {evaluation}", flush=True)
     card = _card("vq", options, log, model, options.steps, heldout_reconstruction=evaluation,
+                 **_stage_fields(init_from, decoder_only, model.encoder, model.quant_conv, model.quantize),
                  losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + codebook MSE + {beta} commitment MSE "
                         f"(l2-normalised, straight-through); unused codes re-seeded from batch encodings "
                         f"every {reinit_every} steps",
@@ -566,10 +629,12 @@ def _drop_captions(captions: list[str], gen: torch.Generator) -> tuple[list[str]
     return [("" if d else c) for c, d in zip(captions, drop.tolist())], drop
 
 
-def _generator_card_fields(text_encoder_path: Path, codec_path: Path, codec: str) -> dict:
+def _generator_card_fields(text_encoder_path: Path, codec_path: Path, codec: str, *encoder: nn.Module) -> dict:
+    """Which text encoder and which latent space / token map (encoder weights) a generator was trained on."""
     return {
         "text_encoder": {"file": Path(text_encoder_path).name, "sha256_16": file_digest(text_encoder_path)},
-        codec: {"file": Path(codec_path).name, "sha256_16": file_digest(codec_path)},
+        codec: {"file": Path(codec_path).name, "sha256_16": file_digest(codec_path),
+                "encoder_sha256_16": module_digest(*encoder)},
         "caption_dropout": CAPTION_DROPOUT,
     }
 
@@ -624,7 +689,7 @@ def train_dit(options: RunOptions, text_encoder_path: Path, vae_path: Path, conf
     _save_state(options.state, options.steps, {"model": model, "ema": ema.shadow}, opt, log)
     card = _card("dit", options, log, model, options.steps, ema_decay=ema_decay,
                  objective="rectified flow, velocity target noise - x0, logit-normal(0, 1) t; weights are the EMA",
-                 **_generator_card_fields(text_encoder_path, vae_path, "vae"))
+                 **_generator_card_fields(text_encoder_path, vae_path, "vae", vae.encoder))
     options.out.parent.mkdir(parents=True, exist_ok=True)
     save_dit(_stored(ema.shadow), options.out, card)
     log.close()
@@ -742,7 +807,8 @@ def train_ar(options: RunOptions, text_encoder_path: Path, vq_path: Path, config
                  objective="next-token cross-entropy over the 8x8 VQ tokens in raster order after the caption "
                            "prefix; dropped captions use the learned null caption (uncond_embedding); "
                            "weights are the EMA",
-                 **_generator_card_fields(text_encoder_path, vq_path, "vq"))
+                 **_generator_card_fields(text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv,
+                                           vq.quantize))
     options.out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in _stored(final).state_dict().items()}
     save_file(tensors, str(options.out), metadata={**gpt_config_metadata(config), "tessera.card": card})

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt-every", type=int, default=200)
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
+        if kind in ("vae", "vq"):
+            p.add_argument("--init-from", type=Path, default=None, help="start from a trained .safetensors file")
+            p.add_argument("--decoder-only", action="store_true",
+                           help="freeze the encoder (latent space / token map unchanged) and train the decoder")
         if kind in ("dit", "ar"):
             p.add_argument("--text-encoder", type=Path, default=None, help="frozen text encoder file")
         if kind == "dit":
@@ -98,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "text-encoder":
         card = T.train_text_encoder(options)
     elif args.kind == "vae":
-        card = T.train_vae(options)
+        card = T.train_vae(options, init_from=args.init_from, decoder_only=args.decoder_only)
     elif args.kind == "vq":
-        card = T.train_vq(options)
+        card = T.train_vq(options, init_from=args.init_from, decoder_only=args.decoder_only)
     elif args.kind == "dit":
         card = T.train_dit(options, args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
                            args.vae or models / T.DEFAULT_FILES["vae"])
