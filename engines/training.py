@@ -176,7 +176,12 @@ class TrainLog:
             del self.tail[k][:-100]
         if i % every == 0 or i == total - 1:
             wall = time.time() - self.start_wall
-            rec = {"step": i, "total": total, **{k: round(float(v), 5) for k, v in stats.items()}, "wall_s": round(wall, 1)}
+            rec = {
+                "step": i,
+                "total": total,
+                **{k: round(float(v), 5) for k, v in stats.items()},
+                "wall_s": round(wall, 1),
+            }
             self.write(rec)
             shown = " ".join(f"{k}={v:.4f}" for k, v in stats.items())
             print(f"[{self.kind}] {i + 1}/{total} {shown} ({wall:.0f}s)", flush=True)
@@ -225,8 +230,14 @@ def hardware() -> str:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -248,7 +259,7 @@ def _card(kind: str, options: RunOptions, log: TrainLog, model: nn.Module, step:
         "kind": kind,
         "data": (
             "engines.synthetic 64x64 captioned scenes, train split only (held-out attribute combinations "
-            f"never seen), kinds drawn with weights {dict((k, TRAIN_KINDS.count(k)) for k in synthetic.KINDS)}, "
+            f"never seen), kinds drawn with weights { {k: TRAIN_KINDS.count(k) for k in synthetic.KINDS} }, "
             f"stream seed {options.seed}"
         ),
         "steps": step,
@@ -267,8 +278,12 @@ def _card(kind: str, options: RunOptions, log: TrainLog, model: nn.Module, step:
     card.update(more)
     previous = more.get("continued_from", {}).get("card")
     if previous:  # totals over every stage that led to this file
-        for key, prev_key in (("steps", "steps"), ("examples_seen", "examples_seen"), ("wall_time_s", "wall_time_s"),
-                              ("cpu_time_s", "cpu_time_s")):
+        for key, prev_key in (
+            ("steps", "steps"),
+            ("examples_seen", "examples_seen"),
+            ("wall_time_s", "wall_time_s"),
+            ("cpu_time_s", "cpu_time_s"),
+        ):
             total = previous.get(f"{key}_all_stages", previous.get(prev_key, 0)) + card[key]
             card[f"{key}_all_stages"] = round(total, 1) if isinstance(total, float) else total
     return json.dumps(card)
@@ -282,8 +297,14 @@ def _lr_at(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save_state(path: Path, step: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
-                log: TrainLog, extra: dict | None = None) -> None:
+def _save_state(
+    path: Path,
+    step: int,
+    modules: dict[str, nn.Module],
+    opt: torch.optim.Optimizer,
+    log: TrainLog,
+    extra: dict | None = None,
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     wall, cpu = log.times()
     prior = log.options.extra.get("prior_time", {"wall_s": 0.0, "cpu_s": 0.0})
@@ -300,8 +321,9 @@ def _save_state(path: Path, step: int, modules: dict[str, nn.Module], opt: torch
     os.replace(tmp, path)
 
 
-def _load_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
-                options: RunOptions) -> tuple[int, dict]:
+def _load_state(
+    path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, options: RunOptions
+) -> tuple[int, dict]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     for k, m in modules.items():
         m.load_state_dict(state["modules"][k])
@@ -355,7 +377,10 @@ def train_text_encoder(options: RunOptions, config: TextEncoderConfig = TEXT_ENC
     classes = {k: len(v) for k, v in synthetic.ATTRIBUTE_CLASSES.items()}
     log = TrainLog(options.log, "text-encoder", options, append=False)
     if options.resume_from:
-        print("note: the text encoder trains in one go (seconds to minutes); --resume-from is ignored", flush=True)
+        print(
+            "note: the text encoder trains in one go (seconds to minutes); --resume-from is ignored",
+            flush=True,
+        )
 
     def on_step(info: dict) -> None:
         stats = {k: v for k, v in info.items() if k not in ("i", "total")}
@@ -363,17 +388,26 @@ def train_text_encoder(options: RunOptions, config: TextEncoderConfig = TEXT_ENC
 
     batches = synthetic.caption_batches(options.batch, seed=options.seed, split="train", kinds=TRAIN_KINDS)
     with _autocast(options):
-        heads = pretrain_text_encoder(model, batches, classes, options.steps, lr=lr, seed=options.seed,
-                                      callback=on_step)
+        heads = pretrain_text_encoder(
+            model, batches, classes, options.steps, lr=lr, seed=options.seed, callback=on_step
+        )
     from .text_encoder import attribute_accuracy
 
     heldout = synthetic.caption_batches(256, seed=options.seed + 1, split="heldout")
     accuracy = attribute_accuracy(model, heads, heldout, steps=4)
     log.write({"event": "heldout_attribute_accuracy", **accuracy})
-    print(f"[text-encoder] held-out attribute accuracy {json.dumps({k: round(v, 3) for k, v in accuracy.items()})}")
-    card = _card("text_encoder", options, log, model, options.steps,
-                 heldout_attribute_accuracy={k: round(v, 4) for k, v in accuracy.items()},
-                 objective="masked-character reconstruction + scene-attribute classification from the pooled vector")
+    print(
+        f"[text-encoder] held-out attribute accuracy {json.dumps({k: round(v, 3) for k, v in accuracy.items()})}"
+    )
+    card = _card(
+        "text_encoder",
+        options,
+        log,
+        model,
+        options.steps,
+        heldout_attribute_accuracy={k: round(v, 4) for k, v in accuracy.items()},
+        objective="masked-character reconstruction + scene-attribute classification from the pooled vector",
+    )
     options.out.parent.mkdir(parents=True, exist_ok=True)
     save_text_encoder(_stored(model), options.out, card)
     log.close()
@@ -410,12 +444,21 @@ def _heldout_reconstruction(encode_decode: Callable[[Tensor], Tensor], n: int = 
     y = torch.cat([encode_decode(batch.images[i : i + 64]) for i in range(0, n, 64)])
     words = [(i, a) for i, a in enumerate(batch.attributes) if a["kind"] == "word"]
     read = sum(read_word(as_rgb_array(y[i]), a["color"], a["background"])[0] == a["word"] for i, a in words)
-    return {"psnr_db": round(psnr(y, batch.images), 2), "word_ocr": round(read / max(1, len(words)), 3),
-            "n_images": n, "n_words": len(words)}
+    return {
+        "psnr_db": round(psnr(y, batch.images), 2),
+        "word_ocr": round(read / max(1, len(words)), 3),
+        "n_images": n,
+        "n_words": len(words),
+    }
 
 
-def train_vae(options: RunOptions, config: VAEConfig = VAE_CONFIG, kl_weight: float = 1e-5,
-              init_from: Path | None = None, decoder_only: bool = False) -> dict:
+def train_vae(
+    options: RunOptions,
+    config: VAEConfig = VAE_CONFIG,
+    kl_weight: float = 1e-5,
+    init_from: Path | None = None,
+    decoder_only: bool = False,
+) -> dict:
     """f8 KL autoencoder: L1 + L2 + image-gradient loss, tiny KL; latent scale/shift fitted at the end.
 
     `decoder_only` (with `init_from`, a trained file) keeps the encoder, and so the latent space
@@ -455,24 +498,37 @@ def train_vae(options: RunOptions, config: VAEConfig = VAE_CONFIG, kl_weight: fl
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        log.step(step, options.steps, {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(),
-                                       "psnr": psnr(y.detach(), x)}, options.log_every)
+        log.step(
+            step,
+            options.steps,
+            {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "psnr": psnr(y.detach(), x)},
+            options.log_every,
+        )
         if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
             _save_state(options.state, step + 1, {"model": model}, opt, log)
     model.eval()
     model = model.to(memory_format=torch.contiguous_format)
     if not decoder_only:
         scale, shift = _fit_latent_normalisation(model, options)
-        model.config = VAEConfig.from_dict({**asdict(model.config), "scaling_factor": scale, "shift_factor": shift})
+        model.config = VAEConfig.from_dict(
+            {**asdict(model.config), "scaling_factor": scale, "shift_factor": shift}
+        )
     _save_state(options.state, options.steps, {"model": model}, opt, log)
     stored = _stored(model)
     evaluation = _heldout_reconstruction(lambda x: stored.float().decode(stored.float().encode(x)))
     log.write({"event": "heldout_reconstruction", **evaluation})
     print(f"[vae] held-out {evaluation}", flush=True)
-    card = _card("vae", options, log, model, options.steps, heldout_reconstruction=evaluation,
-                 **_stage_fields(init_from, decoder_only, model.encoder),
-                 losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + {kl_weight} KL (per element)",
-                 latent="8x8x%d for 64x64x3 (f8); scale/shift fitted to unit variance" % config.latent_channels)
+    card = _card(
+        "vae",
+        options,
+        log,
+        model,
+        options.steps,
+        heldout_reconstruction=evaluation,
+        **_stage_fields(init_from, decoder_only, model.encoder),
+        losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + {kl_weight} KL (per element)",
+        latent=f"8x8x{model.config.latent_channels} for 64x64x3 (f8); scale/shift fitted to unit variance",
+    )
     options.out.parent.mkdir(parents=True, exist_ok=True)
     save_vae(_stored(model), options.out, card)
     log.close()
@@ -505,22 +561,36 @@ def _stage_fields(init_from: Path | None, decoder_only: bool, *frozen: nn.Module
     out = {"encoder_sha256_16": module_digest(*frozen)}
     if init_from:
         previous = json.loads(read_safetensors(init_from)[1].get("tessera.card", "{}"))
-        out["continued_from"] = {"file": Path(init_from).name, "sha256_16": file_digest(init_from),
-                                 "decoder_only": decoder_only, "card": previous}
+        out["continued_from"] = {
+            "file": Path(init_from).name,
+            "sha256_16": file_digest(init_from),
+            "decoder_only": decoder_only,
+            "card": previous,
+        }
     return out
 
 
 @torch.no_grad()
-def _fit_latent_normalisation(model: AutoencoderKL, options: RunOptions, batches: int = 8) -> tuple[float, float]:
+def _fit_latent_normalisation(
+    model: AutoencoderKL, options: RunOptions, batches: int = 8
+) -> tuple[float, float]:
     """(scale, shift) that give the training latents zero mean and unit variance."""
-    zs = [model.encode_moments(synthetic.make_batch(64, options.seed + 99, i, "train", TRAIN_KINDS).images)[0]
-          for i in range(batches)]
+    zs = [
+        model.encode_moments(synthetic.make_batch(64, options.seed + 99, i, "train", TRAIN_KINDS).images)[0]
+        for i in range(batches)
+    ]
     z = torch.cat(zs)
     return float(1.0 / z.std()), float(z.mean())
 
 
-def train_vq(options: RunOptions, config: VQConfig = VQ_CONFIG, beta: float = 0.25,
-             reinit_every: int = 50, init_from: Path | None = None, decoder_only: bool = False) -> dict:
+def train_vq(
+    options: RunOptions,
+    config: VQConfig = VQ_CONFIG,
+    beta: float = 0.25,
+    reinit_every: int = 50,
+    init_from: Path | None = None,
+    decoder_only: bool = False,
+) -> dict:
     """f8 VQ tokenizer: l2-normalised codebook, codebook + commitment losses, dead codes re-seeded from the batch.
 
     `decoder_only` (with `init_from`) freezes the encoder and the codebook, so every image keeps
@@ -570,8 +640,18 @@ def train_vq(options: RunOptions, config: VQConfig = VQ_CONFIG, beta: float = 0.
         counts = torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
         p = counts / counts.sum()
         perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-        log.step(step, options.steps, {"loss": loss.item(), "l1": l1.item(), "commit": commit_loss.item(),
-                                       "perplexity": perplexity, "psnr": psnr(y.detach(), x)}, options.log_every)
+        log.step(
+            step,
+            options.steps,
+            {
+                "loss": loss.item(),
+                "l1": l1.item(),
+                "commit": commit_loss.item(),
+                "perplexity": perplexity,
+                "psnr": psnr(y.detach(), x),
+            },
+            options.log_every,
+        )
         if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
             _save_state(options.state, step + 1, {"model": model}, opt, log)
     model.eval()
@@ -582,12 +662,19 @@ def train_vq(options: RunOptions, config: VQConfig = VQ_CONFIG, beta: float = 0.
     evaluation["codebook_usage"] = _codebook_usage(stored, options)
     log.write({"event": "heldout_reconstruction", **evaluation})
     print(f"[vq] held-out {evaluation}", flush=True)
-    card = _card("vq", options, log, model, options.steps, heldout_reconstruction=evaluation,
-                 **_stage_fields(init_from, decoder_only, model.encoder, model.quant_conv, model.quantize),
-                 losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + codebook MSE + {beta} commitment MSE "
-                        f"(l2-normalised, straight-through); unused codes re-seeded from batch encodings "
-                        f"every {reinit_every} steps",
-                 tokens=f"8x8 grid of {config.codebook_size} codes for 64x64x3 (f8)")
+    card = _card(
+        "vq",
+        options,
+        log,
+        model,
+        options.steps,
+        heldout_reconstruction=evaluation,
+        **_stage_fields(init_from, decoder_only, model.encoder, model.quant_conv, model.quantize),
+        losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + codebook MSE + {beta} commitment MSE "
+        f"(l2-normalised, straight-through); unused codes re-seeded from batch encodings "
+        f"every {reinit_every} steps",
+        tokens=f"8x8 grid of {config.codebook_size} codes for 64x64x3 (f8)",
+    )
     options.out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in _stored(model).state_dict().items()}
     save_file(tensors, str(options.out), metadata={**vq_config_metadata(config), "tessera.card": card})
@@ -605,7 +692,8 @@ def _reseed_dead_codes(model: VQModel, usage: Tensor, z: Tensor, gen: torch.Gene
     pick = torch.randint(0, pool.shape[0], (len(dead),), generator=gen)
     noise = 0.01 * torch.randn(len(dead), pool.shape[1], generator=gen)
     model.quantize.embedding.weight[dead] = F.normalize(pool[pick] + noise, dim=-1).to(
-        model.quantize.embedding.weight.dtype)
+        model.quantize.embedding.weight.dtype
+    )
     return len(dead)
 
 
@@ -613,7 +701,11 @@ def _reseed_dead_codes(model: VQModel, usage: Tensor, z: Tensor, gen: torch.Gene
 def _codebook_usage(model: VQModel, options: RunOptions) -> float:
     used = torch.zeros(model.config.codebook_size, dtype=torch.bool)
     for i in range(4):
-        used[model.encode(synthetic.make_batch(128, options.seed + 7, i, "train", TRAIN_KINDS).images).flatten()] = True
+        used[
+            model.encode(
+                synthetic.make_batch(128, options.seed + 7, i, "train", TRAIN_KINDS).images
+            ).flatten()
+        ] = True
     return round(float(used.float().mean()), 3)
 
 
@@ -629,12 +721,17 @@ def _drop_captions(captions: list[str], gen: torch.Generator) -> tuple[list[str]
     return [("" if d else c) for c, d in zip(captions, drop.tolist())], drop
 
 
-def _generator_card_fields(text_encoder_path: Path, codec_path: Path, codec: str, *encoder: nn.Module) -> dict:
+def _generator_card_fields(
+    text_encoder_path: Path, codec_path: Path, codec: str, *encoder: nn.Module
+) -> dict:
     """Which text encoder and which latent space / token map (encoder weights) a generator was trained on."""
     return {
         "text_encoder": {"file": Path(text_encoder_path).name, "sha256_16": file_digest(text_encoder_path)},
-        codec: {"file": Path(codec_path).name, "sha256_16": file_digest(codec_path),
-                "encoder_sha256_16": module_digest(*encoder)},
+        codec: {
+            "file": Path(codec_path).name,
+            "sha256_16": file_digest(codec_path),
+            "encoder_sha256_16": module_digest(*encoder),
+        },
         "caption_dropout": CAPTION_DROPOUT,
     }
 
@@ -642,8 +739,13 @@ def _generator_card_fields(text_encoder_path: Path, codec_path: Path, codec: str
 # ---------------------------------------------------------------- DiT
 
 
-def train_dit(options: RunOptions, text_encoder_path: Path, vae_path: Path, config: FluxConfig | None = None,
-              ema_decay: float = 0.999) -> dict:
+def train_dit(
+    options: RunOptions,
+    text_encoder_path: Path,
+    vae_path: Path,
+    config: FluxConfig | None = None,
+    ema_decay: float = 0.999,
+) -> dict:
     """Rectified flow on VAE latents: x_t = (1−t)·x0 + t·ε, target ε − x0, logit-normal t, 10% empty captions."""
     _setup(options)
     lr = options.lr or 1e-3
@@ -659,7 +761,9 @@ def train_dit(options: RunOptions, text_encoder_path: Path, vae_path: Path, conf
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model, "ema": ema.shadow}, opt, options)
     log = TrainLog(options.log, "dit", options, append=start > 0)
-    print(f"[dit] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True)
+    print(
+        f"[dit] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True
+    )
     model.train()
     for step in range(start, options.steps):
         gen = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
@@ -687,9 +791,16 @@ def train_dit(options: RunOptions, text_encoder_path: Path, vae_path: Path, conf
         if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
             _save_state(options.state, step + 1, {"model": model, "ema": ema.shadow}, opt, log)
     _save_state(options.state, options.steps, {"model": model, "ema": ema.shadow}, opt, log)
-    card = _card("dit", options, log, model, options.steps, ema_decay=ema_decay,
-                 objective="rectified flow, velocity target noise - x0, logit-normal(0, 1) t; weights are the EMA",
-                 **_generator_card_fields(text_encoder_path, vae_path, "vae", vae.encoder))
+    card = _card(
+        "dit",
+        options,
+        log,
+        model,
+        options.steps,
+        ema_decay=ema_decay,
+        objective="rectified flow, velocity target noise - x0, logit-normal(0, 1) t; weights are the EMA",
+        **_generator_card_fields(text_encoder_path, vae_path, "vae", vae.encoder),
+    )
     options.out.parent.mkdir(parents=True, exist_ok=True)
     save_dit(_stored(ema.shadow), options.out, card)
     log.close()
@@ -719,8 +830,9 @@ def _trainable_flux():
 def _init_flux(model: Flux) -> None:
     """DiT-style init: zero the adaLN modulations' and the final layer's outputs so every block starts as identity."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (name.endswith("mod.lin") or name.endswith("modulation.lin")
-                                              or name.startswith("final_layer")):
+        if isinstance(module, nn.Linear) and (
+            name.endswith(("mod.lin", "modulation.lin")) or name.startswith("final_layer")
+        ):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -754,8 +866,13 @@ def gpt_training_logits(model: GPT, features: Tensor, valid: Tensor, ids: Tensor
     return model.output(model.norm(h[:, keep - 1 :]))
 
 
-def train_ar(options: RunOptions, text_encoder_path: Path, vq_path: Path, config: GPTConfig | None = None,
-             ema_decay: float = 0.999) -> dict:
+def train_ar(
+    options: RunOptions,
+    text_encoder_path: Path,
+    vq_path: Path,
+    config: GPTConfig | None = None,
+    ema_decay: float = 0.999,
+) -> dict:
     """Next-token cross-entropy over the 64 VQ tokens after the caption prefix; 10% null captions."""
     _setup(options)
     lr = options.lr or 1e-3
@@ -772,10 +889,13 @@ def train_ar(options: RunOptions, text_encoder_path: Path, vq_path: Path, config
     holder = nn.ParameterDict({"uncond": uncond})
     start = 0
     if options.resume_from:
-        start, _ = _load_state(options.resume_from, {"model": model, "ema": ema.shadow, "uncond": holder}, opt,
-                               options)
+        start, _ = _load_state(
+            options.resume_from, {"model": model, "ema": ema.shadow, "uncond": holder}, opt, options
+        )
     log = TrainLog(options.log, "ar", options, append=start > 0)
-    print(f"[ar] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True)
+    print(
+        f"[ar] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True
+    )
     model.train()
     for step in range(start, options.steps):
         gen = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
@@ -799,16 +919,24 @@ def train_ar(options: RunOptions, text_encoder_path: Path, vq_path: Path, config
         ema.update(model, step)
         log.step(step, options.steps, {"loss": loss.item(), "grad_norm": float(gnorm)}, options.log_every)
         if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
-            _save_state(options.state, step + 1, {"model": model, "ema": ema.shadow, "uncond": holder}, opt, log)
+            _save_state(
+                options.state, step + 1, {"model": model, "ema": ema.shadow, "uncond": holder}, opt, log
+            )
     _save_state(options.state, options.steps, {"model": model, "ema": ema.shadow, "uncond": holder}, opt, log)
     final = ema.shadow
     final.cls_embedding.uncond_embedding.copy_(uncond.detach())
-    card = _card("ar", options, log, model, options.steps, ema_decay=ema_decay,
-                 objective="next-token cross-entropy over the 8x8 VQ tokens in raster order after the caption "
-                           "prefix; dropped captions use the learned null caption (uncond_embedding); "
-                           "weights are the EMA",
-                 **_generator_card_fields(text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv,
-                                           vq.quantize))
+    card = _card(
+        "ar",
+        options,
+        log,
+        model,
+        options.steps,
+        ema_decay=ema_decay,
+        objective="next-token cross-entropy over the 8x8 VQ tokens in raster order after the caption "
+        "prefix; dropped captions use the learned null caption (uncond_embedding); "
+        "weights are the EMA",
+        **_generator_card_fields(text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv, vq.quantize),
+    )
     options.out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in _stored(final).state_dict().items()}
     save_file(tensors, str(options.out), metadata={**gpt_config_metadata(config), "tessera.card": card})
@@ -837,9 +965,19 @@ def heldout_scenes(n_per_kind: int, seed: int = 1234, kinds: Sequence[str] = syn
 
 
 @torch.no_grad()
-def sample_dit(model: Flux, vae: AutoencoderKL, te: TextEncoder, captions: list[str], *, seed: int = 0,
-               steps: int = 20, cfg: float = 4.0, sampler: str = "euler", schedule: str = "flux",
-               batch: int = 32) -> Tensor:
+def sample_dit(
+    model: Flux,
+    vae: AutoencoderKL,
+    te: TextEncoder,
+    captions: list[str],
+    *,
+    seed: int = 0,
+    steps: int = 20,
+    cfg: float = 4.0,
+    sampler: str = "euler",
+    schedule: str = "flux",
+    batch: int = 32,
+) -> Tensor:
     """Images [B, 64, 64, 3] in 0..1 for `captions`, CFG against the empty caption."""
     from .latent import seeded_noise
 
@@ -858,8 +996,19 @@ def sample_dit(model: Flux, vae: AutoencoderKL, te: TextEncoder, captions: list[
 
 
 @torch.no_grad()
-def sample_ar(model: GPT, vq: VQModel, te: TextEncoder, captions: list[str], *, seed: int = 0, cfg: float = 3.0,
-              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch: int = 32) -> Tensor:
+def sample_ar(
+    model: GPT,
+    vq: VQModel,
+    te: TextEncoder,
+    captions: list[str],
+    *,
+    seed: int = 0,
+    cfg: float = 3.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch: int = 32,
+) -> Tensor:
     from .ar_decoding import condition_prefix, generate
 
     images = []
@@ -868,8 +1017,17 @@ def sample_ar(model: GPT, vq: VQModel, te: TextEncoder, captions: list[str], *, 
         chunk = captions[i : i + batch]
         prefix = condition_prefix(model, len(chunk), positive=te.encode(chunk), cfg=cfg != 1.0)
         g = torch.Generator().manual_seed(seed + i)
-        ids = generate(model, prefix, grid, grid, cfg_scale=cfg, temperature=temperature, top_k=top_k, top_p=top_p,
-                       generator=g)
+        ids = generate(
+            model,
+            prefix,
+            grid,
+            grid,
+            cfg_scale=cfg,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=g,
+        )
         images.append(((vq.decode(ids) + 1) / 2).permute(0, 2, 3, 1).cpu())
     return torch.cat(images)
 
@@ -890,9 +1048,16 @@ def score_images(images: Tensor, scenes: list[dict]) -> dict[str, dict[str, floa
     return out
 
 
-def evaluate(models_dir: Path, n_per_kind: int = 48, seed: int = 0, dit_kwargs: dict | None = None,
-             ar_kwargs: dict | None = None, which: Sequence[str] = ("dit", "ar"),
-             kinds: Sequence[str] = synthetic.KINDS, files: dict | None = None) -> dict:
+def evaluate(
+    models_dir: Path,
+    n_per_kind: int = 48,
+    seed: int = 0,
+    dit_kwargs: dict | None = None,
+    ar_kwargs: dict | None = None,
+    which: Sequence[str] = ("dit", "ar"),
+    kinds: Sequence[str] = synthetic.KINDS,
+    files: dict | None = None,
+) -> dict:
     """Held-out prompt adherence of the shipped generators, scored by engines.scorers."""
     files = {**DEFAULT_FILES, **(files or {})}
     models_dir = Path(models_dir)

@@ -42,17 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
         p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: the recipe's)")
         p.add_argument("--models-dir", type=Path, default=default_models_dir())
-        p.add_argument("--out", type=Path, default=None, help="output .safetensors (default: the shipped file)")
-        p.add_argument("--resume-from", type=Path, default=None, help="a state file written by an earlier run")
+        p.add_argument(
+            "--out", type=Path, default=None, help="output .safetensors (default: the shipped file)"
+        )
+        p.add_argument(
+            "--resume-from", type=Path, default=None, help="a state file written by an earlier run"
+        )
         p.add_argument("--state", type=Path, default=None, help="where to write the resumable state")
-        p.add_argument("--log", type=Path, default=None, help="JSON-lines log (default under artifacts/train/)")
+        p.add_argument(
+            "--log", type=Path, default=None, help="JSON-lines log (default under artifacts/train/)"
+        )
         p.add_argument("--ckpt-every", type=int, default=200)
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--no-autocast", action="store_true", help="train in fp32 instead of bf16 autocast")
         if kind in ("vae", "vq"):
-            p.add_argument("--init-from", type=Path, default=None, help="start from a trained .safetensors file")
-            p.add_argument("--decoder-only", action="store_true",
-                           help="freeze the encoder (latent space / token map unchanged) and train the decoder")
+            p.add_argument(
+                "--init-from", type=Path, default=None, help="start from a trained .safetensors file"
+            )
+            p.add_argument(
+                "--decoder-only",
+                action="store_true",
+                help="freeze the encoder (latent space / token map unchanged) and train the decoder",
+            )
         if kind in ("dit", "ar"):
             p.add_argument("--text-encoder", type=Path, default=None, help="frozen text encoder file")
         if kind == "dit":
@@ -81,8 +92,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.kind == "eval":
         torch.set_num_threads(args.threads)
-        report = T.evaluate(args.models_dir, args.n, args.seed, json.loads(args.dit), json.loads(args.ar),
-                            args.which.split(","), args.kinds.split(","))
+        report = T.evaluate(
+            args.models_dir,
+            args.n,
+            args.seed,
+            json.loads(args.dit),
+            json.loads(args.ar),
+            args.which.split(","),
+            args.kinds.split(","),
+        )
         text = json.dumps(report, indent=1)
         print(text)
         if args.json_out:
@@ -94,9 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models_dir
     out = args.out or models / T.DEFAULT_FILES[file_key]
     options = T.RunOptions(
-        out=out, steps=args.steps, batch=args.batch, seed=args.seed, threads=args.threads, lr=args.lr,
-        warmup=args.warmup, resume_from=args.resume_from, state=args.state, log=args.log,
-        ckpt_every=args.ckpt_every, log_every=args.log_every, autocast=not args.no_autocast,
+        out=out,
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        threads=args.threads,
+        lr=args.lr,
+        warmup=args.warmup,
+        resume_from=args.resume_from,
+        state=args.state,
+        log=args.log,
+        ckpt_every=args.ckpt_every,
+        log_every=args.log_every,
+        autocast=not args.no_autocast,
         command="tessera train " + shlex.join(argv),
     )
     if args.kind == "text-encoder":
@@ -106,12 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "vq":
         card = T.train_vq(options, init_from=args.init_from, decoder_only=args.decoder_only)
     elif args.kind == "dit":
-        card = T.train_dit(options, args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
-                           args.vae or models / T.DEFAULT_FILES["vae"])
+        card = T.train_dit(
+            options,
+            args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
+            args.vae or models / T.DEFAULT_FILES["vae"],
+        )
     else:
-        card = T.train_ar(options, args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
-                          args.vq or models / T.DEFAULT_FILES["vq"])
-    print(f"wrote {out}: {json.dumps({k: card[k] for k in ('steps', 'examples_seen', 'wall_time_s', 'final_loss')})}")
+        card = T.train_ar(
+            options,
+            args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
+            args.vq or models / T.DEFAULT_FILES["vq"],
+        )
+    print(
+        f"wrote {out}: {json.dumps({k: card[k] for k in ('steps', 'examples_seen', 'wall_time_s', 'final_loss')})}"
+    )
     return 0
 
 

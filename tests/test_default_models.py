@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
 from tessera.engines import synthetic
 from tessera.engines.checkpoint import read_safetensors
 from tessera.engines.scorers import score
+
 from tessera.executor import Executor
 from tessera.paths import SOURCE_ROOT
 from tessera.registry import default_registry
@@ -106,7 +106,9 @@ def test_default_workflows_are_laid_out_on_one_screen():
     for name in DEFAULT_WORKFLOWS:
         for node_id, node in _workflow(name)["nodes"].items():
             (x, y), (w, h) = node["ui"]["pos"], node["ui"]["size"]
-            assert 0 <= x and x + w <= 1280 and 0 <= y and y + h <= 800, f"{name} node {node_id} is off-screen"
+            assert 0 <= x and x + w <= 1280 and 0 <= y and y + h <= 800, (
+                f"{name} node {node_id} is off-screen"
+            )
 
 
 def test_example_input_is_a_64px_rgb_image():
@@ -125,7 +127,9 @@ def test_heldout_caption_gets_its_background_colour(executor, paradigm):
     attributes = _heldout_shape_scene()
     workflow = copy.deepcopy(_workflow(f"text_to_image_{paradigm}"))
     nodes = workflow["nodes"]
-    next(n for n in nodes.values() if n["ui"].get("title") == "prompt")["inputs"]["text"] = synthetic.caption(attributes)
+    next(n for n in nodes.values() if n["ui"].get("title") == "prompt")["inputs"]["text"] = synthetic.caption(
+        attributes
+    )
     if paradigm == "diffusion":
         next(n for n in nodes.values() if n["type"] == "EmptyLatent")["inputs"]["batch"] = 4
     else:
