@@ -26,25 +26,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tessera.engines import scorers, synthetic  # noqa: E402
-from tessera.engines.adapter_training import CONCEPTS, _only_file, concept_rate, edge_iou, edge_map  # noqa: E402
-from tessera.engines.ar_decoding import condition_prefix, generate  # noqa: E402
-from tessera.engines.controlnet import (  # noqa: E402
+from tessera.engines import scorers, synthetic
+from tessera.engines.adapter_training import CONCEPTS, _only_file, concept_rate, edge_iou, edge_map
+from tessera.engines.ar_decoding import condition_prefix, generate
+from tessera.engines.controlnet import (
     ARControlNet,
     ControlHint,
     load_any_controlnet,
     with_ar_control,
     with_control,
 )
-from tessera.engines.flux import guided_velocity, load_dit  # noqa: E402
-from tessera.engines.gpt import load_gpt  # noqa: E402
-from tessera.engines.latent import Latent, denoise  # noqa: E402
-from tessera.engines.lora import load_lora, with_loras  # noqa: E402
-from tessera.engines.preprocess import canny, luma  # noqa: E402
-from tessera.engines.schedules import sigmas_for  # noqa: E402
-from tessera.engines.text_encoder import load_text_encoder  # noqa: E402
-from tessera.engines.vae import load_vae  # noqa: E402
-from tessera.engines.vq import load_vq  # noqa: E402
+from tessera.engines.flux import guided_velocity, load_dit
+from tessera.engines.gpt import load_gpt
+from tessera.engines.latent import Latent, denoise
+from tessera.engines.lora import load_lora, with_loras
+from tessera.engines.preprocess import canny, luma
+from tessera.engines.schedules import sigmas_for
+from tessera.engines.text_encoder import load_text_encoder
+from tessera.engines.vae import load_vae
+from tessera.engines.vq import load_vq
 
 
 def concept_prompts(n: int, word: str, seed: int = 123) -> list[str]:
@@ -89,7 +89,9 @@ class AR:
 
     def __call__(self, model, prompts: list[str], seed: int) -> torch.Tensor:
         grid = synthetic.IMAGE_SIZE // self.vq.downsample
-        prefix = condition_prefix(model, len(prompts), positive=self.text.encode(prompts), cfg=self.cfg != 1.0)
+        prefix = condition_prefix(
+            model, len(prompts), positive=self.text.encode(prompts), cfg=self.cfg != 1.0
+        )
         g = torch.Generator().manual_seed(seed)
         ids = generate(model, prefix, grid, grid, cfg_scale=self.cfg, temperature=1.0, top_k=0, generator=g)
         return ((self.vq.decode(ids) + 1) / 2).permute(0, 2, 3, 1)
@@ -97,7 +99,9 @@ class AR:
 
 def batched(generate_fn, model, prompts: list[str], seed: int, batch: int = 16) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.cat([generate_fn(model, prompts[i : i + batch], seed + i) for i in range(0, len(prompts), batch)])
+        return torch.cat(
+            [generate_fn(model, prompts[i : i + batch], seed + i) for i in range(0, len(prompts), batch)]
+        )
 
 
 def adherence(images: torch.Tensor, scenes: list[synthetic.Sample]) -> float:
@@ -106,8 +110,14 @@ def adherence(images: torch.Tensor, scenes: list[synthetic.Sample]) -> float:
 
 
 def edge_ious(images: torch.Tensor, controls: torch.Tensor) -> float:
-    return float(np.mean([edge_iou(canny(luma(img.numpy()), 0.1, 0.2, 1.4), ctl[..., 0].numpy() > 0.5)
-                          for img, ctl in zip(images, controls)]))
+    return float(
+        np.mean(
+            [
+                edge_iou(canny(luma(img.numpy()), 0.1, 0.2, 1.4), ctl[..., 0].numpy() > 0.5)
+                for img, ctl in zip(images, controls)
+            ]
+        )
+    )
 
 
 def main(argv=None) -> dict:
@@ -122,7 +132,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     md = args.models_dir
-    text = load_text_encoder(_only_file(md, "text_encoders", None))
+    text = load_text_encoder(_only_file(md, "text_encoders", None), dtype=torch.float32)
     word = next(iter(CONCEPTS))
     prompts = concept_prompts(args.n, word)
     scenes = ordinary_scenes(args.n)
@@ -141,8 +151,11 @@ def main(argv=None) -> dict:
             lora_adh = adherence(batched(gen, lora, [s.caption for s in scenes], args.seed), scenes)
             rows.append((f"{name} LoRA", f"'{word}' rate", base_rate, lora_rate))
             rows.append((f"{name} LoRA", "adherence, ordinary prompts", base_adh, lora_adh))
-            record[f"{name}_lora"] = {"concept_rate": [base_rate, lora_rate], "adherence": [base_adh, lora_adh],
-                                      "seconds": round(time.perf_counter() - started, 1)}
+            record[f"{name}_lora"] = {
+                "concept_rate": [base_rate, lora_rate],
+                "adherence": [base_adh, lora_adh],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
         cn_file = md / "controlnet" / f"{name}_canny_controlnet.safetensors"
         if cn_file.is_file():
             net = load_any_controlnet(cn_file)
@@ -159,8 +172,11 @@ def main(argv=None) -> dict:
             base_adh, ctl_adh = adherence(base, held), adherence(ctl, held)
             rows.append((f"{name} ControlNet", "edge IoU with the control", base_iou, ctl_iou))
             rows.append((f"{name} ControlNet", "adherence to the caption", base_adh, ctl_adh))
-            record[f"{name}_controlnet"] = {"edge_iou": [base_iou, ctl_iou], "adherence": [base_adh, ctl_adh],
-                                            "seconds": round(time.perf_counter() - started, 1)}
+            record[f"{name}_controlnet"] = {
+                "edge_iou": [base_iou, ctl_iou],
+                "adherence": [base_adh, ctl_adh],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
     print(f"{'adapter':<16} {'measure':<30} {'without':>8} {'with':>8}")
     for adapter, measure, without, with_ in rows:
         print(f"{adapter:<16} {measure:<30} {without:>8.3f} {with_:>8.3f}")

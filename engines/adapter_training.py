@@ -447,7 +447,9 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
     args = p.parse_args(argv)
     s = _settings(args, rank=args.rank, alpha=args.alpha, concept=args.concept)
     md = args.models_dir
-    text = load_text_encoder(_only_file(md, "text_encoders", args.text_encoder)).requires_grad_(False)
+    text = load_text_encoder(
+        _only_file(md, "text_encoders", args.text_encoder), dtype=torch.float32
+    ).requires_grad_(False)
     started = time.perf_counter()
     if args.engine == "dit":
         base_path = _only_file(md, "diffusion_models", args.model)
@@ -498,7 +500,9 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     args = p.parse_args(argv)
     s = _settings(args)
     md = args.models_dir
-    text = load_text_encoder(_only_file(md, "text_encoders", args.text_encoder)).requires_grad_(False)
+    text = load_text_encoder(
+        _only_file(md, "text_encoders", args.text_encoder), dtype=torch.float32
+    ).requires_grad_(False)
     started = time.perf_counter()
     how = "the scene's Canny edges (CannyEdges node, defaults)"
     if args.engine == "dit":
