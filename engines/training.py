@@ -775,9 +775,10 @@ def train_dit(
             group["lr"] = lr * _lr_at(step, options.steps, warmup)
         batch = _batch(options, step)
         captions, _ = _drop_captions(batch.captions, gen)
-        with torch.no_grad(), _autocast(options):
-            cond = te.encode(captions)
-            x0 = vae.encode(batch.images).float()
+        with torch.no_grad():
+            cond = te.encode(captions)  # fp32, as the nodes run it
+            with _autocast(options):
+                x0 = vae.encode(batch.images).float()
         t = torch.sigmoid(torch.randn(options.batch, generator=gen))
         noise = torch.randn(x0.shape, generator=gen)
         tt = t[:, None, None, None]
@@ -908,9 +909,10 @@ def train_ar(
         batch = _batch(options, step)
         # the same draw as the DiT's, so both generators drop the same captions
         _, drop = _drop_captions(batch.captions, gen)
-        with torch.no_grad(), _autocast(options):
-            cond = te.encode(batch.captions)
-            ids = vq.encode(batch.images).flatten(1)
+        with torch.no_grad():
+            cond = te.encode(batch.captions)  # fp32, as the nodes run it
+            with _autocast(options):
+                ids = vq.encode(batch.images).flatten(1)
         features, valid = model.caption_features(cond)
         features = torch.where(drop[:, None, None], uncond[None].float(), features.float())
         with _autocast(options):
