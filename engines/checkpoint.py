@@ -95,15 +95,17 @@ def metadata_config(metadata: dict[str, str], path: str | Path) -> dict:
 
 
 def assign_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
-                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
+                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                   ignored: tuple[str, ...] = ()) -> None:
     """Load exactly the model's keys at exactly its shapes, assigning tensors (the model may live on `meta`).
 
     Building on `meta` and assigning avoids a random init and a second copy of multi-GB weights.
+    Keys containing one of `ignored` are known training leftovers in other projects' files and skipped.
     """
     expected = model.state_dict()
     for key, t in expected.items():
         require(state_dict, key, path, tuple(t.shape))
-    extra = sorted(set(state_dict) - set(expected))
+    extra = sorted(k for k in set(state_dict) - set(expected) if not any(part in k for part in ignored))
     if extra:
         raise CheckpointError(path, "unexpected tensor (not part of the model the other tensors describe)", extra[0])
     model.load_state_dict({k: state_dict[k].to(device=device, dtype=dtype) for k in expected}, assign=True)

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, read_safetensors
+from .checkpoint import CheckpointError, assign_checked, read_safetensors
 from .conditioning import Conditioning
-from .vq import load_state_dict_checked
 
 # LlamaGen's sizes by width (gpt.py GPT_models): dim -> heads. Shapes give dim but not heads.
 LLAMAGEN_HEADS = {768: 12, 1024: 16, 1280: 20, 1536: 24, 2048: 32, 2560: 40, 3200: 32, 4096: 32}
@@ -409,8 +408,8 @@ def gpt_from_state_dict(
         raise CheckpointError(
             path, "caption model without its null caption for CFG", "cls_embedding.uncond_embedding"
         )
-    load_state_dict_checked(model, sd, path, ("freqs_cis", "causal_mask", "kv_cache"))
-    return model.eval()
+    assign_checked(model, sd, path, ignored=("freqs_cis", "causal_mask", "kv_cache"))
+    return model
 
 
 def load_gpt(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> GPT:

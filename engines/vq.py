@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, read_safetensors
+from .checkpoint import CheckpointError, assign_checked, read_safetensors
 
 
 @dataclass
@@ -311,25 +311,6 @@ def infer_vq_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
 _IGNORED = ("codebook_used",)
 
 
-def load_state_dict_checked(
-    module: nn.Module, sd: dict[str, torch.Tensor], path: str | Path, ignored: tuple[str, ...] = ()
-) -> None:
-    """Copy `sd` into `module`, failing with the file and the first missing, misshapen or
-    unknown key named (keys containing one of `ignored` are training leftovers and skipped)."""
-    own = module.state_dict()
-    for key, t in own.items():
-        if key not in sd:
-            raise CheckpointError(path, "missing tensor", key)
-        if tuple(sd[key].shape) != tuple(t.shape):
-            raise CheckpointError(
-                path, f"shape {tuple(sd[key].shape)} does not match the expected {tuple(t.shape)}", key
-            )
-    extra = [k for k in sd if k not in own and not any(part in k for part in ignored)]
-    if extra:
-        raise CheckpointError(path, f"unexpected tensor for this model ({len(extra)} in all)", extra[0])
-    module.load_state_dict({k: sd[k] for k in own}, strict=True)
-
-
 def vq_from_state_dict(
     sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path: str | Path = "<state dict>"
 ) -> VQModel:
@@ -342,8 +323,8 @@ def vq_from_state_dict(
         model = VQModel(cfg)
     except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
         raise CheckpointError(path, f"cannot size a VQ model from this file ({e})") from None
-    load_state_dict_checked(model, sd, path, _IGNORED)
-    return model.eval()
+    assign_checked(model, sd, path, ignored=_IGNORED)
+    return model
 
 
 def load_vq(
