@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import synthetic
-from .checkpoint import read_safetensors
+from .checkpoint import CheckpointError, read_safetensors
 from .flux import Flux, FluxConfig, default_axes_dim, guided_velocity, load_dit, save_dit
 from .gpt import GPT, GPTConfig, gpt_config_metadata, load_gpt, rope_2d
 from .samplers import SAMPLERS
@@ -51,6 +51,8 @@ from .text_encoder import (
 )
 from .vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from .vq import VQConfig, VQModel, load_vq, vq_config_metadata
+
+STATE_KEY = "tessera.train_state"  # metadata of a resumable training state file
 
 # GroupNorm with few channels per group normalises away the absolute colour of flat regions
 # (a solid background becomes zeros); 4 groups keep 8-16 channels per group, and learned ~5x faster
@@ -142,7 +144,7 @@ class RunOptions:
     lr: float | None = None  # None: the kind's default
     warmup: int | None = None
     resume_from: Path | None = None
-    state: Path | None = None  # resumable state file (default: artifacts/train/<out stem>.state.pt)
+    state: Path | None = None  # resumable state file (default: artifacts/train/<out stem>.state.safetensors)
     log: Path | None = None  # JSON-lines log (default: artifacts/train/<out stem>.jsonl)
     ckpt_every: int = 200
     log_every: int = 10
@@ -153,7 +155,7 @@ class RunOptions:
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         work = Path("artifacts") / "train"
-        self.state = Path(self.state) if self.state else work / f"{self.out.stem}.state.pt"
+        self.state = Path(self.state) if self.state else work / f"{self.out.stem}.state.safetensors"
         self.log = Path(self.log) if self.log else work / f"{self.out.stem}.jsonl"
         if self.steps < 0 or self.batch < 1:
             raise ValueError("steps must be ≥ 0 and batch ≥ 1")
@@ -309,32 +311,49 @@ def _save_state(
     log: TrainLog,
     extra: dict | None = None,
 ) -> None:
+    """Write a resumable state as safetensors: tensors flat by name, everything else as JSON metadata."""
     path.parent.mkdir(parents=True, exist_ok=True)
     wall, cpu = log.times()
     prior = log.options.extra.get("prior_time", {"wall_s": 0.0, "cpu_s": 0.0})
     wall, cpu = wall + prior["wall_s"], cpu + prior["cpu_s"]  # cumulative over resumes
-    state = {
-        "step": step,
-        "modules": {k: m.state_dict() for k, m in modules.items()},
-        "optimizer": opt.state_dict(),
-        "time": {"wall_s": wall, "cpu_s": cpu},
-        "extra": extra or {},
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    tensors = {f"modules/{k}/{name}": t.detach().clone(memory_format=torch.contiguous_format) for k, m in modules.items() for name, t in m.state_dict().items()}
+    optimizer = opt.state_dict()
+    scalars = {}
+    for index, entry in optimizer["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{name}"] = value.detach().clone(memory_format=torch.contiguous_format)
+            else:
+                scalars[f"{index}/{name}"] = value
+    info = {"step": step, "time": {"wall_s": wall, "cpu_s": cpu}, "extra": extra or {},
+            "param_groups": optimizer["param_groups"], "scalars": scalars}
+    tmp = path.with_name(path.name + ".part")
+    save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(info)})
     os.replace(tmp, path)
 
 
 def _load_state(
     path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, options: RunOptions
 ) -> tuple[int, dict]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    tensors, metadata = read_safetensors(path)
+    if STATE_KEY not in metadata:
+        raise CheckpointError(path, f"not a training state (no '{STATE_KEY}' metadata)")
+    info = json.loads(metadata[STATE_KEY])
     for k, m in modules.items():
-        m.load_state_dict(state["modules"][k])
-    opt.load_state_dict(state["optimizer"])
-    options.extra["prior_time"] = {"wall_s": state["time"]["wall_s"], "cpu_s": state["time"]["cpu_s"]}
-    print(f"resumed from {path} at step {state['step']}", flush=True)
-    return state["step"], state.get("extra", {})
+        prefix = f"modules/{k}/"
+        m.load_state_dict({n.removeprefix(prefix): t for n, t in tensors.items() if n.startswith(prefix)})
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in info["scalars"].items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    options.extra["prior_time"] = dict(info["time"])
+    print(f"resumed from {path} at step {info['step']}", flush=True)
+    return info["step"], info["extra"]
 
 
 def _setup(options: RunOptions) -> None:
