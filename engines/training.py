@@ -316,17 +316,28 @@ def _save_state(
     wall, cpu = log.times()
     prior = log.options.extra.get("prior_time", {"wall_s": 0.0, "cpu_s": 0.0})
     wall, cpu = wall + prior["wall_s"], cpu + prior["cpu_s"]  # cumulative over resumes
-    tensors = {f"modules/{k}/{name}": t.detach().clone(memory_format=torch.contiguous_format) for k, m in modules.items() for name, t in m.state_dict().items()}
+    tensors = {
+        f"modules/{k}/{name}": t.detach().clone(memory_format=torch.contiguous_format)
+        for k, m in modules.items()
+        for name, t in m.state_dict().items()
+    }
     optimizer = opt.state_dict()
     scalars = {}
     for index, entry in optimizer["state"].items():
         for name, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer/{index}/{name}"] = value.detach().clone(memory_format=torch.contiguous_format)
+                tensors[f"optimizer/{index}/{name}"] = value.detach().clone(
+                    memory_format=torch.contiguous_format
+                )
             else:
                 scalars[f"{index}/{name}"] = value
-    info = {"step": step, "time": {"wall_s": wall, "cpu_s": cpu}, "extra": extra or {},
-            "param_groups": optimizer["param_groups"], "scalars": scalars}
+    info = {
+        "step": step,
+        "time": {"wall_s": wall, "cpu_s": cpu},
+        "extra": extra or {},
+        "param_groups": optimizer["param_groups"],
+        "scalars": scalars,
+    }
     tmp = path.with_name(path.name + ".part")
     save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(info)})
     os.replace(tmp, path)
@@ -395,7 +406,7 @@ class EMA:
 def train_text_encoder(options: RunOptions, config: TextEncoderConfig = TEXT_ENCODER_CONFIG) -> dict:
     """Pre-train the shared character-level encoder (masked characters + scene attributes), then freeze it."""
     _setup(options)
-    lr = options.lr or 2e-3
+    lr = options.lr or 1e-3
     model = TextEncoder(config)
     classes = {k: len(v) for k, v in synthetic.ATTRIBUTE_CLASSES.items()}
     log = TrainLog(options.log, "text-encoder", options, append=False)
