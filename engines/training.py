@@ -203,7 +203,15 @@ class TrainLog:
         return out
 
     def final(self, key: str = "loss") -> float | None:
+        """Mean of the last 100 steps' `key`; after a resume with nothing left to run, of the last
+        logged values (up to 4 records) before the run's final step, read back from the log."""
         values = self.tail.get(key)
+        if not values:
+            self.file.flush()
+            records = [json.loads(line) for line in self.path.read_text().splitlines()]
+            values = [r[key] for r in records if key in r and r.get("step", 1 << 62) < self.options.steps][
+                -4:
+            ]
         return sum(values) / len(values) if values else None
 
     def times(self) -> tuple[float, float]:
