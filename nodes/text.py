@@ -26,7 +26,7 @@ class LoadTextEncoder(Node):
     def execute(self, ctx: ExecutionContext, file: str):
         try:
             # kept in float32 whatever ctx.dtype is: it is small, and consumers cast its output
-            return (load_text_encoder(ctx.model_file(FOLDER, file), ctx.device),)
+            return (load_text_encoder(ctx.model_file(FOLDER, file), ctx.device, torch.float32),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 

@@ -75,18 +75,9 @@ def test_shipped_models_fit_the_size_budget_and_generators_match():
     assert dit["text_encoder"]["sha256_16"] == ar["text_encoder"]["sha256_16"]  # one frozen encoder, shared
 
 
-# LoadTextEncoder passes no dtype, so the fp16 file stays fp16 on the CPU (nodes/text.py owns the fix).
-_UPCAST_PENDING = pytest.mark.xfail(
-    reason="LoadTextEncoder does not upcast fp16 weights on the CPU yet", strict=False
-)
-
-
 @pytest.mark.parametrize(
     "relpath",
-    [
-        pytest.param(p, marks=_UPCAST_PENDING) if p.startswith("text_encoders/") else p
-        for p in sorted(SHIPPED)
-    ],
+    sorted(SHIPPED),
 )
 def test_shipped_file_loads_through_its_node_in_float32(executor, relpath):
     node_type, input_name = SHIPPED[relpath]
