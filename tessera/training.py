@@ -96,8 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ADAPTER_KINDS = ("lora", "controlnet")  # trained on the built-in models by engines.adapter_training
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ADAPTER_KINDS:
+        from tessera.engines import adapter_training
+
+        entry = adapter_training.main_lora if argv[0] == "lora" else adapter_training.main_controlnet
+        entry(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     import torch
 
