@@ -25,31 +25,11 @@ from tessera.engines.preprocess import canny_image, scribble_image
 from tessera.engines.tokens import TokenGrid
 
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output, Result
-from tessera.paths import UnsafePathError
-
-
-def _file_fingerprint(ctx: ExecutionContext, folder: str, name: str) -> str | None:
-    """Size and mtime: a replaced file re-runs the loader (and what follows)."""
-    try:
-        stat = ctx.model_path(folder, name).stat()
-    except (OSError, UnsafePathError):
-        return None
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
-
-
-def _model_file(ctx: ExecutionContext, folder: str, name: str):
-    try:
-        path = ctx.model_path(folder, name)
-    except UnsafePathError as e:
-        raise NodeError(str(e), input="file") from None
-    if not path.is_file():
-        raise NodeError(f"'{name}' is not in models/{folder}", input="file")
-    return path
 
 
 def _apply_lora(ctx: ExecutionContext, model, file: str, strength: float) -> Result:
     try:
-        lora = load_lora(_model_file(ctx, "loras", file), model)
+        lora = load_lora(ctx.model_file("loras", file), model)
     except CheckpointError as e:
         raise NodeError(str(e), input="file") from None
     return Result(outputs=(with_loras(model, [(lora, strength)]),), ui={"text": [lora.summary()]})
@@ -71,10 +51,6 @@ class LoadLoRA(Node):
     inputs = (Input("model", "DIT_MODEL"), *_LORA_INPUTS)
     outputs = (Output("model", "DIT_MODEL"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        return _file_fingerprint(ctx, "loras", inputs.get("file", ""))
-
     def execute(self, ctx: ExecutionContext, model: Flux, file: str, strength: float):
         return _apply_lora(ctx, model, file, strength)
 
@@ -89,10 +65,6 @@ class LoadLoRAGPT(Node):
     inputs = (Input("model", "AR_MODEL"), *_LORA_INPUTS)
     outputs = (Output("model", "AR_MODEL"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        return _file_fingerprint(ctx, "loras", inputs.get("file", ""))
-
     def execute(self, ctx: ExecutionContext, model, file: str, strength: float):
         return _apply_lora(ctx, model, file, strength)
 
@@ -104,13 +76,9 @@ class LoadControlNet(Node):
     inputs = (Input("file", "STRING", model_folder="controlnet", link="widget"),)
     outputs = (Output("control_net", "CONTROL_NET"),)
 
-    @classmethod
-    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
-        return _file_fingerprint(ctx, "controlnet", inputs.get("file", ""))
-
     def execute(self, ctx: ExecutionContext, file: str):
         try:
-            return (load_any_controlnet(_model_file(ctx, "controlnet", file), ctx.device, ctx.dtype),)
+            return (load_any_controlnet(ctx.model_file("controlnet", file), ctx.device, ctx.dtype),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 
