@@ -50,7 +50,7 @@ from .gpt import GPT, load_gpt
 from .lora import Lora, Update, with_loras
 from .preprocess import canny, luma
 from .text_encoder import TextEncoder, load_text_encoder
-from .training import _trainable_flux, gpt_training_logits
+from .training import _trainable_flux, gpt_training_logits, pace_to_deadline
 from .vae import AutoencoderKL, load_vae
 from .vq import VQModel, load_vq
 
@@ -204,12 +204,12 @@ def _dropout_captions(captions: list[str], g: torch.Generator) -> list[str]:
 
 def flow_loss(model: Flux, latents: torch.Tensor, cond: Conditioning, g: torch.Generator) -> torch.Tensor:
     """Rectified-flow loss: x_σ = (1 − σ)·x₀ + σ·ε, the model predicts ε − x₀; σ ~ logit-normal."""
-    b = latents.shape[0]
-    sigma = torch.sigmoid(torch.randn(b, generator=g))
-    noise = torch.randn(latents.shape, generator=g)
+    b, dev = latents.shape[0], latents.device
+    sigma = torch.sigmoid(torch.randn(b, generator=g)).to(dev)
+    noise = torch.randn(latents.shape, generator=g).to(dev)
     s = sigma[:, None, None, None]
     x = (1 - s) * latents + s * noise
-    guidance = torch.full((b,), 3.5) if model.config.guidance_embed else None
+    guidance = torch.full((b,), 3.5, device=dev) if model.config.guidance_embed else None
     mask = None if bool(cond.mask.all()) else cond.mask
     v = model(x, sigma, cond.tokens, cond.pooled, guidance, mask)
     return F.mse_loss(v.float(), noise - latents)
@@ -250,7 +250,9 @@ class TrainSettings:
     concept: str = "pink"
     fraction: float = 0.5  # share of new-concept scenes in a batch
     log_every: int = 25
-    bf16: bool = True  # autocast on CPU: 2-3x faster where the CPU has bf16 matrix units
+    bf16: bool = True  # autocast: 2-3x faster on CPUs with bf16 matrix units, and on GPUs
+    device: str = "cpu"
+    deadline: float | None = None  # wall-clock time (epoch s) by which training ends; steps become a cap
 
 
 def _loop(
@@ -270,9 +272,11 @@ def _loop(
         ),
     )
     g = torch.Generator().manual_seed(settings.seed)
-    losses, started = [], time.perf_counter()
-    for step in range(settings.steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+    losses, started, clock = [], time.perf_counter(), {}
+    device_type = torch.device(settings.device).type
+    step = 0
+    while step < settings.steps and pace_to_deadline(settings, "adapter", step, clock):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.bf16):
             loss = loss_at(step, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,6 +287,7 @@ def _loop(
         if log and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
             recent = sum(losses[-settings.log_every :]) / len(losses[-settings.log_every :])
             log(f"step {step + 1}/{settings.steps}  loss {recent:.4f}  {time.perf_counter() - started:.0f}s")
+        step += 1
     return losses
 
 
@@ -329,7 +334,7 @@ def train_gpt_lora(
         with torch.no_grad():
             ids = vq.encode(batch.images).flatten(1)
             feats, valid = model.caption_features(text.encode(batch.captions))
-        drop = (torch.rand(len(ids), generator=g) < CAPTION_DROPOUT)[:, None, None]
+        drop = (torch.rand(len(ids), generator=g) < CAPTION_DROPOUT)[:, None, None].to(feats.device)
         feats = torch.where(drop, model.uncond_features(len(ids)).to(feats), feats)
         logits = gpt_training_logits(model, feats, valid, ids).float()
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
@@ -378,7 +383,7 @@ def train_gpt_controlnet(
     """An AR ControlNet steering the GPT from Canny edges of the scene to the scene's tokens."""
     gpt.requires_grad_(False)
     torch.manual_seed(settings.seed)
-    net = ARControlNet(ARControlConfig(gpt.config.dim, vq.downsample, width))
+    net = ARControlNet(ARControlConfig(gpt.config.dim, vq.downsample, width)).to(gpt.output.weight.device)
     net.zero_init_heads()
     net.train()
 
@@ -387,7 +392,7 @@ def train_gpt_controlnet(
         with torch.no_grad():
             ids = vq.encode(batch.images)
             uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-            edges = edge_map(uint8)
+            edges = edge_map(uint8).to(gpt.output.weight.device)
             cond = text.encode(batch.captions)
         return token_loss(with_ar_control(gpt, net, edges), cond, ids, g)
 
@@ -396,6 +401,10 @@ def train_gpt_controlnet(
 
 
 # ---------------------------------------------------------------- command line
+
+
+def _hardware(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
 
 
 def _only_file(models_dir: Path, folder: str, given: str | None) -> Path:
@@ -422,13 +431,23 @@ def _common(parser: argparse.ArgumentParser, defaults: TrainSettings) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--out", type=Path, help="output .safetensors")
+    from tessera.training import _device_arguments
+
+    _device_arguments(parser)
 
 
 def _settings(args: argparse.Namespace, **extra) -> TrainSettings:
     if args.threads:
         torch.set_num_threads(args.threads)
     return TrainSettings(
-        steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, bf16=not args.fp32, **extra
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        bf16=not args.fp32,
+        device=args.device,
+        deadline=args.deadline,
+        **extra,
     )
 
 
@@ -446,18 +465,20 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
     _common(p, d)
     args = p.parse_args(argv)
     s = _settings(args, rank=args.rank, alpha=args.alpha, concept=args.concept)
-    md = args.models_dir
+    md, dev = args.models_dir, s.device
     text = load_text_encoder(
-        _only_file(md, "text_encoders", args.text_encoder), dtype=torch.float32
+        _only_file(md, "text_encoders", args.text_encoder), dev, dtype=torch.float32
     ).requires_grad_(False)
     started = time.perf_counter()
     if args.engine == "dit":
         base_path = _only_file(md, "diffusion_models", args.model)
-        lora = train_dit_lora(load_dit(base_path), load_vae(_only_file(md, "vae", args.vae)), text, s)
+        vae = load_vae(_only_file(md, "vae", args.vae), dev)
+        lora = train_dit_lora(load_dit(base_path, dev), vae, text, s)
         style = "kohya"
     else:
         base_path = _only_file(md, "ar_models", args.model)
-        lora = train_gpt_lora(load_gpt(base_path), load_vq(_only_file(md, "vq_models", args.vq)), text, s)
+        vq = load_vq(_only_file(md, "vq_models", args.vq), dev)
+        lora = train_gpt_lora(load_gpt(base_path, dev), vq, text, s)
         style = "peft"
     out = args.out or md / "loras" / f"{args.engine}_{s.concept}_lora.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -465,7 +486,7 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
         f"Demo LoRA for {base_path.name}: teaches the colour word '{s.concept}' (RGB {CONCEPTS[s.concept]}), "
         f"never seen by the base. Trained {s.steps} steps x {s.batch} on synthetic shape scenes "
         f"(half recoloured to {s.concept}), rank {s.rank}, alpha {s.alpha}, "
-        f"{time.perf_counter() - started:.0f}s on CPU by `tessera train lora --engine {args.engine}`."
+        f"{time.perf_counter() - started:.0f}s on {_hardware(dev)} by `tessera train lora --engine {args.engine}`."
     )
     save_lora(
         lora,
@@ -479,6 +500,7 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
             "rank": s.rank,
             "alpha": s.alpha,
             "steps": s.steps,
+            "batch": s.batch,
         },
     )
     print(f"saved {out}")
@@ -499,17 +521,17 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     _common(p, d)
     args = p.parse_args(argv)
     s = _settings(args)
-    md = args.models_dir
+    md, dev = args.models_dir, s.device
     text = load_text_encoder(
-        _only_file(md, "text_encoders", args.text_encoder), dtype=torch.float32
+        _only_file(md, "text_encoders", args.text_encoder), dev, dtype=torch.float32
     ).requires_grad_(False)
     started = time.perf_counter()
     how = "the scene's Canny edges (CannyEdges node, defaults)"
     if args.engine == "dit":
         base_path = _only_file(md, "diffusion_models", args.model)
         net = train_dit_controlnet(
-            load_dit(base_path),
-            load_vae(_only_file(md, "vae", args.vae)),
+            load_dit(base_path, dev),
+            load_vae(_only_file(md, "vae", args.vae), dev),
             text,
             s,
             args.depth,
@@ -522,7 +544,7 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     else:
         base_path = _only_file(md, "ar_models", args.model)
         net = train_gpt_controlnet(
-            load_gpt(base_path), load_vq(_only_file(md, "vq_models", args.vq)), text, s, args.width
+            load_gpt(base_path, dev), load_vq(_only_file(md, "vq_models", args.vq), dev), text, s, args.width
         )
         what = f"per-token embeddings of the control image, {how}, added where each token is predicted"
         save = save_ar_controlnet
@@ -530,9 +552,9 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     card = (
         f"Demo edges -> scene ControlNet for {base_path.name} ({what}). Trained {s.steps} steps x "
-        f"{s.batch} on synthetic scenes, {time.perf_counter() - started:.0f}s on CPU by "
+        f"{s.batch} on synthetic scenes, {time.perf_counter() - started:.0f}s on {_hardware(dev)} by "
         f"`tessera train controlnet --engine {args.engine}`."
     )
-    save(net, out, card)
+    save(net.to("cpu", torch.float16), out, card)  # shipped in fp16, as the base models are
     print(f"saved {out}")
     return out

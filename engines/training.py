@@ -28,7 +28,7 @@ import resource
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -150,6 +150,11 @@ class RunOptions:
     log_every: int = 10
     autocast: bool = True
     command: str = ""
+    device: str = "cpu"  # "cuda" trains on a GPU (bf16 autocast there too)
+    workers: int = 0  # processes rendering batches ahead of the loop (0: render in the loop)
+    deadline: float | None = None  # wall-clock time (epoch s) by which the loop must end
+    pace_dir: Path | None = None  # runs that must see the same examples publish their speed here
+    pace_peers: int = 1  # how many runs publish there (the pair DiT + GPT: 2)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -325,7 +330,7 @@ def _save_state(
     prior = log.options.extra.get("prior_time", {"wall_s": 0.0, "cpu_s": 0.0})
     wall, cpu = wall + prior["wall_s"], cpu + prior["cpu_s"]  # cumulative over resumes
     tensors = {
-        f"modules/{k}/{name}": t.detach().clone(memory_format=torch.contiguous_format)
+        f"modules/{k}/{name}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
         for k, m in modules.items()
         for name, t in m.state_dict().items()
     }
@@ -334,8 +339,8 @@ def _save_state(
     for index, entry in optimizer["state"].items():
         for name, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer/{index}/{name}"] = value.detach().clone(
-                    memory_format=torch.contiguous_format
+                tensors[f"optimizer/{index}/{name}"] = (
+                    value.detach().cpu().clone(memory_format=torch.contiguous_format)
                 )
             else:
                 scalars[f"{index}/{name}"] = value
@@ -379,19 +384,123 @@ def _setup(options: RunOptions) -> None:
     torch.set_num_threads(options.threads)
     torch.manual_seed(options.seed)
     random.seed(options.seed)
+    if options.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def _autocast(options: RunOptions):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.autocast)
+    return torch.autocast(torch.device(options.device).type, dtype=torch.bfloat16, enabled=options.autocast)
+
+
+def _adamw(params, options: RunOptions, **kw) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step on a GPU (tiny models are launch-bound there)."""
+    return torch.optim.AdamW(params, fused=options.device.startswith("cuda") or None, **kw)
 
 
 def _stored(module: nn.Module) -> nn.Module:
-    """A copy of the module in the shipping dtype."""
-    return copy.deepcopy(module).to(STORE_DTYPE).eval()
+    """A CPU copy of the module in the shipping dtype."""
+    return copy.deepcopy(module).to("cpu", STORE_DTYPE).eval()
 
 
 def _batch(options: RunOptions, step: int, kinds: Sequence[str] = TRAIN_KINDS) -> synthetic.Batch:
     return synthetic.make_batch(options.batch, options.seed, step, "train", kinds)
+
+
+class _StreamBatches(torch.utils.data.Dataset):
+    """Batch `step` of the training stream, picklable so DataLoader workers can render ahead."""
+
+    def __init__(self, options: RunOptions, kinds: Sequence[str]):
+        self.batch, self.seed, self.kinds = options.batch, options.seed, tuple(kinds)
+
+    def __len__(self) -> int:
+        return 1 << 62
+
+    def __getitem__(self, step: int) -> tuple[int, synthetic.Batch]:
+        return step, synthetic.make_batch(self.batch, self.seed, step, "train", self.kinds)
+
+
+def _as_is(item):
+    return item
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _stream(options: RunOptions, start: int, kinds: Sequence[str] = TRAIN_KINDS):
+    """(step, batch) from `start` up to `options.steps` (read at every step: pacing may shorten a run),
+    with the images already on the training device."""
+    steps = range(start, options.steps)
+    if options.workers > 0:
+        source = iter(
+            torch.utils.data.DataLoader(
+                _StreamBatches(options, kinds),
+                batch_size=None,
+                sampler=steps,
+                num_workers=options.workers,
+                collate_fn=_as_is,
+                prefetch_factor=4,
+                pin_memory=options.device.startswith("cuda"),
+                worker_init_fn=_one_thread,
+            )
+        )
+    else:
+        source = ((i, _batch(options, i, kinds)) for i in steps)
+    for step, batch in source:
+        if step >= options.steps:
+            return
+        yield step, replace(batch, images=batch.images.to(options.device, non_blocking=True))
+
+
+def _warmup(options: RunOptions, divisor: int) -> int:
+    return options.warmup if options.warmup is not None else max(1, options.steps // divisor)
+
+
+PACE_FROM, PACE_AT = 10, 40  # steps between which a deadline-bound run measures its speed
+PAIRED_GRACE_S = 60.0
+
+
+def pace_to_deadline(options, kind: str, step: int, clock: dict) -> bool:
+    """Fit a run (RunOptions or the adapters' TrainSettings: `.steps`, `.deadline`, optional
+    `.pace_dir`/`.pace_peers`) into its deadline; False once it has passed (the run ends there).
+
+    At step PACE_AT the run measures its speed since PACE_FROM and shortens `options.steps` to
+    what ends by the deadline. Runs that must see the same examples (the DiT and the GPT) share
+    `pace_dir`: each publishes its speed, waits for its peers, and all take the slowest pace from
+    the latest start, so every one of them computes the same number of steps; having agreed, they
+    may overrun the deadline by up to PAIRED_GRACE_S to keep that promise.
+    """
+    if options.deadline is None:
+        return True
+    now = time.time()
+    if now > options.deadline + clock.get("grace", 0.0):
+        print(f"[{kind}] deadline reached: stopping at step {step}", flush=True)
+        options.steps = step
+        return False
+    if step == PACE_FROM:
+        clock["from"] = now
+    if step == PACE_AT and "from" in clock:
+        rate, t0 = (PACE_AT - PACE_FROM) / (now - clock["from"]), now
+        if getattr(options, "pace_dir", None):
+            pace_dir = Path(options.pace_dir)
+            pace_dir.mkdir(parents=True, exist_ok=True)
+            tmp = pace_dir / f"{kind}.tmp"
+            tmp.write_text(json.dumps({"rate": rate, "t": now}))
+            os.replace(tmp, pace_dir / f"{kind}.json")
+            peers = []
+            while time.time() < now + 120:
+                peers = [json.loads(f.read_text()) for f in sorted(pace_dir.glob("*.json"))]
+                if len(peers) >= options.pace_peers:
+                    break
+                time.sleep(0.2)
+            rate, t0 = min(p["rate"] for p in peers), max(p["t"] for p in peers)
+            clock["grace"] = PAIRED_GRACE_S
+        budget = max(0, int((options.deadline - t0) * rate * 0.93))
+        options.steps = min(options.steps, PACE_AT + budget)
+        print(f"[{kind}] paced to {options.steps} steps ({rate:.1f} steps/s)", flush=True)
+    return True
 
 
 class EMA:
@@ -509,27 +618,30 @@ def train_vae(
     """
     _setup(options)
     lr = options.lr or 1e-3
-    warmup = options.warmup if options.warmup is not None else max(1, options.steps // 50)
     if decoder_only and not init_from:
         raise ValueError("decoder-only training continues a trained VAE: pass init_from")
     model = load_vae(init_from) if init_from else AutoencoderKL(config)
-    model = model.to(memory_format=torch.channels_last).requires_grad_(not decoder_only)
+    model = model.to(options.device, memory_format=torch.channels_last).requires_grad_(not decoder_only)
     trainable = _decoder_side(model, decoder_only)
-    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = _adamw(trainable, options, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
     log = TrainLog(options.log, "vae", options, append=start > 0)
     gen = torch.Generator().manual_seed(options.seed + 17)
     model.train()
-    for step in range(start, options.steps):
+    clock: dict = {}
+    for step, batch in _stream(options, start):
+        if not pace_to_deadline(options, "vae", step, clock):
+            break
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, warmup)
-        x = _batch(options, step).images.contiguous(memory_format=torch.channels_last)
+            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 50))
+        x = batch.images.contiguous(memory_format=torch.channels_last)
         with _autocast(options), torch.set_grad_enabled(not decoder_only):
             mean, logvar = model.encode_moments(x)
         with _autocast(options):
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+            eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+            z = mean + torch.exp(0.5 * logvar) * eps
             if model.post_quant_conv is not None:
                 z = model.post_quant_conv(z.to(x.dtype))
             y = model.decoder(z.to(x.dtype)).float()
@@ -618,7 +730,9 @@ def _fit_latent_normalisation(
 ) -> tuple[float, float]:
     """(scale, shift) that give the training latents zero mean and unit variance."""
     zs = [
-        model.encode_moments(synthetic.make_batch(64, options.seed + 99, i, "train", TRAIN_KINDS).images)[0]
+        model.encode_moments(
+            synthetic.make_batch(64, options.seed + 99, i, "train", TRAIN_KINDS).images.to(options.device)
+        )[0]
         for i in range(batches)
     ]
     z = torch.cat(zs)
@@ -640,25 +754,27 @@ def train_vq(
     """
     _setup(options)
     lr = options.lr or 1e-3
-    warmup = options.warmup if options.warmup is not None else max(1, options.steps // 50)
     if decoder_only and not init_from:
         raise ValueError("decoder-only training continues a trained VQ model: pass init_from")
     model = load_vq(init_from) if init_from else VQModel(config)
     config = model.config
-    model = model.to(memory_format=torch.channels_last).requires_grad_(not decoder_only)
+    model = model.to(options.device, memory_format=torch.channels_last).requires_grad_(not decoder_only)
     trainable = _decoder_side(model, decoder_only)
-    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = _adamw(trainable, options, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
     log = TrainLog(options.log, "vq", options, append=start > 0)
     gen = torch.Generator().manual_seed(options.seed + 23)
-    usage = torch.zeros(config.codebook_size)
+    usage = torch.zeros(config.codebook_size, device=options.device)
     model.train()
-    for step in range(start, options.steps):
+    clock: dict = {}
+    for step, batch in _stream(options, start):
+        if not pace_to_deadline(options, "vq", step, clock):
+            break
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, warmup)
-        x = _batch(options, step).images.contiguous(memory_format=torch.channels_last)
+            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 50))
+        x = batch.images.contiguous(memory_format=torch.channels_last)
         with _autocast(options), torch.set_grad_enabled(not decoder_only):
             h = model.quant_conv(model.encoder(x))
         z = F.normalize(h.float(), dim=1)  # [B, D, h, w]
@@ -731,8 +847,8 @@ def _reseed_dead_codes(model: VQModel, usage: Tensor, z: Tensor, gen: torch.Gene
     if len(dead) == 0:
         return 0
     pool = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-    pick = torch.randint(0, pool.shape[0], (len(dead),), generator=gen)
-    noise = 0.01 * torch.randn(len(dead), pool.shape[1], generator=gen)
+    pick = torch.randint(0, pool.shape[0], (len(dead),), generator=gen).to(pool.device)
+    noise = 0.01 * torch.randn(len(dead), pool.shape[1], generator=gen).to(pool.device)
     model.quantize.embedding.weight[dead] = F.normalize(pool[pick] + noise, dim=-1).to(
         model.quantize.embedding.weight.dtype
     )
@@ -791,14 +907,15 @@ def train_dit(
     """Rectified flow on VAE latents: x_t = (1−t)·x0 + t·ε, target ε − x0, logit-normal t, 10% empty captions."""
     _setup(options)
     lr = options.lr or 1e-3
-    warmup = options.warmup if options.warmup is not None else max(1, options.steps // 25)
-    te = _frozen(load_text_encoder(text_encoder_path))
-    vae = _frozen(load_vae(vae_path))
+    dev = options.device
+    te = _frozen(load_text_encoder(text_encoder_path)).to(dev)
+    vae = _frozen(load_vae(vae_path)).to(dev)
     config = config or dit_config(vae.config.latent_channels, te.config.context_dim, te.config.pooled_dim)
     model = Flux(config)
     _init_flux(model)
+    model.to(dev)
     ema = EMA(model, ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = _adamw(model.parameters(), options, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     start = 0
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model, "ema": ema.shadow}, opt, options)
@@ -807,18 +924,20 @@ def train_dit(
         f"[dit] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True
     )
     model.train()
-    for step in range(start, options.steps):
+    clock: dict = {}
+    for step, batch in _stream(options, start):
+        if not pace_to_deadline(options, "dit", step, clock):
+            break
         gen = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, warmup)
-        batch = _batch(options, step)
+            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 25))
         captions, _ = _drop_captions(batch.captions, gen)
         with torch.no_grad():
             cond = te.encode(captions)  # fp32, as the nodes run it
             with _autocast(options):
                 x0 = vae.encode(batch.images).float()
-        t = torch.sigmoid(torch.randn(options.batch, generator=gen))
-        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(options.batch, generator=gen)).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
         tt = t[:, None, None, None]
         xt = (1 - tt) * x0 + tt * noise
         mask = None if bool(cond.mask.all()) else cond.mask
@@ -919,16 +1038,17 @@ def train_ar(
     """Next-token cross-entropy over the 64 VQ tokens after the caption prefix; 10% null captions."""
     _setup(options)
     lr = options.lr or 1e-3
-    warmup = options.warmup if options.warmup is not None else max(1, options.steps // 25)
-    te = _frozen(load_text_encoder(text_encoder_path))
-    vq = _frozen(load_vq(vq_path))
+    dev = options.device
+    te = _frozen(load_text_encoder(text_encoder_path)).to(dev)
+    vq = _frozen(load_vq(vq_path)).to(dev)
     grid = 64 // vq.downsample
     config = config or gpt_config(vq.config.codebook_size, te.config.context_dim, te.config.max_length, grid)
     model = GPT(config)
     _init_gpt(model)
-    uncond = nn.Parameter(torch.randn(config.cls_token_num, config.caption_dim) * 0.02)
+    model.to(dev)
+    uncond = nn.Parameter((torch.randn(config.cls_token_num, config.caption_dim) * 0.02).to(dev))
     ema = EMA(model, ema_decay)
-    opt = torch.optim.AdamW([*model.parameters(), uncond], lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = _adamw([*model.parameters(), uncond], options, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     holder = nn.ParameterDict({"uncond": uncond})
     start = 0
     if options.resume_from:
@@ -940,13 +1060,16 @@ def train_ar(
         f"[ar] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True
     )
     model.train()
-    for step in range(start, options.steps):
+    clock: dict = {}
+    for step, batch in _stream(options, start):
+        if not pace_to_deadline(options, "ar", step, clock):
+            break
         gen = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, warmup)
-        batch = _batch(options, step)
+            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 25))
         # the same draw as the DiT's, so both generators drop the same captions
         _, drop = _drop_captions(batch.captions, gen)
+        drop = drop.to(dev)
         with torch.no_grad():
             cond = te.encode(batch.captions)  # fp32, as the nodes run it
             with _autocast(options):
@@ -1022,7 +1145,8 @@ def sample_dit(
     schedule: str = "flux",
     batch: int = 32,
 ) -> Tensor:
-    """Images [B, 64, 64, 3] in 0..1 for `captions`, CFG against the empty caption."""
+    """Images [B, 64, 64, 3] in 0..1 (on the CPU) for `captions`, CFG against the empty caption,
+    on the models' device."""
     from .latent import seeded_noise
 
     images = []
@@ -1032,7 +1156,7 @@ def sample_dit(
         positive = te.encode(chunk)
         velocity = guided_velocity(model, positive, negative, cfg)
         c = model.config.in_channels
-        noise = seeded_noise(seed + i, (len(chunk), c, 8, 8))
+        noise = seeded_noise(seed + i, (len(chunk), c, 8, 8)).to(positive.tokens.device)
         sigmas = sigmas_for(schedule, steps, 1.0, 64)
         x = SAMPLERS[sampler](velocity, noise * sigmas[0], sigmas)
         images.append(((vae.decode(x).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu())
@@ -1060,7 +1184,7 @@ def sample_ar(
     for i in range(0, len(captions), batch):
         chunk = captions[i : i + batch]
         prefix = condition_prefix(model, len(chunk), positive=te.encode(chunk), cfg=cfg != 1.0)
-        g = torch.Generator().manual_seed(seed + i)
+        g = torch.Generator(model.output.weight.device).manual_seed(seed + i)
         ids = generate(
             model,
             prefix,
@@ -1101,24 +1225,25 @@ def evaluate(
     which: Sequence[str] = ("dit", "ar"),
     kinds: Sequence[str] = synthetic.KINDS,
     files: dict | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Held-out prompt adherence of the shipped generators, scored by engines.scorers."""
     files = {**DEFAULT_FILES, **(files or {})}
     models_dir = Path(models_dir)
-    te = load_text_encoder(models_dir / files["text_encoder"], dtype=torch.float32).eval()
+    te = load_text_encoder(models_dir / files["text_encoder"], device, torch.float32).eval()
     scenes = heldout_scenes(n_per_kind, kinds=kinds)
     captions = [synthetic.caption(a) for a in scenes]
     report = {"n_per_kind": n_per_kind, "captions": "canonical captions of held-out attribute combinations"}
     if "dit" in which:
-        model = load_dit(models_dir / files["dit"])
-        vae = load_vae(models_dir / files["vae"])
+        model = load_dit(models_dir / files["dit"], device=device)
+        vae = load_vae(models_dir / files["vae"], device=device)
         kw = {"steps": 20, "cfg": 4.0, **(dit_kwargs or {})}
         t = time.time()
         images = sample_dit(model, vae, te, captions, seed=seed, **kw)
         report["dit"] = {"settings": kw, "seconds": round(time.time() - t, 1), **score_images(images, scenes)}
     if "ar" in which:
-        model = load_gpt(models_dir / files["ar"])
-        vq = load_vq(models_dir / files["vq"])
+        model = load_gpt(models_dir / files["ar"], device=device)
+        vq = load_vq(models_dir / files["vq"], device=device)
         kw = {"cfg": 3.0, "temperature": 1.0, **(ar_kwargs or {})}
         t = time.time()
         images = sample_ar(model, vq, te, captions, seed=seed, **kw)

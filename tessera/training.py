@@ -60,13 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--log", type=Path, default=None, help="JSON-lines log (default under artifacts/train/)"
         )
+        _device_arguments(p)
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=0,
+            help="processes rendering batches ahead (default 0: in the loop)",
+        )
+        p.add_argument(
+            "--pace-dir",
+            type=Path,
+            default=None,
+            help="with --deadline: runs sharing this folder take the same number of steps (the slowest's pace)",
+        )
+        p.add_argument("--pace-peers", type=int, default=1, help="how many runs share --pace-dir")
         p.add_argument("--ckpt-every", type=int, default=200)
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument(
             "--autocast",
             action=argparse.BooleanOptionalAction,
             default=autocast,
-            help=f"bf16 autocast on CPU (default: {'on' if autocast else 'off'} for {kind})",
+            help=f"bf16 autocast (default: {'on' if autocast else 'off'} for {kind})",
         )
         if kind in ("vae", "vq"):
             p.add_argument(
@@ -89,11 +103,131 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--which", default="dit,ar")
     ev.add_argument("--kinds", default="shape,relation,word,texture")
     ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--device", default="cpu", help="cpu or cuda")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--dit", default="{}", help='JSON sampler settings, e.g. \'{"steps": 20, "cfg": 4}\'')
     ev.add_argument("--ar", default="{}", help='JSON decoding settings, e.g. \'{"cfg": 3, "top_k": 0}\'')
     ev.add_argument("--json-out", type=Path, default=None)
+    rc = sub.add_parser(
+        "defaults",
+        help="the whole recipe in one time budget: vae+vq, then dit+ar (same examples), then the demo adapters",
+    )
+    rc.add_argument("--models-dir", type=Path, default=default_models_dir(), help="where the files go")
+    rc.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget for all stages")
+    rc.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    rc.add_argument("--workers", type=int, default=0, help="batch-rendering processes per run")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument(
+        "--text-encoder",
+        type=Path,
+        default=None,
+        help="reuse this trained text encoder (default: train one first, ~13 CPU-minutes)",
+    )
     return parser
+
+
+# The recipe's stages: runs side by side, their batch on CPU / on a GPU, and their share of the budget.
+RECIPE = (
+    ((("vae", "vae"), ("vq", "vq")), (16, 64), 0.27),
+    ((("dit", "dit"), ("ar", "ar")), (32, 128), 0.52),
+    (
+        (
+            ("lora", "lora --engine dit"),
+            ("lora", "lora --engine gpt"),
+            ("controlnet", "controlnet --engine dit"),
+            ("controlnet", "controlnet --engine gpt"),
+        ),
+        (16, 64),
+        0.21,
+    ),
+)
+
+
+def train_defaults(args: argparse.Namespace) -> None:
+    """Run the recipe stage by stage, each stage's runs as parallel processes with a shared deadline.
+
+    Every run paces itself to its stage's deadline (`--deadline`), the DiT and the GPT through one
+    pace folder so they take the same number of steps on the same examples.
+    """
+    import os
+    import shutil
+    import time
+
+    from tessera.engines.training import DEFAULT_FILES
+
+    models, work = args.models_dir, Path("artifacts") / "train"
+    work.mkdir(parents=True, exist_ok=True)
+    te = models / DEFAULT_FILES["text_encoder"]
+    started, budget = time.time(), args.minutes * 60
+    if args.text_encoder and args.text_encoder.resolve() != te.resolve():
+        te.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.text_encoder, te)
+    elif not args.text_encoder:
+        _run_stage(
+            [("text-encoder", ["text-encoder", "--models-dir", str(models), "--seed", str(args.seed)])], work
+        )
+        budget -= time.time() - started
+    gpu = args.device.startswith("cuda")
+    deadline = time.time()
+    for runs, (cpu_batch, gpu_batch), share in RECIPE:
+        deadline += share * budget
+        pace = work / f"pace-{os.getpid()}-{runs[0][0]}"
+        shutil.rmtree(pace, ignore_errors=True)
+        commands = []
+        for kind, spec in runs:
+            cmd = [*spec.split(), "--models-dir", str(models), "--device", args.device]
+            cmd += ["--deadline", f"{deadline:.1f}", "--batch", str(gpu_batch if gpu else cpu_batch)]
+            cmd += ["--steps", "1000000", "--seed", str(args.seed)]
+            if kind in KINDS:
+                cmd += ["--workers", str(args.workers), "--threads", "1"]
+            if kind in ("dit", "ar"):
+                cmd += ["--pace-dir", str(pace), "--pace-peers", "2"]
+            commands.append((spec.replace(" --engine ", "-"), cmd))
+        _run_stage(commands, work)
+    print(f"recipe done in {(time.time() - started) / 60:.1f} min; files under {models}", flush=True)
+
+
+def _run_stage(commands: list[tuple[str, list[str]]], work: Path) -> None:
+    """Run named `tessera train …` commands side by side; stop with the log tail of any that failed."""
+    import subprocess
+
+    procs = []
+    for name, cmd in commands:
+        log = work / f"{name}.out"
+        print(f"$ tessera train {shlex.join(cmd)}   (log: {log})", flush=True)
+        out = log.open("w")
+        procs.append(
+            (
+                name,
+                log,
+                out,
+                subprocess.Popen(
+                    [sys.executable, "-m", "tessera.cli", "train", *cmd], stdout=out, stderr=subprocess.STDOUT
+                ),
+            )
+        )
+    failed = []
+    for name, log, out, proc in procs:
+        proc.wait()
+        out.close()
+        tail = log.read_text().strip().splitlines()[-3:]
+        print(f"[{name}] exit {proc.returncode}: " + " | ".join(tail), flush=True)
+        if proc.returncode:
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"tessera train defaults: {', '.join(failed)} failed (logs in {work})")
+
+
+def _device_arguments(p: argparse.ArgumentParser) -> None:
+    """--device and --deadline, shared with the adapter trainers."""
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="wall-clock time (Unix seconds) by which training must end: --steps becomes a cap and "
+        "the run paces itself to finish in time (the card records the steps it took)",
+    )
 
 
 ADAPTER_KINDS = ("lora", "controlnet")  # trained on the built-in models by engines.adapter_training
@@ -112,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tessera.engines import training as T
 
+    if args.kind == "defaults":
+        train_defaults(args)
+        return 0
     if args.kind == "eval":
         torch.set_num_threads(args.threads)
         report = T.evaluate(
@@ -122,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             json.loads(args.ar),
             args.which.split(","),
             args.kinds.split(","),
+            device=args.device,
         )
         text = json.dumps(report, indent=1)
         print(text)
@@ -148,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         log_every=args.log_every,
         autocast=args.autocast,
         command="tessera train " + shlex.join(argv),
+        device=args.device,
+        workers=args.workers,
+        deadline=args.deadline,
+        pace_dir=args.pace_dir,
+        pace_peers=args.pace_peers,
     )
     if args.kind == "text-encoder":
         card = T.train_text_encoder(options)
