@@ -1,0 +1,1030 @@
+"""Diffusion vs autoregressive, head to head on the shipped tiny models, claim by claim.
+
+`tessera bench paradigms` generates images from held-out captions (engines.training.heldout_scenes:
+attribute combinations neither generator saw in training) with fixed seeds, once with the
+Flux-architecture DiT (tessera-dit-tiny, VAE f8) and once with the LlamaGen-architecture GPT
+(tessera-ar-tiny, VQ f8), and measures:
+
+- prompt adherence with engines.scorers: word exact match (text rendering), single-object attribute
+  accuracy, the two-object relation scenes' all-correct rate (multi-clause), texture-scene accuracy;
+- a texture/realism score: the Fréchet distance between the penultimate features of a small scene
+  classifier (engines.scene_features, trained on synthetic renders) of the generated images and of
+  real renders of the same held-out scenes (lower is better; `fd_floor` is what real renders of
+  those scenes score against them with the same number of images: a perfect generator's value);
+- diversity: per caption, the mean pairwise distance between the images of several seeds
+  (classifier features and pixels), next to the same measure on real renders;
+- latency: milliseconds per image at batch 1 and 16 (end to end: text encoding, sampling, decoding),
+  network forward passes per image (CFG's unconditional rows count), sequential passes per batch;
+- early errors: the AR model gets one wrong early token (the palette-colour token farthest in the
+  codebook from the one it drew, forced at one early raster position; the random stream is
+  unchanged), the DiT gets the same cell of its clean estimate replaced by the farthest palette
+  colour's latent at an early denoising step; same seeds; the score drop against the unperturbed
+  images is compared with the drop of the same corruption applied to the finished image (no chance
+  to react);
+- a guidance sweep for both (DiT cfg 1, 2, 4, 6; GPT cfg 1, 2, 3, 5).
+
+It prints a metrics table, then a verdict per row of the usual claimed comparison (confirmed,
+refuted, or not measurable here, with the numbers: differences within 2 standard errors are
+"not measurable here"), writes a JSON report and a PNG plot, and prints one JSON line.
+
+Usage:
+    tessera bench paradigms                    # full: --n 32 captions per kind, about 5-10 min on 2 CPU cores
+    tessera bench paradigms --quick            # CI mode: 2 captions per kind, small sweep, under a minute
+    tessera bench paradigms --device cuda --n 128 --json-out report.json --plot report.png
+
+Options: --n (held-out captions per scene kind), --quick, --device cpu|cuda, --models-dir,
+--json-out (default artifacts/bench/paradigms.json), --plot (default artifacts/bench/paradigms.png),
+--seed, --threads, --dit-steps, --dit-cfg, --ar-cfg. The feature classifier ships as
+models/classifiers/tessera-scene-features.safetensors; when it is missing it is trained first
+(about two minutes on CPU) and written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tessera.engines import scene_features, synthetic
+from tessera.engines.ar_decoding import condition_prefix, generate
+from tessera.engines.flux import guided_velocity, load_dit
+from tessera.engines.gpt import load_gpt
+from tessera.engines.latent import seeded_noise
+from tessera.engines.samplers import SAMPLERS
+from tessera.engines.schedules import sigmas_for
+from tessera.engines.scorers import score
+from tessera.engines.text_encoder import load_text_encoder
+from tessera.engines.tokens import TokenGrid
+from tessera.engines.training import DEFAULT_FILES, heldout_scenes
+from tessera.engines.vae import load_vae
+from tessera.engines.vq import load_vq
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIFIER_FILE = "classifiers/tessera-scene-features.safetensors"
+VERDICTS = ("confirmed", "refuted", "not measurable here")
+WORD_CHANCE = 1 / len(synthetic.WORDS)
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    n: int = 32  # held-out captions per scene kind
+    quick: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    batch: int = 32
+    dit_steps: int = 20
+    dit_cfg: float = 4.0
+    ar_cfg: float = 3.0
+    dit_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0)
+    ar_sweep: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0)
+    diversity_per_kind: int = 4  # captions per kind in the diversity set
+    diversity_seeds: int = 4  # images per caption
+    latency_repeats: tuple[int, int] = (3, 2)  # timed runs at batch 1 and batch 16 (the best counts)
+    error_fraction: float = 0.15  # how early the error comes: share of tokens / of denoising steps
+    real_per_scene: int = 8  # real renders per held-out scene for the reference statistics
+    bootstrap: int = 50
+
+    @classmethod
+    def quick_mode(cls, **kw) -> Settings:
+        base = dict(n=2, quick=True, dit_sweep=(1.0, 4.0), ar_sweep=(1.0, 3.0), diversity_per_kind=1,
+                    diversity_seeds=2, latency_repeats=(1, 1), real_per_scene=16, bootstrap=20)  # fmt: skip
+        return cls(**{**base, **kw})
+
+    @property
+    def error_step(self) -> int:
+        return max(1, round(self.error_fraction * self.dit_steps))
+
+    @property
+    def error_position(self) -> int:
+        return max(1, round(self.error_fraction * 64))  # ≥ 1: position 0 would shift the random stream
+
+
+# ---------------------------------------------------------------- counting forward passes
+
+
+class PassCounter:
+    """Counts a module's forward calls, the rows they process and the image positions per row."""
+
+    def __init__(self, module: torch.nn.Module, positions):
+        self.positions = positions
+        self.calls = self.rows = self.row_positions = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        x = args[0]
+        self.calls += 1
+        self.rows += x.shape[0]
+        self.row_positions += x.shape[0] * self.positions(x)
+
+    def reset(self) -> None:
+        self.calls = self.rows = self.row_positions = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- the two generators
+
+
+class DiTEngine:
+    """engines.training.sample_dit's loop (same noise per image index, same schedule) with the
+    device placement, an optional corruption of one latent cell at a chosen step, and counters."""
+
+    name, label = "dit", "diffusion (DiT)"
+
+    def __init__(self, models_dir: Path, te, device: torch.device, steps: int, cfg: float):
+        self.model = load_dit(models_dir / DEFAULT_FILES["dit"], device=device).eval()
+        self.vae = load_vae(models_dir / DEFAULT_FILES["vae"]).to(device).eval()
+        self.te, self.device, self.steps, self.cfg = te, device, steps, cfg
+        self.sampler, self.schedule = "euler", "flux"
+        self.counter = PassCounter(self.model, lambda x: x.shape[-1] * x.shape[-2])
+        self._palette = None
+
+    @property
+    def palette(self) -> torch.Tensor:
+        """Latent [K, C] of a flat image of each palette colour (centre cell)."""
+        if self._palette is None:
+            flat = np.stack([np.full((64, 64, 3), c, np.uint8) for c in synthetic.COLORS.values()])
+            with torch.no_grad():
+                z = self.vae.encode(synthetic.to_training_tensor(flat).to(self.device)).float()
+            self._palette = z[:, :, 3:5, 3:5].mean((2, 3))
+        return self._palette
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        captions: list[str],
+        seed: int,
+        cfg: float | None = None,
+        batch: int = 32,
+        corrupt: tuple | None = None,
+    ) -> torch.Tensor:
+        """Final latents [B, C, 8, 8] (CPU). `corrupt=(step, row, col)` overwrites that latent cell's clean
+        estimate with the farthest palette colour once `step` steps are done, then denoising goes on."""
+        cfg = self.cfg if cfg is None else cfg
+        negative = self.te.encode([""])
+        out = []
+        for i in range(0, len(captions), batch):
+            chunk = captions[i : i + batch]
+            velocity = guided_velocity(self.model, self.te.encode(chunk), negative, cfg)
+            c = self.model.config.in_channels
+            sigmas = sigmas_for(self.schedule, self.steps, 1.0, 64)
+            x = (seeded_noise(seed + i, (len(chunk), c, 8, 8)) * sigmas[0]).to(self.device)
+            run = SAMPLERS[self.sampler]
+            if corrupt is None:
+                x = run(velocity, x, sigmas)
+            else:
+                step, row, col = corrupt
+                state: dict = {"total": self.steps}
+                if step > 0:
+                    x = run(velocity, x, sigmas[: step + 1], state=state)
+                x = self.corrupt(x, float(sigmas[step]), velocity, row, col)
+                if step < self.steps:
+                    x = run(velocity, x, sigmas[step:], state=state)
+            out.append(x.float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        return torch.cat(
+            [((self.vae.decode(latents[i : i + batch].to(self.device)).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
+             for i in range(0, len(latents), batch)]
+        )  # fmt: skip
+
+    def sample(
+        self, captions: list[str], seed: int, cfg: float | None = None, batch: int = 32, corrupt=None
+    ) -> torch.Tensor:
+        """IMAGE [B, 64, 64, 3] in 0..1 (CPU), as engines.training.sample_dit makes them."""
+        return self.decode(self.sample_latents(captions, seed, cfg, batch, corrupt))
+
+    @torch.no_grad()
+    def corrupt(self, x: torch.Tensor, sigma: float, velocity, row: int, col: int) -> torch.Tensor:
+        """x = (1−σ)·x̂₀ + σ·ε̂ with x̂₀ at (row, col) replaced by the farthest palette latent
+        (σ = 0: the finished latent itself, no model call)."""
+        x = x.to(self.device)
+        if sigma > 0:
+            v = velocity(x, x.new_full((x.shape[0],), sigma))
+            x0, eps = x - sigma * v, x + (1 - sigma) * v
+        else:
+            x0, eps = x, torch.zeros_like(x)
+        cell = x0[:, :, row, col]  # [B, C]
+        far = torch.cdist(cell.float(), self.palette).argmax(1)
+        x0 = x0.clone()
+        x0[:, :, row, col] = self.palette[far].to(x0)
+        return (1 - sigma) * x0 + sigma * eps
+
+    def forward_passes(self, cfg: float) -> int:
+        return self.steps * (2 if cfg != 1.0 else 1)
+
+    def sequential_passes(self) -> int:
+        return self.steps
+
+
+class AREngine:
+    """engines.training.sample_ar's loop (one generator per batch seeded seed + i) with the device
+    placement, forced tokens and counters; returns token grids too."""
+
+    name, label = "ar", "autoregressive (GPT)"
+
+    def __init__(self, models_dir: Path, te, device: torch.device, cfg: float):
+        self.model = load_gpt(models_dir / DEFAULT_FILES["ar"], device=device).eval()
+        self.vq = load_vq(models_dir / DEFAULT_FILES["vq"], device=device).eval()
+        self.te, self.device, self.cfg = te, device, cfg
+        self.grid = self.model.config.grid_size
+        self.counter = PassCounter(self.model, lambda x: x.shape[1])
+        self._palette = None
+
+    @property
+    def palette(self) -> torch.Tensor:
+        """Token id [K] of a flat image of each palette colour (the most common id of its grid)."""
+        if self._palette is None:
+            flat = np.stack([np.full((64, 64, 3), c, np.uint8) for c in synthetic.COLORS.values()])
+            with torch.no_grad():
+                ids = self.vq.encode(synthetic.to_training_tensor(flat).to(self.device)).flatten(1).cpu()
+            self._palette = torch.mode(ids, dim=1).values
+        return self._palette
+
+    def wrong_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """For each token id [B], the palette token whose code vector is farthest from it."""
+        book = self.vq.quantize.codebook().detach().float().cpu()
+        pal = self.palette
+        return pal[torch.cdist(book[ids.cpu()], book[pal]).argmax(1)]
+
+    @torch.no_grad()
+    def sample_ids(
+        self,
+        captions: list[str],
+        seed: int,
+        cfg: float | None = None,
+        batch: int = 32,
+        fixed: TokenGrid | None = None,
+    ) -> torch.Tensor:
+        cfg = self.cfg if cfg is None else cfg
+        out = []
+        for i in range(0, len(captions), batch):
+            chunk = captions[i : i + batch]
+            prefix = condition_prefix(self.model, len(chunk), positive=self.te.encode(chunk), cfg=cfg != 1.0)
+            g = torch.Generator(device=self.device).manual_seed(seed + i)
+            part = None
+            if fixed is not None:
+                part = TokenGrid(fixed.ids[i : i + batch], fixed.fixed_mask()[i : i + batch]).to(self.device)
+            ids = generate(
+                self.model,
+                prefix,
+                self.grid,
+                self.grid,
+                cfg_scale=cfg,
+                temperature=1.0,
+                generator=g,
+                fixed=part,
+            )
+            out.append(ids.cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        return torch.cat(
+            [((self.vq.decode(ids[i : i + batch].to(self.device)) + 1) / 2).permute(0, 2, 3, 1).cpu()
+             for i in range(0, len(ids), batch)]
+        ).clamp(0, 1)  # fmt: skip
+
+    def sample(
+        self, captions: list[str], seed: int, cfg: float | None = None, batch: int = 32
+    ) -> torch.Tensor:
+        return self.decode(self.sample_ids(captions, seed, cfg, batch))
+
+    def forward_passes(self, cfg: float) -> int:
+        return self.grid * self.grid * (2 if cfg != 1.0 else 1)
+
+    def sequential_passes(self) -> int:
+        return self.grid * self.grid
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def per_image_scores(images: torch.Tensor, scenes: list[dict]) -> list[dict[str, bool]]:
+    return [score(img.numpy(), a) for img, a in zip(images, scenes)]
+
+
+def rate(values) -> dict:
+    """Mean of 0/1 (or fractional) values with its standard error (binomial for 0/1)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if len(v) == 0:
+        return {"value": None, "se": None, "n": 0}
+    m = float(v.mean())
+    binary = bool(np.isin(v, (0.0, 1.0)).all())
+    se = (
+        math.sqrt(m * (1 - m) / len(v))
+        if binary
+        else float(v.std(ddof=1) / math.sqrt(len(v)))
+        if len(v) > 1
+        else 0.0
+    )
+    return {"value": round(m, 4), "se": round(se, 4), "n": len(v)}
+
+
+def adherence_metrics(results: list[dict[str, bool]], scenes: list[dict]) -> dict:
+    by = lambda kind: [r for r, a in zip(results, scenes) if a["kind"] == kind]  # noqa: E731
+    frac = lambda rs: [float(np.mean(list(r.values()))) for r in rs]  # noqa: E731
+    return {
+        "word_exact": rate(r["word"] for r in by("word")),
+        "word_all": rate(all(r.values()) for r in by("word")),
+        "single_object_attribute_accuracy": rate(frac(by("shape"))),
+        "single_object_all": rate(all(r.values()) for r in by("shape")),
+        "relation_all": rate(all(r.values()) for r in by("relation")),
+        "relation_attribute_accuracy": rate(frac(by("relation"))),
+        "relation_correct": rate(r["relation"] for r in by("relation")),
+        "texture_accuracy": rate(frac(by("texture"))),
+        "texture_all": rate(all(r.values()) for r in by("texture")),
+        "attribute_accuracy": rate(frac(results)),
+        "all_correct": rate(all(r.values()) for r in results),
+    }
+
+
+def fd_with_se(feats: np.ndarray, real_mu, real_cov, bootstrap: int, seed: int) -> tuple[float, float]:
+    """Fréchet distance to the real statistics, and a bootstrap standard error over the generated set."""
+    fd = scene_features.frechet_distance(*scene_features.feature_stats(feats), real_mu, real_cov)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(bootstrap):
+        pick = rng.integers(0, len(feats), len(feats))
+        boots.append(
+            scene_features.frechet_distance(*scene_features.feature_stats(feats[pick]), real_mu, real_cov)
+        )
+    return fd, float(np.std(boots, ddof=1)) if len(boots) > 1 else 0.0
+
+
+def pairwise_diversity(groups: list[np.ndarray]) -> dict:
+    """Mean pairwise L2 distance within each group (one group per caption); mean and SE over groups."""
+    per = []
+    for g in groups:
+        d = [np.linalg.norm(a - b) for a, b in itertools.combinations(g, 2)]
+        if d:
+            per.append(float(np.mean(d)))
+    return rate(per) | {"per_caption": [round(p, 4) for p in per]}
+
+
+MIN_N = 10  # fewer samples than this per side: no verdict
+
+
+def compare(claimed: dict, other: dict, higher_is_better: bool = True) -> tuple[str, float, float, str]:
+    """Verdict on 'claimed beats other': (word, difference, its SE, why). Confirmed or refuted only when
+    the difference exceeds 2 standard errors and both sides have at least MIN_N samples."""
+    a, b = claimed["value"], other["value"]
+    if a is None or b is None:
+        return VERDICTS[2], float("nan"), float("nan"), "no data"
+    diff = (a - b) if higher_is_better else (b - a)
+    se = math.sqrt((claimed["se"] or 0) ** 2 + (other["se"] or 0) ** 2)
+    if min(claimed["n"], other["n"]) < MIN_N:
+        return VERDICTS[2], diff, se, f"too few samples (n < {MIN_N})"
+    if diff > 2 * se and diff > 0:
+        return VERDICTS[0], diff, se, "difference beyond 2 SE"
+    if -diff > 2 * se and diff < 0:
+        return VERDICTS[1], diff, se, "difference beyond 2 SE, the other way"
+    return VERDICTS[2], diff, se, "within 2 SE"
+
+
+def fmt(m: dict | None, digits: int = 3) -> str:
+    if not m or m.get("value") is None:
+        return "-"
+    return f"{m['value']:.{digits}f}±{m['se']:.{digits}f}"
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def run(settings: Settings, models_dir: Path, classifier_path: Path | None = None, log=print) -> dict:
+    s = settings
+    device = torch.device(s.device)
+    started = time.time()
+    models_dir = Path(models_dir)
+    te = load_text_encoder(
+        models_dir / DEFAULT_FILES["text_encoder"], device=device, dtype=torch.float32
+    ).eval()
+    engines = {
+        "dit": DiTEngine(models_dir, te, device, s.dit_steps, s.dit_cfg),
+        "ar": AREngine(models_dir, te, device, s.ar_cfg),
+    }
+    net = scene_features.load_or_train(classifier_path or models_dir / CLASSIFIER_FILE).to(device)
+
+    scenes = heldout_scenes(s.n)
+    captions = [synthetic.caption(a) for a in scenes]
+    log(f"[paradigms] models and classifier loaded ({time.time() - started:.0f}s)")
+    log(f"[paradigms] {len(captions)} held-out captions ({s.n} per kind), seed {s.seed}, device {device}")
+
+    # real renders of the same scenes: reference statistics, and a same-size real set for the floor
+    real = np.stack(
+        [
+            synthetic.render(a, 10_000 + 97 * i + k)
+            for i, a in enumerate(scenes)
+            for k in range(s.real_per_scene)
+        ]
+    )
+    real_feats = scene_features.extract_features(net, real)
+    real_mu, real_cov = scene_features.feature_stats(real_feats)
+    floor_imgs = np.stack([synthetic.render(a, 555_555 + i) for i, a in enumerate(scenes)])
+    floor_fd, floor_se = fd_with_se(
+        scene_features.extract_features(net, floor_imgs), real_mu, real_cov, s.bootstrap, s.seed
+    )
+
+    report: dict = {
+        "bench": "paradigms",
+        "mode": "quick" if s.quick else "full",
+        "settings": asdict(s) | {"error_step": s.error_step, "error_position": s.error_position},
+        "models": {k: DEFAULT_FILES[k] for k in ("dit", "vae", "ar", "vq", "text_encoder")},
+        "captions": len(captions),
+        "realism_reference": {
+            "real_images": len(real),
+            "fd_floor": round(floor_fd, 3),
+            "fd_floor_se": round(floor_se, 3),
+        },
+    }
+    main_images, main_results = {}, {}
+    for name, eng in engines.items():
+        t0 = time.time()
+        cfg = eng.cfg
+        eng.counter.reset()
+        if name == "ar":
+            ids = eng.sample_ids(captions, s.seed, cfg, s.batch)
+            images = eng.decode(ids)
+            main_ids = ids
+        else:
+            main_latents = eng.sample_latents(captions, s.seed, cfg, s.batch)
+            images = eng.decode(main_latents)
+        chunks = math.ceil(len(captions) / s.batch)
+        passes = {
+            "forward_passes_per_image": eng.counter.rows / len(captions),
+            "sequential_passes_per_batch": eng.counter.calls / chunks,
+            "image_positions_per_image": eng.counter.row_positions / len(captions),
+            "implied_forward_passes_per_image": eng.forward_passes(cfg),
+            "implied_sequential_passes": eng.sequential_passes(),
+        }
+        results = per_image_scores(images, scenes)
+        main_images[name], main_results[name] = images, results
+        feats = scene_features.extract_features(net, images)
+        fd, fd_se = fd_with_se(feats, real_mu, real_cov, s.bootstrap, s.seed)
+        report[name] = {
+            "label": eng.label,
+            "cfg": cfg,
+            **adherence_metrics(results, scenes),
+            "fd": {"value": round(fd, 3), "se": round(fd_se, 3), "n": len(images)},
+            **passes,
+            "seconds": round(time.time() - t0, 1),
+        }
+        log(f"[paradigms] {name}: {len(images)} images in {time.time() - t0:.1f}s")
+
+    # ---- diversity: several seeds per caption
+    div_idx = [
+        i
+        for k in synthetic.KINDS
+        for i in [j for j, a in enumerate(scenes) if a["kind"] == k][: s.diversity_per_kind]
+    ]
+    div_caps = [captions[i] for i in div_idx]
+    real_groups = [
+        scene_features.extract_features(
+            net, np.stack([synthetic.render(scenes[i], 77 + 13 * k) for k in range(s.diversity_seeds)])
+        )
+        for i in div_idx
+    ]
+    report["diversity_reference"] = {"real_features": pairwise_diversity(real_groups)}
+    for name, eng in engines.items():
+        sets = [main_images[name][div_idx]]
+        for k in range(1, s.diversity_seeds):
+            sets.append(eng.sample(div_caps, s.seed + 1000 * k, None, s.batch))
+        stack = torch.stack(sets, 1)  # [captions, seeds, H, W, 3]
+        f = [scene_features.extract_features(net, g) for g in stack]
+        px = [g.flatten(1).numpy() / math.sqrt(g[0].numel()) for g in stack]  # RMS pixel distance
+        report[name]["diversity_features"] = pairwise_diversity(f)
+        report[name]["diversity_pixels"] = pairwise_diversity(px)
+    log(f"[paradigms] diversity runs done ({time.time() - started:.0f}s)")
+
+    # ---- early errors, same seeds
+    pos = s.error_position
+    row, col = divmod(pos, engines["ar"].grid)
+    base_frac = {n: np.array([np.mean(list(r.values())) for r in main_results[n]]) for n in engines}
+
+    def drop(name: str, results: list[dict]) -> dict:
+        after = np.array([np.mean(list(r.values())) for r in results])
+        return rate(base_frac[name] - after)
+
+    ar = engines["ar"]
+    wrong = ar.wrong_tokens(main_ids.flatten(1)[:, pos])
+    forced_ids = main_ids.clone()
+    forced_ids.view(len(captions), -1)[:, pos] = wrong
+    fixed = torch.zeros_like(main_ids, dtype=torch.bool)
+    fixed.view(len(captions), -1)[:, pos] = True
+    ar_ids = ar.sample_ids(captions, s.seed, None, s.batch, fixed=TokenGrid(forced_ids, fixed))
+    ar_flat, base_flat = ar_ids.flatten(1), main_ids.flatten(1)
+    ar_err = per_image_scores(ar.decode(ar_ids), scenes)
+    ar_swap = per_image_scores(ar.decode(forced_ids), scenes)  # the same wrong token, nothing regenerated
+    report["ar"]["early_error"] = {
+        "what": f"token {pos} (row {row}, col {col}) of 64 forced to the farthest palette token; later tokens resampled",
+        "drop": drop("ar", ar_err),
+        "drop_no_reaction": drop("ar", ar_swap),
+        "forced_token_in_place": bool((ar_flat[:, pos] == wrong).all()),
+        "prefix_unchanged": bool((ar_flat[:, :pos] == base_flat[:, :pos]).all()),
+        "tokens_changed_after": round(
+            float((ar_flat[:, pos + 1 :] != base_flat[:, pos + 1 :]).float().mean()), 4
+        ),
+        "score_after": rate(np.mean(list(r.values())) for r in ar_err),
+    }
+    dit = engines["dit"]
+    dit_err = dit.sample(captions, s.seed, None, s.batch, corrupt=(s.error_step, row, col))
+    dit_late = dit.decode(
+        dit.corrupt(main_latents, 0.0, None, row, col).cpu()
+    )  # the finished image, corrupted
+    dit_err_res = per_image_scores(dit_err, scenes)
+    report["dit"]["early_error"] = {
+        "what": f"latent cell (row {row}, col {col}) of the clean estimate set to the farthest palette colour after "
+        f"step {s.error_step} of {s.dit_steps} (sigma {float(sigmas_for('flux', s.dit_steps, 1.0, 64)[s.error_step]):.3f})",
+        "drop": drop("dit", dit_err_res),
+        "drop_no_reaction": drop("dit", per_image_scores(dit_late, scenes)),
+        "pixels_changed": round(float((dit_err - main_images["dit"]).abs().mean()), 5),
+        "score_after": rate(np.mean(list(r.values())) for r in dit_err_res),
+    }
+    log(f"[paradigms] early-error runs done ({time.time() - started:.0f}s)")
+
+    # ---- guidance sweep (the main run is the default scale's point)
+    sweep_scenes = scenes
+    for name, eng, values in (("dit", dit, s.dit_sweep), ("ar", ar, s.ar_sweep)):
+        points = []
+        for cfg in values:
+            results = (
+                main_results[name]
+                if cfg == eng.cfg
+                else per_image_scores(eng.sample(captions, s.seed, cfg, s.batch), sweep_scenes)
+            )
+            m = adherence_metrics(results, sweep_scenes)
+            points.append(
+                {"cfg": cfg, "attribute_accuracy": m["attribute_accuracy"], "all_correct": m["all_correct"]}
+            )
+        report[name]["guidance_sweep"] = points
+    log(f"[paradigms] guidance sweeps done ({time.time() - started:.0f}s)")
+
+    # ---- latency, batch 1 and 16
+    for name, eng in engines.items():
+        lat = {}
+        for b, repeats in zip((1, 16), s.latency_repeats):
+            caps = (captions * math.ceil(b / len(captions)))[:b]
+            fn = lambda eng=eng, caps=caps, b=b: eng.sample(caps, s.seed, None, b)  # noqa: E731
+            if b == 1:
+                fn()  # warm-up
+            lat[f"ms_per_image_batch{b}"] = round(1000 * timed(fn, device, repeats) / b, 2)
+        report[name]["latency"] = lat
+    log(f"[paradigms] latency done ({time.time() - started:.0f}s)")
+
+    report["verdicts"] = verdicts(report)
+    report["seconds"] = round(time.time() - started, 1)
+    return report
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+def _n(m: dict) -> str:
+    return f"{m['value']:.3f}±{m['se']:.3f} (n={m['n']})"
+
+
+def verdicts(r: dict) -> list[dict]:
+    """One verdict per row of the claimed comparison, each with its evidence and numbers."""
+    dit, ar = r["dit"], r["ar"]
+    out = []
+
+    def add(row: int, claim: str, verdict: str, why: str, evidence: str, short: str, numbers: dict) -> None:
+        assert verdict in VERDICTS
+        out.append({"row": row, "claim": claim, "verdict": verdict, "why": why, "evidence": evidence,
+                    "short": short, "numbers": numbers})  # fmt: skip
+
+    # 1 text rendering
+    we_ar, we_dit = ar["word_exact"], dit["word_exact"]
+    v, d, se, why = compare(we_ar, we_dit)
+    if v != VERDICTS[1] and max(we_ar["value"], we_dit["value"]) <= WORD_CHANCE + 2 * max(
+        we_ar["se"], we_dit["se"]
+    ):
+        v, why = VERDICTS[2], "both at chance"
+    add(1, "text rendering: autoregressive spells words better than diffusion (word exact match)", v, why,
+        f"word exact match AR {_n(we_ar)} vs DiT {_n(we_dit)}; AR minus DiT {d:+.3f}±{se:.3f}; chance {WORD_CHANCE:.3f}",
+        f"word exact AR {we_ar['value']:.3f} vs DiT {we_dit['value']:.3f}",
+        {"ar": we_ar, "dit": we_dit, "diff": round(d, 4), "se": round(se, 4), "chance": round(WORD_CHANCE, 4)})  # fmt: skip
+
+    # 2 multi-clause adherence (and single-object attributes alongside)
+    v, d, se, why = compare(ar["relation_all"], dit["relation_all"])
+    v1, d1, se1, _ = compare(ar["single_object_attribute_accuracy"], dit["single_object_attribute_accuracy"])
+    v2, d2, se2, _ = compare(ar["relation_attribute_accuracy"], dit["relation_attribute_accuracy"])
+    add(2, "prompt adherence: autoregressive follows multi-object (relation) prompts better", v, why,
+        f"relation scenes all correct AR {_n(ar['relation_all'])} vs DiT {_n(dit['relation_all'])} "
+        f"(AR minus DiT {d:+.3f}±{se:.3f}); relation attribute accuracy AR {_n(ar['relation_attribute_accuracy'])} vs DiT "
+        f"{_n(dit['relation_attribute_accuracy'])} ({d2:+.3f}±{se2:.3f}: {v2}); single-object attribute accuracy AR "
+        f"{_n(ar['single_object_attribute_accuracy'])} vs DiT {_n(dit['single_object_attribute_accuracy'])} "
+        f"({d1:+.3f}±{se1:.3f}: {v1})",
+        f"relation all-correct AR {ar['relation_all']['value']:.3f} vs DiT {dit['relation_all']['value']:.3f}; "
+        f"1-object attr. AR {ar['single_object_attribute_accuracy']['value']:.3f} vs DiT "
+        f"{dit['single_object_attribute_accuracy']['value']:.3f}",
+        {"relation_all": {"ar": ar["relation_all"], "dit": dit["relation_all"], "diff": round(d, 4), "se": round(se, 4)},
+         "relation_attribute_accuracy": {"ar": ar["relation_attribute_accuracy"], "dit": dit["relation_attribute_accuracy"],
+                                         "diff": round(d2, 4), "se": round(se2, 4), "verdict": v2},
+         "single_object_attribute_accuracy": {"ar": ar["single_object_attribute_accuracy"],
+                                              "dit": dit["single_object_attribute_accuracy"],
+                                              "diff": round(d1, 4), "se": round(se1, 4), "verdict": v1}})  # fmt: skip
+
+    # 3 texture / realism
+    v, d, se, why = compare(dit["fd"], ar["fd"], higher_is_better=False)
+    vt, dt_, set_, _ = compare(dit["texture_accuracy"], ar["texture_accuracy"])
+    floor = r["realism_reference"]["fd_floor"]
+    add(3, "texture/realism: diffusion gives more realistic images (Frechet distance in classifier features, lower is better)",
+        v, why,
+        f"FD DiT {dit['fd']['value']:.2f}±{dit['fd']['se']:.2f} vs AR {ar['fd']['value']:.2f}±{ar['fd']['se']:.2f} "
+        f"(n={dit['fd']['n']}; real-render floor {floor:.2f}; AR minus DiT {d:+.2f}±{se:.2f}); texture-scene accuracy DiT "
+        f"{_n(dit['texture_accuracy'])} vs AR {_n(ar['texture_accuracy'])} ({dt_:+.3f}±{set_:.3f}: {vt})",
+        f"FD DiT {dit['fd']['value']:.1f} vs AR {ar['fd']['value']:.1f} (floor {floor:.1f})",
+        {"fd": {"dit": dit["fd"], "ar": ar["fd"], "floor": floor, "diff": round(d, 3), "se": round(se, 3)},
+         "texture_accuracy": {"dit": dit["texture_accuracy"], "ar": ar["texture_accuracy"], "verdict": vt}})  # fmt: skip
+
+    # 4 latency
+    b1 = dit["latency"]["ms_per_image_batch1"], ar["latency"]["ms_per_image_batch1"]
+    b16 = dit["latency"]["ms_per_image_batch16"], ar["latency"]["ms_per_image_batch16"]
+    faster = [d_ < a_ / 1.1 for d_, a_ in (b1, b16)]  # 10% margin for timing noise
+    slower = [d_ > a_ * 1.1 for d_, a_ in (b1, b16)]
+    v = VERDICTS[0] if all(faster) else VERDICTS[1] if all(slower) else VERDICTS[2]
+
+    def winner(i: int) -> str:
+        return "DiT" if faster[i] else "AR" if slower[i] else "neither (within 10%)"
+
+    why = ("DiT faster at batch 1 and 16" if all(faster) else "AR faster at batch 1 and 16" if all(slower)
+           else f"depends on the batch: faster at batch 1 {winner(0)}, at batch 16 {winner(1)}")  # fmt: skip
+    add(4, "latency: diffusion is faster per image; autoregressive needs many sequential passes", v, why,
+        f"ms/image at batch 1: DiT {b1[0]:.1f} vs AR {b1[1]:.1f}; at batch 16: DiT {b16[0]:.1f} vs AR {b16[1]:.1f}; "
+        f"sequential passes per batch DiT {dit['sequential_passes_per_batch']:.0f} vs AR {ar['sequential_passes_per_batch']:.0f}; "
+        f"forward passes per image DiT {dit['forward_passes_per_image']:.0f} vs AR {ar['forward_passes_per_image']:.0f}; "
+        f"image positions processed per image DiT {dit['image_positions_per_image']:.0f} vs AR "
+        f"{ar['image_positions_per_image']:.0f}; device {r['settings']['device']}",
+        f"ms/img b1 DiT {b1[0]:.0f} vs AR {b1[1]:.0f}, b16 DiT {b16[0]:.0f} vs AR {b16[1]:.0f}; sequential passes "
+        f"{dit['sequential_passes_per_batch']:.0f} vs {ar['sequential_passes_per_batch']:.0f}",
+        {"ms_per_image": {"dit": {"batch1": b1[0], "batch16": b16[0]}, "ar": {"batch1": b1[1], "batch16": b16[1]}},
+         "sequential_passes_per_batch": {"dit": dit["sequential_passes_per_batch"], "ar": ar["sequential_passes_per_batch"]},
+         "forward_passes_per_image": {"dit": dit["forward_passes_per_image"], "ar": ar["forward_passes_per_image"]}})  # fmt: skip
+
+    # 5 diversity
+    v, d, se, why = compare(dit["diversity_features"], ar["diversity_features"])
+    ref = r["diversity_reference"]["real_features"]
+    add(5, "diversity: diffusion gives more varied images per caption than autoregressive sampling", v, why,
+        f"mean pairwise feature distance per caption DiT {_n(dit['diversity_features'])} vs AR "
+        f"{_n(ar['diversity_features'])} (real renders {_n(ref)}; DiT minus AR {d:+.3f}±{se:.3f}); pixel RMS distance "
+        f"DiT {_n(dit['diversity_pixels'])} vs AR {_n(ar['diversity_pixels'])}",
+        f"feature diversity DiT {dit['diversity_features']['value']:.2f} vs AR {ar['diversity_features']['value']:.2f} "
+        f"(real {ref['value']:.2f})",
+        {"features": {"dit": _strip(dit["diversity_features"]), "ar": _strip(ar["diversity_features"]), "real": _strip(ref),
+                      "diff": round(d, 4), "se": round(se, 4)},
+         "pixels": {"dit": _strip(dit["diversity_pixels"]), "ar": _strip(ar["diversity_pixels"])}})  # fmt: skip
+
+    # 6 error accumulation
+    ea, ed = ar["early_error"], dit["early_error"]
+    v, d, se, why = compare(ea["drop"], ed["drop"])
+    add(6, "error accumulation: an early wrong token hurts AR more than an early perturbation hurts diffusion", v, why,
+        f"score drop (attribute accuracy, same seeds) AR {_n(ea['drop'])} vs DiT {_n(ed['drop'])} (AR minus DiT "
+        f"{d:+.3f}±{se:.3f}); the same corruption on the finished image: AR {_n(ea['drop_no_reaction'])}, "
+        f"DiT {_n(ed['drop_no_reaction'])}",
+        f"drop AR {ea['drop']['value']:.3f} vs DiT {ed['drop']['value']:.3f}",
+        {"drop": {"ar": ea["drop"], "dit": ed["drop"], "diff": round(d, 4), "se": round(se, 4)},
+         "drop_no_reaction": {"ar": ea["drop_no_reaction"], "dit": ed["drop_no_reaction"]}})  # fmt: skip
+
+    # 7 guidance
+    need, nums, small = {}, {}, False
+    for name, m in (("dit", dit), ("ar", ar)):
+        pts = m["guidance_sweep"]
+        one = next((p for p in pts if p["cfg"] == 1.0), None)
+        best = max(
+            (p for p in pts if p["cfg"] != 1.0), key=lambda p: p["attribute_accuracy"]["value"], default=None
+        )
+        vals = [p["attribute_accuracy"]["value"] for p in pts]
+        if one is None or best is None:
+            need[name] = "unclear"
+            continue
+        small |= min(one["attribute_accuracy"]["n"], best["attribute_accuracy"]["n"]) < MIN_N
+        a1, ab = one["attribute_accuracy"], best["attribute_accuracy"]
+        gain, gse = ab["value"] - a1["value"], math.hypot(ab["se"], a1["se"])
+        need[name] = "needs" if gain > 2 * gse else "does not need" if gain <= 0 else "unclear"
+        nums[name] = {"cfg1": a1["value"], "best_cfg": best["cfg"], "best": ab["value"], "gain": round(gain, 4),
+                      "se": round(gse, 4), "range": round(max(vals) - min(vals), 4), "needs_cfg": need[name]}  # fmt: skip
+    if small:
+        v, why = VERDICTS[2], f"too few samples (n < {MIN_N})"
+    elif all(x == "needs" for x in need.values()):
+        v, why = VERDICTS[0], "guidance beats cfg 1 by more than 2 SE for both"
+    elif any(x == "does not need" for x in need.values()):
+        v, why = (
+            VERDICTS[1],
+            "for "
+            + " and ".join(k.upper() for k, x in need.items() if x == "does not need")
+            + " cfg 1 is best",
+        )
+    else:
+        v, why = (
+            VERDICTS[2],
+            "the gain over cfg 1 is within 2 SE for "
+            + " and ".join(k.upper() for k, x in need.items() if x != "needs"),
+        )
+    ranges = {k: x["range"] for k, x in nums.items()}
+    more = max(ranges, key=ranges.get).upper() if ranges else "-"
+    add(7, "guidance: both paradigms need classifier-free guidance", v, why,
+        "; ".join(f"{k.upper()}: cfg 1 {x['cfg1']:.3f} -> best cfg {x['best_cfg']:g} {x['best']:.3f} "
+                  f"(gain {x['gain']:+.3f}±{x['se']:.3f}, {need[k]}), accuracy range over the sweep {x['range']:.3f}"
+                  for k, x in nums.items())
+        + f"; more sensitive to the scale: {more}",
+        "; ".join(f"{k.upper()} gain {x['gain']:+.3f} (cfg {x['best_cfg']:g})" for k, x in nums.items())
+        + f"; more sensitive: {more}",
+        {**nums, "more_sensitive": more.lower()})  # fmt: skip
+
+    # 8 tooling
+    add(8, "tooling: diffusion has the richer adapter ecosystem (LoRA, ControlNet)", VERDICTS[2],
+        "not a property of generated images",
+        "an ecosystem is not something this benchmark measures; what the shipped LoRA and ControlNet adapters do for "
+        "each paradigm is measured by `tessera bench adapters` (bench/adapters.py)",
+        "see tessera bench adapters", {})  # fmt: skip
+    return out
+
+
+def _strip(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "per_caption"}
+
+
+# ---------------------------------------------------------------- output
+
+
+METRIC_ROWS = (
+    ("word exact match", "word_exact"),
+    ("single-object attribute acc.", "single_object_attribute_accuracy"),
+    ("single-object all correct", "single_object_all"),
+    ("relation all correct", "relation_all"),
+    ("relation attribute acc.", "relation_attribute_accuracy"),
+    ("texture-scene accuracy", "texture_accuracy"),
+    ("attribute accuracy (all kinds)", "attribute_accuracy"),
+    ("FD to real renders (lower better)", "fd"),
+    ("diversity, features", "diversity_features"),
+    ("diversity, pixels (RMS)", "diversity_pixels"),
+    ("early-error score drop", ("early_error", "drop")),
+    ("same error, finished image", ("early_error", "drop_no_reaction")),
+)
+
+
+def _get(m: dict, key):
+    if isinstance(key, tuple):
+        for k in key:
+            m = m[k]
+        return m
+    return m[key]
+
+
+def table(r: dict) -> str:
+    dit, ar = r["dit"], r["ar"]
+    lines = [f"{'metric':<36} {'diffusion (DiT)':>18} {'autoregressive':>18}"]
+    for label, key in METRIC_ROWS:
+        lines.append(f"{label:<36} {fmt(_get(dit, key)):>18} {fmt(_get(ar, key)):>18}")
+    lines.append(f"{'  real-render FD floor':<36} {r['realism_reference']['fd_floor']:>18.3f} {'':>18}")
+    lines.append(
+        f"{'  real-render diversity, features':<36} {fmt(r['diversity_reference']['real_features']):>18}"
+    )
+    for b in (1, 16):
+        k = f"ms_per_image_batch{b}"
+        lines.append(
+            f"{'ms per image, batch ' + str(b):<36} {dit['latency'][k]:>18.1f} {ar['latency'][k]:>18.1f}"
+        )
+    lines.append(
+        f"{'forward passes per image':<36} {dit['forward_passes_per_image']:>18.0f} {ar['forward_passes_per_image']:>18.0f}"
+    )
+    lines.append(
+        f"{'sequential passes per batch':<36} {dit['sequential_passes_per_batch']:>18.0f} {ar['sequential_passes_per_batch']:>18.0f}"
+    )
+    lines.append(
+        f"{'image positions per image':<36} {dit['image_positions_per_image']:>18.0f} {ar['image_positions_per_image']:>18.0f}"
+    )
+    for name in ("dit", "ar"):
+        pts = "  ".join(
+            f"cfg {p['cfg']:g}: {fmt(p['attribute_accuracy'])}" for p in r[name]["guidance_sweep"]
+        )
+        lines.append(f"guidance sweep {name.upper():<4} {pts}")
+    return "\n".join(lines)
+
+
+def verdict_table(r: dict) -> str:
+    lines = []
+    for v in r["verdicts"]:
+        lines.append(f"{v['row']}. {v['claim']}\n   -> {v['verdict'].upper()} ({v['why']}): {v['evidence']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the PNG (Pillow only)
+
+COLORS = {"dit": (52, 101, 164), "ar": (214, 110, 40)}
+INK, GRID_INK, BG = (30, 30, 30), (215, 215, 215), (255, 255, 255)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _bar_panel(draw, box, title, groups, ymax=None, fmt_value="{:.2f}", note=None):
+    """Grouped bars: groups = [(label, {"dit": m, "ar": m})] with m = {"value", "se"} or a number.
+    Negative values hang below the zero line."""
+    x0, y0, x1, y1 = box
+    f, small = _font(15), _font(12)
+    draw.text((x0 + 4, y0), title, fill=INK, font=f)
+    top, bottom, left, right = y0 + 40, y1 - 38, x0 + 50, x1 - 8
+
+    def value(m) -> tuple[float, float]:
+        return (m.get("value") or 0.0, m.get("se") or 0.0) if isinstance(m, dict) else (float(m), 0.0)
+
+    pairs = [value(m) for _, pair in groups for m in pair.values()]
+    hi = ymax or max([v + se for v, se in pairs] + [1e-9]) * 1.15
+    lo = min([v - se for v, se in pairs] + [0.0])
+    lo = lo * 1.15 if lo < 0 else 0.0
+    Y = lambda v: bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)  # noqa: E731
+    for k in range(5):  # grid and y labels
+        yv = lo + (hi - lo) * k / 4
+        draw.line((left, Y(yv), right, Y(yv)), fill=GRID_INK)
+        draw.text((x0 + 2, Y(yv) - 7), fmt_value.format(yv), fill=INK, font=small)
+    zero = Y(0.0)
+    slot = (right - left) / max(len(groups), 1)
+    for g, (label, pair) in enumerate(groups):
+        gx = left + g * slot
+        w = slot * 0.32
+        for j, name in enumerate(("dit", "ar")):
+            v, se = value(pair[name])
+            bx = gx + slot * 0.16 + j * w
+            ya, yb = sorted((Y(v), zero))
+            draw.rectangle((bx, ya, bx + w - 3, max(yb, ya + 1)), fill=COLORS[name])
+            if se > 0:
+                cx = bx + (w - 3) / 2
+                draw.line((cx, Y(v + se), cx, Y(v - se)), fill=INK, width=2)
+                draw.line((cx - 4, Y(v + se), cx + 4, Y(v + se)), fill=INK, width=2)
+            draw.text((bx, min(Y(v), zero) - 15), fmt_value.format(v), fill=INK, font=small)
+        tw = draw.textlength(label, font=small)
+        draw.text((gx + (slot - tw) / 2, bottom + 6), label, fill=INK, font=small)
+    draw.line((left, zero, right, zero), fill=INK)
+    if note:
+        draw.text((left, bottom + 21), note, fill=(90, 90, 90), font=small)
+
+
+def _sweep_panel(draw, box, title, report):
+    x0, y0, x1, y1 = box
+    f, small = _font(15), _font(12)
+    draw.text((x0 + 4, y0), title, fill=INK, font=f)
+    top, bottom, left, right = y0 + 40, y1 - 38, x0 + 46, x1 - 12
+    pts = {n: report[n]["guidance_sweep"] for n in ("dit", "ar")}
+    xs = [p["cfg"] for ps in pts.values() for p in ps]
+    ys = [p["attribute_accuracy"]["value"] + p["attribute_accuracy"]["se"] for ps in pts.values() for p in ps]
+    xmin, xmax, ymax = 0.5, max(xs + [1.0]) + 0.5, max(ys + [1e-9]) * 1.15
+    X = lambda c: left + (right - left) * (c - xmin) / (xmax - xmin)  # noqa: E731
+    Y = lambda v: bottom - (bottom - top) * v / ymax  # noqa: E731
+    for k in range(5):
+        yv = ymax * k / 4
+        draw.line((left, Y(yv), right, Y(yv)), fill=GRID_INK)
+        draw.text((x0 + 2, Y(yv) - 7), f"{yv:.2f}", fill=INK, font=small)
+    for c in sorted(set(xs)):
+        draw.line((X(c), bottom, X(c), bottom + 4), fill=INK)
+        draw.text((X(c) - 4, bottom + 6), f"{c:g}", fill=INK, font=small)
+    draw.line((left, bottom, right, bottom), fill=INK)
+    draw.text((right - 110, bottom + 21), "guidance scale", fill=(90, 90, 90), font=small)
+    for name, ps in pts.items():
+        coords = [(X(p["cfg"]), Y(p["attribute_accuracy"]["value"])) for p in ps]
+        if len(coords) > 1:
+            draw.line(coords, fill=COLORS[name], width=3)
+        for p, (cx, cy) in zip(ps, coords):
+            se = p["attribute_accuracy"]["se"]
+            draw.line((cx, Y(p["attribute_accuracy"]["value"] + se), cx, Y(max(p["attribute_accuracy"]["value"] - se, 0))),
+                      fill=COLORS[name], width=1)  # fmt: skip
+            draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=COLORS[name])
+
+
+def plot(report: dict, path: Path) -> None:
+    """Six panels: adherence, realism, diversity, latency, early errors, guidance sweep; legend and verdicts."""
+    from PIL import Image, ImageDraw
+
+    W, H = 1500, 1060
+    img = Image.new("RGB", (W, H), BG)
+    draw = ImageDraw.Draw(img)
+    dit, ar = report["dit"], report["ar"]
+    title = (f"tessera bench paradigms ({report['mode']}): {report['captions']} held-out captions, "
+             f"DiT {dit['cfg']:g} cfg / {report['settings']['dit_steps']} steps vs GPT {ar['cfg']:g} cfg, "
+             f"device {report['settings']['device']}")  # fmt: skip
+    draw.text((20, 12), title, fill=INK, font=_font(18))
+    for j, name in enumerate(("dit", "ar")):
+        lx = W - 420 + j * 210
+        draw.rectangle((lx, 14, lx + 18, 30), fill=COLORS[name])
+        draw.text((lx + 24, 13), dit["label"] if name == "dit" else ar["label"], fill=INK, font=_font(15))
+    cw, ch, oy = W // 3, 400, 48
+    boxes = [
+        (c * cw + 10, oy + r * ch, (c + 1) * cw - 10, oy + (r + 1) * ch - 10)
+        for r in range(2)
+        for c in range(3)
+    ]
+    pick = lambda key: {"dit": dit[key], "ar": ar[key]}  # noqa: E731
+    _bar_panel(draw, boxes[0], "Prompt adherence (higher is better, ±1 SE)",
+               [("word exact", pick("word_exact")), ("1-object attr.", pick("single_object_attribute_accuracy")),
+                ("relation all", pick("relation_all")), ("texture acc.", pick("texture_accuracy"))],
+               ymax=1.0, note=f"word chance {WORD_CHANCE:.3f}")  # fmt: skip
+    floor = report["realism_reference"]["fd_floor"]
+    _bar_panel(draw, boxes[1], "Realism: Frechet distance to real renders (lower is better)",
+               [("FD", pick("fd")), ("real floor", {"dit": floor, "ar": floor})], fmt_value="{:.0f}",
+               note="classifier features; floor = real renders of the same scenes")  # fmt: skip
+    ref = report["diversity_reference"]["real_features"]
+    _bar_panel(draw, boxes[2], "Diversity per caption across seeds",
+               [("features", pick("diversity_features")), ("real renders", {"dit": ref, "ar": ref}),
+                ("pixels x10", {n: {"value": report[n]["diversity_pixels"]["value"] * 10,
+                                    "se": report[n]["diversity_pixels"]["se"] * 10} for n in ("dit", "ar")})],
+               note="mean pairwise distance")  # fmt: skip
+    _bar_panel(draw, boxes[3], f"Latency: ms per image ({report['settings']['device']})",
+               [(f"batch {b}", {n: report[n]["latency"][f"ms_per_image_batch{b}"] for n in ("dit", "ar")}) for b in (1, 16)],
+               fmt_value="{:.0f}",
+               note=f"forward passes/image DiT {dit['forward_passes_per_image']:.0f}, AR {ar['forward_passes_per_image']:.0f}; "
+                    f"sequential DiT {dit['sequential_passes_per_batch']:.0f}, AR {ar['sequential_passes_per_batch']:.0f}")  # fmt: skip
+    _bar_panel(draw, boxes[4], "Early error: drop in attribute accuracy",
+               [("early", {n: report[n]["early_error"]["drop"] for n in ("dit", "ar")}),
+                ("finished image", {n: report[n]["early_error"]["drop_no_reaction"] for n in ("dit", "ar")})],
+               fmt_value="{:.3f}", note="AR: one wrong token; DiT: one wrong latent cell")  # fmt: skip
+    _sweep_panel(draw, boxes[5], "Guidance sweep: attribute accuracy", report)
+    y = oy + 2 * ch + 6
+    small = _font(14)
+    draw.text((20, y), "Verdicts on the claimed comparison (2 SE rule):", fill=INK, font=_font(15))
+    for k, v in enumerate(report["verdicts"]):
+        color = {"confirmed": (30, 130, 60), "refuted": (180, 40, 40)}.get(v["verdict"], (110, 110, 110))
+        head = f"{v['row']}. {v['claim'].split(':')[0]}: {v['verdict'].upper()}"
+        draw.text((20, y + 24 + k * 19), head, fill=color, font=small)
+        draw.text((360, y + 24 + k * 19), f"{v['short']}  [{v['why']}]", fill=INK, font=small)
+    img.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--n", type=int, default=None, help="held-out captions per scene kind (default 32; 2 with --quick)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced CI mode: few images, two-point sweeps, one latency repeat",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    p.add_argument(
+        "--classifier",
+        type=Path,
+        default=None,
+        help="feature classifier file (default: MODELS_DIR/" + CLASSIFIER_FILE + ")",
+    )
+    p.add_argument("--json-out", type=Path, default=Path("artifacts/bench/paradigms.json"))
+    p.add_argument("--plot", type=Path, default=Path("artifacts/bench/paradigms.png"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--dit-steps", type=int, default=20)
+    p.add_argument("--dit-cfg", type=float, default=4.0)
+    p.add_argument("--ar-cfg", type=float, default=3.0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kw = dict(
+        seed=args.seed, device=args.device, dit_steps=args.dit_steps, dit_cfg=args.dit_cfg, ar_cfg=args.ar_cfg
+    )
+    if args.n is not None:
+        kw["n"] = args.n
+    settings = Settings.quick_mode(**kw) if args.quick else Settings(**kw)
+    report = run(settings, args.models_dir, args.classifier)
+    report["json_out"], report["plot"] = str(args.json_out), str(args.plot)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    plot(report, args.plot)
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    print()
+    print(verdict_table(report))
+    print(json.dumps(report, separators=(",", ":")))
+    return report
+
+
+if __name__ == "__main__":
+    main()
