@@ -706,7 +706,7 @@ def module_digest(*modules: nn.Module) -> str:
     for m in modules:
         for k, v in sorted(m.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().to(STORE_DTYPE).contiguous().numpy().tobytes())
+            h.update(v.detach().cpu().to(STORE_DTYPE).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -1244,7 +1244,7 @@ def evaluate(
     if "ar" in which:
         model = load_gpt(models_dir / files["ar"], device=device)
         vq = load_vq(models_dir / files["vq"], device=device)
-        kw = {"cfg": 3.0, "temperature": 1.0, **(ar_kwargs or {})}
+        kw = {"cfg": 2.0, "temperature": 1.0, **(ar_kwargs or {})}
         t = time.time()
         images = sample_ar(model, vq, te, captions, seed=seed, **kw)
         report["ar"] = {"settings": kw, "seconds": round(time.time() - t, 1), **score_images(images, scenes)}

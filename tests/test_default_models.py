@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -35,6 +36,13 @@ DEFAULT_WORKFLOWS = (
     "image_to_image_diffusion",
     "outpaint_tokens_autoregressive",
 )
+RED_STAR_TOP_LEFT = {
+    "kind": "shape",
+    "shape": "star",
+    "color": "red",
+    "position": "top left",
+    "background": "blue",
+}
 CARD_FIELDS = ("data", "steps", "examples_seen", "wall_time_s", "hardware", "final_loss")
 
 
@@ -95,10 +103,17 @@ def test_default_workflow_runs_and_writes_an_image(executor, name):
     workflow = _workflow(name)
     executor.validate(workflow)
     (path,) = _run(executor, workflow)
-    image = Image.open(path)
+    image = Image.open(path).convert("RGB")
     assert image.size == (64, 64)
-    lo, hi = image.convert("L").getextrema()
-    assert hi - lo > 30, "a blank image"
+    spread = max(hi - lo for lo, hi in image.getextrema())
+    assert spread > 60, "a blank image"
+    if name.startswith("text_to_image"):
+        # "a red star at the top left on a blue background": the project's scorer must see the
+        # colour, the place and the background the prompt asks for (the shape is the hard part)
+        result = score(np.asarray(image), RED_STAR_TOP_LEFT)
+        assert {k: result[k] for k in ("color", "position", "background")} == dict.fromkeys(
+            ("color", "position", "background"), True
+        ), result
 
 
 def test_default_workflows_are_laid_out_on_one_screen():
