@@ -123,7 +123,8 @@ def main(argv=None) -> dict:
     p.add_argument("--models-dir", type=Path, default=ROOT / "models")
     p.add_argument("--n", type=int, default=32, help="prompts (and scenes) per measurement")
     p.add_argument("--steps", type=int, default=20, help="DiT sampling steps")
-    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale for both engines")
+    p.add_argument("--cfg", type=float, default=4.0, help="DiT guidance scale (its workflows' default)")
+    p.add_argument("--cfg-gpt", type=float, default=2.0, help="GPT guidance scale (its workflows' default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--which", default="dit,gpt", help="engines to measure")
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
     if "dit" in which:
         engines["dit"] = DiT(md, text, args.steps, args.cfg)
     if "gpt" in which:
-        engines["gpt"] = AR(md, text, args.cfg)
+        engines["gpt"] = AR(md, text, args.cfg_gpt)
     rows, record = [], {"bench": "adapters", "n": args.n, "concept": word}
     for name, gen in engines.items():
         lora_file = md / "loras" / f"{name}_{word}_lora.safetensors"

@@ -67,3 +67,73 @@ def test_dit_and_gpt_recipes_are_matched_in_size():
     n_dit = sum(p.numel() for p in dit.parameters())
     n_gpt = sum(p.numel() for p in gpt.parameters())
     assert abs(n_dit - n_gpt) / n_dit <= 0.10, (n_dit, n_gpt)
+
+
+def _paced_run(pace_dir, kind: str, seconds_per_step: float, deadline: float) -> training.RunOptions:
+    import time
+
+    options = training.RunOptions(out=pace_dir / f"{kind}.safetensors", steps=100_000, batch=1,
+                                  deadline=deadline, pace_dir=pace_dir, pace_peers=2)
+    clock: dict = {}
+    for step in range(training.PACE_AT + 1):
+        assert training.pace_to_deadline(options, kind, step, clock)
+        time.sleep(seconds_per_step)
+    return options
+
+
+def test_paired_runs_agree_on_one_step_count_at_the_slower_pace(tmp_path):
+    """The DiT and the GPT must see the same examples: each publishes its speed, both take the slower."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.time() + 30
+    with ThreadPoolExecutor(2) as pool:
+        fast = pool.submit(_paced_run, tmp_path, "dit", 0.002, deadline)
+        slow = pool.submit(_paced_run, tmp_path, "ar", 0.02, deadline)
+        fast, slow = fast.result(), slow.result()
+    assert fast.steps == slow.steps < 100_000
+    # the slower one's pace (at most 50 steps/s) fits at most ~1,500 steps into 30 s; the fast one's ~10x more
+    assert fast.steps <= 30 / 0.02 + training.PACE_AT
+
+
+def test_a_run_past_its_deadline_stops_there():
+    import time
+
+    options = training.RunOptions(out="x.safetensors", steps=1000, batch=1, deadline=time.time() - 1)
+    assert not training.pace_to_deadline(options, "vae", 7, {})
+    assert options.steps == 7  # the card then reports the steps really taken
+
+
+def test_batch_workers_render_the_same_stream_as_the_loop():
+    """Rendering ahead in worker processes changes speed, never the data (resume relies on it)."""
+    inline = training.RunOptions(out="x.safetensors", steps=3, batch=4, seed=5)
+    ahead = training.RunOptions(out="x.safetensors", steps=3, batch=4, seed=5, workers=1)
+    a, b = list(training._stream(inline, 1)), list(training._stream(ahead, 1))
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2]
+    for (_, x), (_, y) in zip(a, b):
+        assert x.captions == y.captions and bool((x.images == y.images).all())
+
+
+def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
+    """`tessera train defaults`: all stages as parallel processes, files in the models layout,
+    the DiT and the GPT with the same number of examples."""
+    import json
+    import time
+
+    from tessera.paths import default_models_dir
+
+    monkeypatch.chdir(tmp_path)
+    models = tmp_path / "models"
+    shipped_te = default_models_dir() / training.DEFAULT_FILES["text_encoder"]
+    started = time.time()
+    assert train(["defaults", "--minutes", "0.8", "--models-dir", str(models), "--text-encoder", str(shipped_te)]) == 0
+    assert time.time() - started < 0.8 * 60 + 60  # the budget plus saving and process start-up
+    cards = {}
+    for key in ("vae", "vq", "dit", "ar"):
+        with safe_open(str(models / training.DEFAULT_FILES[key]), "pt") as f:
+            cards[key] = json.loads(f.metadata()["tessera.card"])
+    assert cards["dit"]["examples_seen"] == cards["ar"]["examples_seen"]
+    for name in ("loras/dit_pink_lora", "loras/gpt_pink_lora", "controlnet/dit_canny_controlnet",
+                 "controlnet/gpt_canny_controlnet"):
+        assert (models / f"{name}.safetensors").stat().st_size > 0
+    assert (tmp_path / "artifacts" / "train" / "dit.out").is_file()
