@@ -669,21 +669,29 @@ def verdicts(r: dict) -> list[dict]:
     b16 = dit["latency"]["ms_per_image_batch16"], ar["latency"]["ms_per_image_batch16"]
     faster = [d_ < a_ / 1.1 for d_, a_ in (b1, b16)]  # 10% margin for timing noise
     slower = [d_ > a_ * 1.1 for d_, a_ in (b1, b16)]
-    v = VERDICTS[0] if all(faster) else VERDICTS[1] if all(slower) else VERDICTS[2]
+    # confirmed: DiT faster at one batch size and slower at none; refuted: the other way round
+    if any(faster) and not any(slower):
+        v = VERDICTS[0]
+    elif any(slower) and not any(faster):
+        v = VERDICTS[1]
+    else:
+        v = VERDICTS[2]
 
     def winner(i: int) -> str:
         return "DiT" if faster[i] else "AR" if slower[i] else "neither (within 10%)"
 
-    why = ("DiT faster at batch 1 and 16" if all(faster) else "AR faster at batch 1 and 16" if all(slower)
-           else f"depends on the batch: faster at batch 1 {winner(0)}, at batch 16 {winner(1)}")  # fmt: skip
+    why = f"faster at batch 1: {winner(0)}; at batch 16: {winner(1)}"
+    seq_dit, seq_ar = dit["sequential_passes_per_batch"], ar["sequential_passes_per_batch"]
+    why += f"; sequential passes AR {seq_ar:.0f} vs DiT {seq_dit:.0f}" + (
+        " (that part holds)" if seq_ar > seq_dit else " (that part does not hold)"
+    )
     add(4, "latency: diffusion is faster per image; autoregressive needs many sequential passes", v, why,
         f"ms/image at batch 1: DiT {b1[0]:.1f} vs AR {b1[1]:.1f}; at batch 16: DiT {b16[0]:.1f} vs AR {b16[1]:.1f}; "
         f"sequential passes per batch DiT {dit['sequential_passes_per_batch']:.0f} vs AR {ar['sequential_passes_per_batch']:.0f}; "
         f"forward passes per image DiT {dit['forward_passes_per_image']:.0f} vs AR {ar['forward_passes_per_image']:.0f}; "
         f"image positions processed per image DiT {dit['image_positions_per_image']:.0f} vs AR "
         f"{ar['image_positions_per_image']:.0f}; device {r['settings']['device']}",
-        f"ms/img b1 DiT {b1[0]:.0f} vs AR {b1[1]:.0f}, b16 DiT {b16[0]:.0f} vs AR {b16[1]:.0f}; sequential passes "
-        f"{dit['sequential_passes_per_batch']:.0f} vs {ar['sequential_passes_per_batch']:.0f}",
+        f"ms/img batch 1 DiT {b1[0]:.0f} vs AR {b1[1]:.0f}, batch 16 DiT {b16[0]:.0f} vs AR {b16[1]:.0f}",
         {"ms_per_image": {"dit": {"batch1": b1[0], "batch16": b16[0]}, "ar": {"batch1": b1[1], "batch16": b16[1]}},
          "sequential_passes_per_batch": {"dit": dit["sequential_passes_per_batch"], "ar": ar["sequential_passes_per_batch"]},
          "forward_passes_per_image": {"dit": dit["forward_passes_per_image"], "ar": ar["forward_passes_per_image"]}})  # fmt: skip
@@ -882,7 +890,10 @@ def _bar_panel(draw, box, title, groups, ymax=None, fmt_value="{:.2f}", note=Non
                 cx = bx + (w - 3) / 2
                 draw.line((cx, Y(v + se), cx, Y(v - se)), fill=INK, width=2)
                 draw.line((cx - 4, Y(v + se), cx + 4, Y(v + se)), fill=INK, width=2)
-            draw.text((bx, min(Y(v), zero) - 15), fmt_value.format(v), fill=INK, font=small)
+            label_text = fmt_value.format(v)
+            lw = draw.textlength(label_text, font=small)
+            above = min(Y(v + se) if v >= 0 else zero, zero, Y(v))  # over the bar and its error bar
+            draw.text((bx + (w - 3 - lw) / 2, above - 15), label_text, fill=INK, font=small)
         tw = draw.textlength(label, font=small)
         draw.text((gx + (slot - tw) / 2, bottom + 6), label, fill=INK, font=small)
     draw.line((left, zero, right, zero), fill=INK)
@@ -975,7 +986,10 @@ def plot(report: dict, path: Path) -> None:
         color = {"confirmed": (30, 130, 60), "refuted": (180, 40, 40)}.get(v["verdict"], (110, 110, 110))
         head = f"{v['row']}. {v['claim'].split(':')[0]}: {v['verdict'].upper()}"
         draw.text((20, y + 24 + k * 19), head, fill=color, font=small)
-        draw.text((360, y + 24 + k * 19), f"{v['short']}  [{v['why']}]", fill=INK, font=small)
+        line = f"{v['short']}  [{v['why']}]"
+        while draw.textlength(line, font=small) > W - 380 and len(line) > 10:
+            line = line[:-6] + "...]"
+        draw.text((360, y + 24 + k * 19), line, fill=INK, font=small)
     img.save(path)
 
 
