@@ -894,6 +894,20 @@ def _generator_card_fields(
     }
 
 
+def _continued(init_from: Path | None) -> dict:
+    """Card fields chaining a continued generator run to the file it started from."""
+    if not init_from:
+        return {}
+    previous = json.loads(read_safetensors(init_from)[1].get("tessera.card", "{}"))
+    return {
+        "continued_from": {
+            "file": Path(init_from).name,
+            "sha256_16": file_digest(init_from),
+            "card": previous,
+        }
+    }
+
+
 # ---------------------------------------------------------------- DiT
 
 
@@ -903,16 +917,24 @@ def train_dit(
     vae_path: Path,
     config: FluxConfig | None = None,
     ema_decay: float = 0.999,
+    init_from: Path | None = None,
 ) -> dict:
-    """Rectified flow on VAE latents: x_t = (1−t)·x0 + t·ε, target ε − x0, logit-normal t, 10% empty captions."""
+    """Rectified flow on VAE latents: x_t = (1−t)·x0 + t·ε, target ε − x0, logit-normal t, 10% empty captions.
+
+    `init_from` (a trained file) continues its weights with a fresh optimizer and schedule.
+    """
     _setup(options)
     lr = options.lr or 1e-3
     dev = options.device
     te = _frozen(load_text_encoder(text_encoder_path)).to(dev)
     vae = _frozen(load_vae(vae_path)).to(dev)
-    config = config or dit_config(vae.config.latent_channels, te.config.context_dim, te.config.pooled_dim)
-    model = Flux(config)
-    _init_flux(model)
+    if init_from:
+        model = load_dit(init_from).requires_grad_(True)
+        config = model.config
+    else:
+        config = config or dit_config(vae.config.latent_channels, te.config.context_dim, te.config.pooled_dim)
+        model = Flux(config)
+        _init_flux(model)
     model.to(dev)
     ema = EMA(model, ema_decay)
     opt = _adamw(model.parameters(), options, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -962,6 +984,7 @@ def train_dit(
         ema_decay=ema_decay,
         objective="rectified flow, velocity target noise - x0, logit-normal(0, 1) t; weights are the EMA",
         **_generator_card_fields(text_encoder_path, vae_path, "vae", vae.encoder),
+        **_continued(init_from),
     )
     options.out.parent.mkdir(parents=True, exist_ok=True)
     save_dit(_stored(ema.shadow), options.out, card)
@@ -1034,19 +1057,31 @@ def train_ar(
     vq_path: Path,
     config: GPTConfig | None = None,
     ema_decay: float = 0.999,
+    init_from: Path | None = None,
 ) -> dict:
-    """Next-token cross-entropy over the 64 VQ tokens after the caption prefix; 10% null captions."""
+    """Next-token cross-entropy over the 64 VQ tokens after the caption prefix; 10% null captions.
+
+    `init_from` (a trained file) continues its weights, null caption included, with a fresh
+    optimizer and schedule.
+    """
     _setup(options)
     lr = options.lr or 1e-3
     dev = options.device
     te = _frozen(load_text_encoder(text_encoder_path)).to(dev)
     vq = _frozen(load_vq(vq_path)).to(dev)
     grid = 64 // vq.downsample
-    config = config or gpt_config(vq.config.codebook_size, te.config.context_dim, te.config.max_length, grid)
-    model = GPT(config)
-    _init_gpt(model)
+    if init_from:
+        model = load_gpt(init_from).requires_grad_(True)
+        config = model.config
+        uncond = nn.Parameter(model.cls_embedding.uncond_embedding.detach().clone().to(dev))
+    else:
+        config = config or gpt_config(
+            vq.config.codebook_size, te.config.context_dim, te.config.max_length, grid
+        )
+        model = GPT(config)
+        _init_gpt(model)
+        uncond = nn.Parameter((torch.randn(config.cls_token_num, config.caption_dim) * 0.02).to(dev))
     model.to(dev)
-    uncond = nn.Parameter((torch.randn(config.cls_token_num, config.caption_dim) * 0.02).to(dev))
     ema = EMA(model, ema_decay)
     opt = _adamw([*model.parameters(), uncond], options, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     holder = nn.ParameterDict({"uncond": uncond})
@@ -1103,6 +1138,7 @@ def train_ar(
         "prefix; dropped captions use the learned null caption (uncond_embedding); "
         "weights are the EMA",
         **_generator_card_fields(text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv, vq.quantize),
+        **_continued(init_from),
     )
     options.out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in _stored(final).state_dict().items()}

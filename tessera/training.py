@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
             default=autocast,
             help=f"bf16 autocast (default: {'on' if autocast else 'off'} for {kind})",
         )
-        if kind in ("vae", "vq"):
+        if kind in ("vae", "vq", "dit", "ar"):
             p.add_argument(
                 "--init-from", type=Path, default=None, help="start from a trained .safetensors file"
             )
+        if kind in ("vae", "vq"):
             p.add_argument(
                 "--decoder-only",
                 action="store_true",
@@ -311,12 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             options,
             args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
             args.vae or models / T.DEFAULT_FILES["vae"],
+            init_from=args.init_from,
         )
     else:
         card = T.train_ar(
             options,
             args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
             args.vq or models / T.DEFAULT_FILES["vq"],
+            init_from=args.init_from,
         )
     print(
         f"wrote {out}: {json.dumps({k: card[k] for k in ('steps', 'examples_seen', 'wall_time_s', 'final_loss')})}"
