@@ -262,15 +262,17 @@ def _loop(
     log: Callable[[str], None],
 ) -> list[float]:
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    warmup = max(1, settings.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda i: (
+
+    def lr_factor(i: int) -> float:
+        """Warmup over the first 5%, then cosine; read at every step (pacing shortens `steps`)."""
+        warmup = max(1, settings.steps // 20)
+        return (
             min(1.0, (i + 1) / warmup)
             * 0.5
             * (1 + math.cos(math.pi * min(i, settings.steps) / settings.steps))
-        ),
-    )
+        )
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     g = torch.Generator().manual_seed(settings.seed)
     losses, started, clock = [], time.perf_counter(), {}
     device_type = torch.device(settings.device).type
