@@ -235,7 +235,7 @@ def _jsonable(d: dict) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def hardware() -> str:
+def hardware(device: str = "cpu") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -244,7 +244,8 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}; {platform.system()}"
+    host = f"{cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}; {platform.system()}"
+    return f"{torch.cuda.get_device_name(device)} ({host})" if device.startswith("cuda") else host
 
 
 def _git_commit() -> str | None:
@@ -286,7 +287,7 @@ def _card(kind: str, options: RunOptions, log: TrainLog, model: nn.Module, step:
         "examples_seen": step * options.batch,
         "wall_time_s": round(wall + prior["wall_s"], 1),
         "cpu_time_s": round(cpu + prior["cpu_s"], 1),
-        "hardware": hardware(),
+        "hardware": hardware(options.device),
         "final_loss": None if log.final() is None else round(log.final(), 5),
         "parameters": count_params(model),
         "stored_dtype": str(STORE_DTYPE).replace("torch.", ""),
