@@ -1,12 +1,19 @@
 """`tessera train KIND …`: command-line dispatch to the training recipes in `tessera.engines.training`.
 
-The shipped models were made with the defaults, in this order (see models/README.md):
+The whole recipe is one command with a wall-clock budget (see models/README.md):
+
+    tessera train defaults --minutes 60                        # on a 2-core CPU, about an hour
+    tessera train defaults --device cuda --minutes 6.8 --workers 5 \
+        --text-encoder models/text_encoders/tessera-text-encoder.safetensors   # how the shipped files were made
+
+It runs `text-encoder` (unless one is given), then `vae` ‖ `vq`, then `dit` ‖ `ar` (paced to the same
+number of steps on the same examples), then the four demo adapters (`lora`, `controlnet` for each
+engine), each stage as parallel processes sharing a deadline. Every stage is also a command of its own:
 
     tessera train text-encoder                    # 700 x 64 captions, fp32 (bf16 autocast hurt it)
-    tessera train vae & tessera train vq          # 2000 x 16 images each
-    tessera train dit & tessera train ar          # 1000 x 32 examples each, the same stream
-    tessera train vae --init-from models/vae/tessera-vae-f8.safetensors --decoder-only --seed 1 --steps 3000
-    tessera train vq  --init-from models/vq_models/tessera-vq-f8.safetensors --decoder-only --seed 1 --steps 3000
+    tessera train vae & tessera train vq          # --steps/--batch, or --deadline to pace to a time
+    tessera train dit & tessera train ar          # the same stream; --init-from continues a trained file
+    tessera train vae --init-from models/vae/tessera-vae-f8.safetensors --decoder-only --seed 1
     tessera train eval                            # held-out prompt adherence of the shipped generators
 
 Outputs default to the shipped `models/` layout; progress goes to stdout and to a JSON-lines log
