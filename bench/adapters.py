@@ -5,7 +5,10 @@
   plus the scorers' adherence on ordinary prompts, to show what the LoRA leaves alone.
 - ControlNet (DiT and GPT): held-out synthetic scenes; the control image is the scene's Canny
   edges; the IoU (1 px tolerance) between those edges and the Canny edges of the output, for the
-  un-controlled base and the controlled model, same caption and seed.
+  un-controlled base and the controlled model, same caption and seed; once with the scene's
+  caption (which already names the object, its place and its colour) and once with the empty
+  caption, where only the control can say where things go; plus the scorers' adherence to the
+  scene's attributes either way.
 
 Prints a table, then one JSON line. `python bench/adapters.py [--n 32] [--models-dir models]`.
 """
@@ -173,13 +176,22 @@ def main(argv=None) -> dict:
             # the control image batch matches the prompts one to one: run it in one batch per chunk
             base = batched(gen, gen.model, captions, args.seed, batch=args.n)
             ctl = batched(gen, controlled, captions, args.seed, batch=args.n)
+            # with the empty caption only the control can say where things go: the cleanest test
+            free = batched(gen, gen.model, [""] * args.n, args.seed, batch=args.n)
+            free_ctl = batched(gen, controlled, [""] * args.n, args.seed, batch=args.n)
             base_iou, ctl_iou = edge_ious(base, controls), edge_ious(ctl, controls)
+            free_iou, free_ctl_iou = edge_ious(free, controls), edge_ious(free_ctl, controls)
             base_adh, ctl_adh = adherence(base, held), adherence(ctl, held)
-            rows.append((f"{name} ControlNet", "edge IoU with the control", base_iou, ctl_iou))
-            rows.append((f"{name} ControlNet", "adherence to the caption", base_adh, ctl_adh))
+            free_adh, free_ctl_adh = adherence(free, held), adherence(free_ctl, held)
+            rows.append((f"{name} ControlNet", "edge IoU, scene caption", base_iou, ctl_iou))
+            rows.append((f"{name} ControlNet", "edge IoU, empty caption", free_iou, free_ctl_iou))
+            rows.append((f"{name} ControlNet", "adherence, scene caption", base_adh, ctl_adh))
+            rows.append((f"{name} ControlNet", "adherence, empty caption", free_adh, free_ctl_adh))
             record[f"{name}_controlnet"] = {
                 "edge_iou": [base_iou, ctl_iou],
+                "edge_iou_empty_caption": [free_iou, free_ctl_iou],
                 "adherence": [base_adh, ctl_adh],
+                "adherence_empty_caption": [free_adh, free_ctl_adh],
                 "seconds": round(time.perf_counter() - started, 1),
             }
     print(f"{'adapter':<16} {'measure':<30} {'without':>8} {'with':>8}")
