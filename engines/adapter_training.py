@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import synthetic
+from .checkpoint import read_safetensors
 from .conditioning import Conditioning
 from .controlnet import (
     ARControlConfig,
@@ -47,7 +48,7 @@ from .controlnet import (
 )
 from .flux import Flux, load_dit
 from .gpt import GPT, load_gpt
-from .lora import Lora, Update, with_loras
+from .lora import Lora, Update, load_lora, with_loras
 from .preprocess import canny, luma
 from .text_encoder import TextEncoder, load_text_encoder
 from .training import _trainable_flux, gpt_training_logits, pace_to_deadline
@@ -162,6 +163,23 @@ def trainable_lora(
     if not updates:
         raise ValueError("no linear layer matches the LoRA targets")
     return Lora("training", updates, 2 * len(updates))
+
+
+def continue_lora(lora: Lora, path: str | Path, model: nn.Module) -> None:
+    """Start trainable factors from a saved LoRA of the same targets (its scale folded into `up`)."""
+    saved = {u.target: u for u in load_lora(path, model).updates}
+    missing = [u.target for u in lora.updates if u.target not in saved]
+    if missing:
+        raise ValueError(f"{Path(path).name} has no factors for {len(missing)} targets, e.g. {missing[0]}")
+    with torch.no_grad():
+        for u in lora.updates:
+            s = saved[u.target]
+            if s.down.shape != u.down.shape:
+                raise ValueError(
+                    f"{Path(path).name}: rank {s.down.shape[0]} for {u.target}, training rank {u.down.shape[0]}"
+                )
+            u.down.copy_(s.down)
+            u.up.copy_(s.up * (s.scale / u.scale))
 
 
 def lora_parameters(lora: Lora) -> list[nn.Parameter]:
@@ -299,12 +317,15 @@ def train_dit_lora(
     text: TextEncoder,
     settings: TrainSettings,
     log: Callable[[str], None] = print,
+    init_from: Path | None = None,
 ) -> Lora:
     """LoRA factors teaching the DiT `settings.concept`; the DiT itself is not changed."""
     dit.requires_grad_(False)
     lora = trainable_lora(
         dit, settings.rank, settings.alpha, lambda n: bool(DIT_TARGETS.match(n)), settings.seed
     )
+    if init_from:
+        continue_lora(lora, init_from, dit)
     model = with_loras(dit, [(lora, 1.0)])
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
@@ -320,7 +341,12 @@ def train_dit_lora(
 
 
 def train_gpt_lora(
-    gpt: GPT, vq: VQModel, text: TextEncoder, settings: TrainSettings, log: Callable[[str], None] = print
+    gpt: GPT,
+    vq: VQModel,
+    text: TextEncoder,
+    settings: TrainSettings,
+    log: Callable[[str], None] = print,
+    init_from: Path | None = None,
 ) -> Lora:
     """LoRA factors teaching the (caption-conditioned) GPT `settings.concept`."""
     if not gpt.config.is_caption:
@@ -329,6 +355,8 @@ def train_gpt_lora(
     lora = trainable_lora(
         gpt, settings.rank, settings.alpha, lambda n: bool(GPT_TARGETS.match(n)), settings.seed
     )
+    if init_from:
+        continue_lora(lora, init_from, gpt)
     model = with_loras(gpt, [(lora, 1.0)])
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
@@ -464,9 +492,13 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--model", help="DiT or GPT file (default: the built-in one)")
     p.add_argument("--vae", help="VAE file for the DiT (default: the built-in one)")
     p.add_argument("--vq", help="VQ tokenizer file for the GPT (default: the built-in one)")
+    p.add_argument("--init-from", type=Path, help="continue training this LoRA file (same rank)")
     _common(p, d)
     args = p.parse_args(argv)
     s = _settings(args, rank=args.rank, alpha=args.alpha, concept=args.concept)
+    previous = ""
+    if args.init_from:  # read now: --out may overwrite it
+        previous = read_safetensors(args.init_from)[1].get("tessera.card", "")
     md, dev = args.models_dir, s.device
     text = load_text_encoder(
         _only_file(md, "text_encoders", args.text_encoder), dev, dtype=torch.float32
@@ -475,12 +507,12 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
     if args.engine == "dit":
         base_path = _only_file(md, "diffusion_models", args.model)
         vae = load_vae(_only_file(md, "vae", args.vae), dev)
-        lora = train_dit_lora(load_dit(base_path, dev), vae, text, s)
+        lora = train_dit_lora(load_dit(base_path, dev), vae, text, s, init_from=args.init_from)
         style = "kohya"
     else:
         base_path = _only_file(md, "ar_models", args.model)
         vq = load_vq(_only_file(md, "vq_models", args.vq), dev)
-        lora = train_gpt_lora(load_gpt(base_path, dev), vq, text, s)
+        lora = train_gpt_lora(load_gpt(base_path, dev), vq, text, s, init_from=args.init_from)
         style = "peft"
     out = args.out or md / "loras" / f"{args.engine}_{s.concept}_lora.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -489,6 +521,7 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
         f"never seen by the base. Trained {s.steps} steps x {s.batch} on synthetic shape scenes "
         f"(half recoloured to {s.concept}), rank {s.rank}, alpha {s.alpha}, "
         f"{time.perf_counter() - started:.0f}s on {_hardware(dev)} by `tessera train lora --engine {args.engine}`."
+        + (f" Continued from {args.init_from.name}, whose card reads: {previous}" if args.init_from else "")
     )
     save_lora(
         lora,

@@ -474,3 +474,27 @@ def test_train_commands_write_adapters_the_loaders_read(tmp_path):
             main_controlnet(["--engine", engine, "--depth", "1", "--width", "8", *common])
         )
         assert isinstance(net, FluxControlNet if engine == "dit" else ARControlNet)
+
+
+@pytest.mark.parametrize("style", ["kohya", "peft"])
+def test_continuing_a_saved_lora_starts_from_its_exact_factors(gpt, tmp_path, style):
+    """`tessera train lora --init-from`: the trainable factors equal the file's (scale folded in)."""
+    from tessera.engines.adapter_training import GPT_TARGETS, continue_lora, save_lora, trainable_lora
+
+    def targets(n):
+        return bool(GPT_TARGETS.match(n))
+
+    trained = trainable_lora(gpt, 4, 2.0, targets, seed=1)
+    with torch.no_grad():
+        for u in trained.updates:
+            u.up.normal_()
+    path = tmp_path / f"{style}.safetensors"
+    save_lora(trained, path, style)
+    fresh = trainable_lora(gpt, 4, 2.0, targets, seed=2)
+    continue_lora(fresh, path, gpt)
+    for a, b in zip(trained.updates, fresh.updates):
+        assert a.target == b.target
+        torch.testing.assert_close(b.down, a.down)
+        torch.testing.assert_close(b.up * b.scale, a.up * a.scale)
+    with pytest.raises(ValueError, match="rank 4"):
+        continue_lora(trainable_lora(gpt, 8, 2.0, targets), path, gpt)
