@@ -38,13 +38,23 @@ def _load_bench():
 bench = _load_bench()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in this module: when another process keeps a core busy, OpenMP threads that
+    wait for each other make these CPU-bound runs many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("paradigms")
     json_out, png = out / "report.json", out / "report.png"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        report = bench.main(["--quick", "--json-out", str(json_out), "--plot", str(png)])
+        report = bench.main(["--quick", "--threads", "1", "--json-out", str(json_out), "--plot", str(png)])
     return report, json_out, png, stdout.getvalue()
 
 
@@ -87,7 +97,8 @@ def test_report_has_every_metric_for_both_paradigms(quick):
         assert [p["cfg"] for p in m["guidance_sweep"]] == list(sweep) and 1.0 in sweep
         for p in m["guidance_sweep"]:
             _rate_ok(p["attribute_accuracy"])
-        # the default scale's sweep point is the main run itself
+        # the default scale's sweep point is the main run itself (quick mode sweeps every caption)
+        assert report["guidance_sweep_captions"] == n_captions
         main_point = next(p for p in m["guidance_sweep"] if p["cfg"] == m["cfg"])
         assert main_point["attribute_accuracy"] == m["attribute_accuracy"]
     assert report["realism_reference"]["fd_floor"] >= 0
@@ -162,6 +173,16 @@ def test_bench_generators_are_the_training_samplers(engines):
     torch.testing.assert_close(dit.sample(caps, 5, batch=2), ref, atol=1e-5, rtol=0)
     ref = T.sample_ar(ar.model, ar.vq, te, caps, seed=5, cfg=3.0, batch=2)
     torch.testing.assert_close(ar.sample(caps, 5, batch=2), ref.clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_a_prefix_of_the_captions_generates_as_in_the_full_list(engines):
+    # the guidance sweep reuses the main run's images for a prefix of the caption list
+    _, dit, ar = engines
+    caps = _captions(3)
+    torch.testing.assert_close(
+        dit.sample(caps[:2], 4, batch=2), dit.sample(caps, 4, batch=2)[:2], atol=1e-5, rtol=0
+    )
+    assert torch.equal(ar.sample_ids(caps[:2], 4, batch=2), ar.sample_ids(caps, 4, batch=2)[:2])
 
 
 def test_one_wrong_token_is_forced_and_the_rest_resampled(engines):
