@@ -459,49 +459,94 @@ def _warmup(options: RunOptions, divisor: int) -> int:
     return options.warmup if options.warmup is not None else max(1, options.steps // divisor)
 
 
-PACE_FROM, PACE_AT = 10, 40  # steps between which a deadline-bound run measures its speed
-PAIRED_GRACE_S = 60.0
+PACE_FROM = 2  # steps before this (start-up, autotuning) are not timed
+PACE_STEPS, PACE_SHARE = 3, 0.05  # then time at least this many steps and this share of the budget
+PEER_TIMEOUT_S = 300.0  # a paired run whose peer shows no progress for this long gives up
 
 
 def pace_to_deadline(options, kind: str, step: int, clock: dict) -> bool:
-    """Fit a run (RunOptions or the adapters' TrainSettings: `.steps`, `.deadline`, optional
-    `.pace_dir`/`.pace_peers`) into its deadline; False once it has passed (the run ends there).
+    """Whether to run `step`: fits a run with a deadline into it; False once it has passed.
 
-    At step PACE_AT the run measures its speed since PACE_FROM and shortens `options.steps` to
-    what ends by the deadline. Runs that must see the same examples (the DiT and the GPT) share
-    `pace_dir`: each publishes its speed, waits for its peers, and all take the slowest pace from
-    the latest start, so every one of them computes the same number of steps; having agreed, they
-    may overrun the deadline by up to PAIRED_GRACE_S to keep that promise.
+    `options` is a RunOptions or the adapters' TrainSettings (`.steps`, `.deadline`, optional
+    `.pace_dir`/`.pace_peers`). Once the run has timed PACE_STEPS steps and PACE_SHARE of its
+    budget from step PACE_FROM on, it shortens `options.steps` to what ends by the deadline.
+
+    Runs that must see the same examples (the DiT and the GPT) share `pace_dir` and go in
+    lockstep: none starts step k before every peer has; each publishes its timing and all
+    compute one step count from the same records (the furthest step, the latest time, the
+    slowest speed); and the first to stop publishes where, so all end after the same steps.
     """
     if options.deadline is None:
         return True
-    now = time.time()
-    if now > options.deadline + clock.get("grace", 0.0):
-        print(f"[{kind}] deadline reached: stopping at step {step}", flush=True)
-        options.steps = step
+    paired = bool(getattr(options, "pace_dir", None)) and getattr(options, "pace_peers", 1) > 1
+    pace_dir = Path(options.pace_dir) if paired else None
+    if paired and (stop := _peer_stop(pace_dir)) is not None and stop <= step:
+        options.steps = stop
         return False
+    now = time.time()
     if step == PACE_FROM:
-        clock["from"] = now
-    if step == PACE_AT and "from" in clock:
-        rate, t0 = (PACE_AT - PACE_FROM) / (now - clock["from"]), now
-        if getattr(options, "pace_dir", None):
-            pace_dir = Path(options.pace_dir)
-            pace_dir.mkdir(parents=True, exist_ok=True)
-            tmp = pace_dir / f"{kind}.tmp"
-            tmp.write_text(json.dumps({"rate": rate, "t": now}))
-            os.replace(tmp, pace_dir / f"{kind}.json")
-            peers = []
-            while time.time() < now + 120:
-                peers = [json.loads(f.read_text()) for f in sorted(pace_dir.glob("*.json"))]
-                if len(peers) >= options.pace_peers:
-                    break
-                time.sleep(0.2)
-            rate, t0 = min(p["rate"] for p in peers), max(p["t"] for p in peers)
-            clock["grace"] = PAIRED_GRACE_S
-        budget = max(0, int((options.deadline - t0) * rate * 0.93))
-        options.steps = min(options.steps, PACE_AT + budget)
-        print(f"[{kind}] paced to {options.steps} steps ({rate:.1f} steps/s)", flush=True)
+        clock["from"], clock["budget"] = now, options.deadline - now
+    if "from" in clock and "timed" not in clock:
+        if step - PACE_FROM >= PACE_STEPS and now - clock["from"] >= PACE_SHARE * clock["budget"]:
+            clock["timed"] = {"step": step, "t": now, "rate": (step - PACE_FROM) / (now - clock["from"])}
+            if paired:
+                _publish(pace_dir, f"{kind}.rate", clock["timed"])
+    if "timed" in clock and "paced" not in clock:
+        records = _read_all(pace_dir, "*.rate") if paired else [clock["timed"]]
+        if len(records) >= getattr(options, "pace_peers", 1):
+            clock["paced"] = True
+            rate = min(r["rate"] for r in records)
+            budget = int((options.deadline - max(r["t"] for r in records)) * rate * 0.93)
+            options.steps = min(options.steps, max(r["step"] for r in records) + max(0, budget))
+            print(f"[{kind}] paced to {options.steps} steps ({rate:.1f} steps/s)", flush=True)
+    if now > options.deadline or step >= options.steps:
+        if now > options.deadline:
+            print(f"[{kind}] deadline reached: stopping at step {step}", flush=True)
+        options.steps = step
+        if paired:
+            _publish(pace_dir, f"{kind}.final", {"step": step})
+        return False
+    if paired:
+        _publish(pace_dir, f"{kind}.step", {"step": step})
+        _wait_for_peers(options, pace_dir, step)
+        if (stop := _peer_stop(pace_dir)) is not None and stop <= step:
+            options.steps = stop
+            return False
     return True
+
+
+def _publish(folder: Path, name: str, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, folder / name)
+
+
+def _read_all(folder: Path, pattern: str) -> list[dict]:
+    records = []
+    for f in sorted(folder.glob(pattern)):
+        try:
+            records.append(json.loads(f.read_text()))
+        except (OSError, ValueError):  # a file replaced while read is read again next time
+            continue
+    return records
+
+
+def _peer_stop(folder: Path) -> int | None:
+    finals = [r["step"] for r in _read_all(folder, "*.final")]
+    return min(finals) if finals else None
+
+
+def _wait_for_peers(options, folder: Path, step: int) -> None:
+    """Until every peer has reached `step` (or one has stopped)."""
+    waited = time.time()
+    while True:
+        steps = [r["step"] for r in _read_all(folder, "*.step")]
+        if (len(steps) >= options.pace_peers and min(steps) >= step) or _peer_stop(folder) is not None:
+            return
+        if time.time() - waited > PEER_TIMEOUT_S:
+            raise RuntimeError(f"paired training: no peer reached step {step} in {PEER_TIMEOUT_S:.0f} s")
+        time.sleep(0.001)
 
 
 class EMA:
