@@ -155,7 +155,9 @@ def train_defaults(args: argparse.Namespace) -> None:
     """Run the recipe stage by stage, each stage's runs as parallel processes with a shared deadline.
 
     Every run paces itself to its stage's deadline (`--deadline`), the DiT and the GPT through one
-    pace folder so they take the same number of steps on the same examples.
+    pace folder so they take the same number of steps on the same examples. Files are written to
+    a staging folder beside `--models-dir` and moved into it only when every stage has succeeded,
+    so a failed run never leaves a VAE and a DiT that do not belong together.
     """
     import os
     import shutil
@@ -163,11 +165,20 @@ def train_defaults(args: argparse.Namespace) -> None:
 
     from tessera.engines.training import DEFAULT_FILES
 
-    models, work = args.models_dir, Path("artifacts") / "train"
+    target, work = args.models_dir, Path("artifacts") / "train"
+    models = target.with_name(target.name + ".training")
+    shutil.rmtree(models, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     te = models / DEFAULT_FILES["text_encoder"]
     started, budget = time.time(), args.minutes * 60
-    if args.text_encoder and args.text_encoder.resolve() != te.resolve():
+    if args.text_encoder:
+        from tessera.engines.checkpoint import CheckpointError
+        from tessera.engines.text_encoder import load_text_encoder
+
+        try:  # a bad file fails here, named, before minutes of other stages
+            load_text_encoder(args.text_encoder)
+        except (CheckpointError, OSError) as e:
+            raise SystemExit(f"tessera train defaults: --text-encoder {args.text_encoder}: {e}") from None
         te.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.text_encoder, te)
     elif not args.text_encoder:
@@ -175,6 +186,24 @@ def train_defaults(args: argparse.Namespace) -> None:
             [("text-encoder", ["text-encoder", "--models-dir", str(models), "--seed", str(args.seed)])], work
         )
         budget -= time.time() - started
+    try:
+        _run_recipe(args, models, work, budget)
+    except SystemExit as failure:
+        raise SystemExit(f"{failure}; {target} is unchanged (partial results in {models})") from None
+    for made in sorted(models.rglob("*.safetensors")):
+        destination = target / made.relative_to(models)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(made, destination)
+    shutil.rmtree(models)
+    print(f"recipe done in {(time.time() - started) / 60:.1f} min; files under {target}", flush=True)
+
+
+def _run_recipe(args: argparse.Namespace, models: Path, work: Path, budget: float) -> None:
+    """The stages after the text encoder, each with its share of `budget` seconds."""
+    import os
+    import shutil
+    import time
+
     gpu = args.device.startswith("cuda")
     deadline = time.time()
     for runs, (cpu_batch, gpu_batch), share in RECIPE:
@@ -200,7 +229,6 @@ def train_defaults(args: argparse.Namespace) -> None:
                 cmd += ["--pace-dir", str(pace), "--pace-peers", "2"]
             commands.append((spec.replace(" --engine ", "-"), cmd))
         _run_stage(commands, work)
-    print(f"recipe done in {(time.time() - started) / 60:.1f} min; files under {models}", flush=True)
 
 
 def _run_stage(commands: list[tuple[str, list[str]]], work: Path) -> None:

@@ -141,3 +141,24 @@ def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
                  "controlnet/gpt_canny_controlnet"):
         assert (models / f"{name}.safetensors").stat().st_size > 0
     assert (tmp_path / "artifacts" / "train" / "dit.out").is_file()
+
+
+def test_a_failed_recipe_leaves_the_models_folder_as_it_was(tmp_path, monkeypatch):
+    """A bad input is named up front; a stage that fails changes nothing in the models folder."""
+    monkeypatch.chdir(tmp_path)
+    models = tmp_path / "models"
+    (models / "vae").mkdir(parents=True)
+    (models / "vae" / "keep.safetensors").write_bytes(b"untouched")
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit, match=r"--text-encoder .*broken\.safetensors.*not a safetensors file"):
+        train(["defaults", "--minutes", "0.3", "--models-dir", str(models), "--text-encoder", str(bad)])
+    # a stage failing mid-recipe (a one-stage recipe whose VAE run is given batch 0 and exits 1)
+    from tessera.paths import default_models_dir
+
+    monkeypatch.setattr("tessera.training.RECIPE", (((("vae", "vae"),), (0, 0), 1.0),))
+    with pytest.raises(SystemExit) as failure:
+        train(["defaults", "--minutes", "0.2", "--models-dir", str(models), "--text-encoder",
+               str(default_models_dir() / training.DEFAULT_FILES["text_encoder"])])
+    assert "vae failed" in str(failure.value) and f"{models} is unchanged" in str(failure.value)
+    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*")) == ["vae", "vae/keep.safetensors"]
