@@ -51,7 +51,7 @@ from .gpt import GPT, load_gpt
 from .lora import Lora, Update, load_lora, with_loras
 from .preprocess import canny, luma
 from .text_encoder import TextEncoder, load_text_encoder
-from .training import _trainable_flux, gpt_training_logits, pace_to_deadline
+from .training import _trainable_flux, gpt_training_logits, hardware, pace_to_deadline
 from .vae import AutoencoderKL, load_vae
 from .vq import VQModel, load_vq
 
@@ -433,10 +433,6 @@ def train_gpt_controlnet(
 # ---------------------------------------------------------------- command line
 
 
-def _hardware(device: str) -> str:
-    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
-
-
 def _only_file(models_dir: Path, folder: str, given: str | None) -> Path:
     """The file named, or the one built-in file in models/<folder> (preferring names with 'tessera')."""
     if given:
@@ -520,7 +516,7 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
         f"Demo LoRA for {base_path.name}: teaches the colour word '{s.concept}' (RGB {CONCEPTS[s.concept]}), "
         f"never seen by the base. Trained {s.steps} steps x {s.batch} on synthetic shape scenes "
         f"(half recoloured to {s.concept}), rank {s.rank}, alpha {s.alpha}, "
-        f"{time.perf_counter() - started:.0f}s on {_hardware(dev)} by `tessera train lora --engine {args.engine}`."
+        f"{time.perf_counter() - started:.0f}s on {hardware(dev)} by `tessera train lora --engine {args.engine}`."
         + (f" Continued from {args.init_from.name}, whose card reads: {previous}" if args.init_from else "")
     )
     save_lora(
@@ -587,7 +583,7 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     card = (
         f"Demo edges -> scene ControlNet for {base_path.name} ({what}). Trained {s.steps} steps x "
-        f"{s.batch} on synthetic scenes, {time.perf_counter() - started:.0f}s on {_hardware(dev)} by "
+        f"{s.batch} on synthetic scenes, {time.perf_counter() - started:.0f}s on {hardware(dev)} by "
         f"`tessera train controlnet --engine {args.engine}`."
     )
     save(net.to("cpu", torch.float16), out, card)  # shipped in fp16, as the base models are
