@@ -41,6 +41,7 @@ from .controlnet import (
     ControlHint,
     FluxControlNet,
     controlnet_from_dit,
+    load_any_controlnet,
     save_ar_controlnet,
     save_controlnet,
     with_ar_control,
@@ -381,11 +382,14 @@ def train_dit_controlnet(
     depth: int = 2,
     depth_single: int = 0,
     log: Callable[[str], None] = print,
+    init_from: Path | None = None,
 ) -> FluxControlNet:
-    """A ControlNet steering the DiT from Canny edges of the scene to the scene."""
+    """A ControlNet steering the DiT from Canny edges of the scene to the scene (`init_from`: continue a saved one)."""
     dit.requires_grad_(False)
     torch.manual_seed(settings.seed)
     net = controlnet_from_dit(dit, depth, depth_single).train().requires_grad_(True)
+    if init_from:
+        net.load_state_dict(load_any_controlnet(init_from).state_dict())
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = synthetic.make_batch(settings.batch, settings.seed, step)
@@ -549,9 +553,13 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--model", help="DiT or GPT file (default: the built-in one)")
     p.add_argument("--vae", help="VAE file for the DiT (default: the built-in one)")
     p.add_argument("--vq", help="VQ tokenizer file for the GPT (default: the built-in one)")
+    p.add_argument("--init-from", type=Path, help="DiT: continue training this ControlNet file")
     _common(p, d)
     args = p.parse_args(argv)
     s = _settings(args)
+    if args.init_from and args.engine != "dit":
+        raise SystemExit("tessera train controlnet: --init-from continues a DiT ControlNet (--engine dit)")
+    previous = read_safetensors(args.init_from)[1].get("tessera.card", "") if args.init_from else ""
     md, dev = args.models_dir, s.device
     text = load_text_encoder(
         _only_file(md, "text_encoders", args.text_encoder), dev, dtype=torch.float32
@@ -567,6 +575,7 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
             s,
             args.depth,
             args.depth_single,
+            init_from=args.init_from,
         )
         what = (
             f"{args.depth} double, {args.depth_single} single blocks copied from it; hint: {how}, VAE-encoded"
@@ -585,6 +594,7 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
         f"Demo edges -> scene ControlNet for {base_path.name} ({what}). Trained {s.steps} steps x "
         f"{s.batch} on synthetic scenes, {time.perf_counter() - started:.0f}s on {hardware(dev)} by "
         f"`tessera train controlnet --engine {args.engine}`."
+        + (f" Continued from {args.init_from.name}, whose card reads: {previous}" if args.init_from else "")
     )
     save(net.to("cpu", torch.float16), out, card)  # shipped in fp16, as the base models are
     print(f"saved {out}")

@@ -498,3 +498,21 @@ def test_continuing_a_saved_lora_starts_from_its_exact_factors(gpt, tmp_path, st
         torch.testing.assert_close(b.up * b.scale, a.up * a.scale)
     with pytest.raises(ValueError, match="rank 4"):
         continue_lora(trainable_lora(gpt, 8, 2.0, targets), path, gpt)
+
+
+def test_continuing_a_dit_controlnet_starts_from_the_file(tmp_path):
+    """`tessera train controlnet --init-from`: with a zero learning rate the file comes back unchanged."""
+    from safetensors.torch import load_file
+
+    from tessera.paths import default_models_dir
+    from tessera.training import main as train
+
+    shipped = default_models_dir() / "controlnet" / "dit_canny_controlnet.safetensors"
+    out = tmp_path / "continued.safetensors"
+    train(["controlnet", "--engine", "dit", "--init-from", str(shipped), "--steps", "1", "--lr", "0",
+           "--batch", "2", "--threads", "1", "--out", str(out)])
+    before, after = load_file(shipped), load_file(out)
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(SystemExit, match="--engine dit"):
+        train(["controlnet", "--engine", "gpt", "--init-from", str(shipped), "--out", str(tmp_path / "x.safetensors")])
