@@ -1,8 +1,9 @@
 """What the shipped adapters do, measured in one run on the same prompts and seeds with and without them.
 
-- LoRA (DiT and GPT): prompts naming the new colour word ("a pink star at the top on a blue
-  background"): the rate of images that show the concept colour (`concept_rate`), base vs LoRA;
-  plus the scorers' adherence on ordinary prompts, to show what the LoRA leaves alone.
+- LoRA (DiT and GPT): prompts using the new size word ("a giant red star on a blue
+  background"): the rate of images showing a giant object (≥ 34 px of the 64) in the asked
+  colour (`concept_rate`), base vs LoRA; plus the scorers' adherence on ordinary prompts, to
+  show what the LoRA leaves alone.
 - ControlNet (DiT and GPT): held-out synthetic scenes; the control image is the scene's Canny
   edges; the IoU (1 px tolerance) between those edges and the Canny edges of the output, for the
   un-controlled base and the controlled model, same caption and seed; once with the scene's
@@ -25,7 +26,14 @@ import numpy as np
 import torch
 
 from tessera.engines import scorers, synthetic
-from tessera.engines.adapter_training import CONCEPTS, _only_file, concept_rate, edge_iou, edge_map
+from tessera.engines.adapter_training import (
+    CONCEPT,
+    _only_file,
+    concept_rate,
+    edge_iou,
+    edge_map,
+    giant_caption,
+)
 from tessera.engines.ar_decoding import condition_prefix, generate
 from tessera.engines.controlnet import (
     ARControlNet,
@@ -38,7 +46,7 @@ from tessera.engines.flux import guided_velocity, load_dit
 from tessera.engines.gpt import load_gpt
 from tessera.engines.latent import Latent, denoise
 from tessera.engines.lora import load_lora, with_loras
-from tessera.engines.preprocess import canny, luma
+from tessera.engines.preprocess import canny
 from tessera.engines.schedules import sigmas_for
 from tessera.engines.text_encoder import load_text_encoder
 from tessera.engines.vae import load_vae
@@ -47,13 +55,11 @@ from tessera.engines.vq import load_vq
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def concept_prompts(n: int, word: str, seed: int = 123) -> list[str]:
+def concept_prompts(n: int, seed: int = 123) -> tuple[list[str], list[str]]:
+    """Giant-object prompts over held-out attribute combinations, and the colour each asks for."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        attrs = dict(synthetic.sample_attributes(rng, "shape", "heldout"), color=word)
-        out.append(synthetic.caption(attrs))
-    return out
+    attrs = [synthetic.sample_attributes(rng, "shape", "heldout") for _ in range(n)]
+    return [giant_caption(a) for a in attrs], [a["color"] for a in attrs]
 
 
 def ordinary_scenes(n: int, seed: int = 321) -> list[synthetic.Sample]:
@@ -114,7 +120,7 @@ def edge_ious(images: torch.Tensor, controls: torch.Tensor) -> float:
     return float(
         np.mean(
             [
-                edge_iou(canny(luma(img.numpy()), 0.1, 0.2, 1.4), ctl[..., 0].numpy() > 0.5)
+                edge_iou(canny(img.numpy(), 0.1, 0.2, 1.4), ctl[..., 0].numpy() > 0.5)
                 for img, ctl in zip(images, controls)
             ]
         )
@@ -136,8 +142,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     md = args.models_dir
     text = load_text_encoder(_only_file(md, "text_encoders", None), dtype=torch.float32)
-    word = next(iter(CONCEPTS))
-    prompts = concept_prompts(args.n, word)
+    prompts, colors = concept_prompts(args.n)
     scenes = ordinary_scenes(args.n)
     held = [synthetic.make_sample(args.seed + 7, i, "heldout") for i in range(args.n)]
     controls = edge_map(np.stack([s.image for s in held]))
@@ -147,17 +152,17 @@ def main(argv=None) -> dict:
         engines["dit"] = DiT(md, text, args.steps, args.cfg)
     if "gpt" in which:
         engines["gpt"] = AR(md, text, args.cfg_gpt)
-    rows, record = [], {"bench": "adapters", "n": args.n, "concept": word}
+    rows, record = [], {"bench": "adapters", "n": args.n, "concept": CONCEPT}
     for name, gen in engines.items():
-        lora_file = md / "loras" / f"{name}_{word}_lora.safetensors"
+        lora_file = md / "loras" / f"{name}_{CONCEPT}_lora.safetensors"
         if lora_file.is_file():
             lora = with_loras(gen.model, [(load_lora(lora_file, gen.model), 1.0)])
             started = time.perf_counter()
-            base_rate = concept_rate(batched(gen, gen.model, prompts, args.seed), word)
-            lora_rate = concept_rate(batched(gen, lora, prompts, args.seed), word)
+            base_rate = concept_rate(batched(gen, gen.model, prompts, args.seed), colors)
+            lora_rate = concept_rate(batched(gen, lora, prompts, args.seed), colors)
             base_adh = adherence(batched(gen, gen.model, [s.caption for s in scenes], args.seed), scenes)
             lora_adh = adherence(batched(gen, lora, [s.caption for s in scenes], args.seed), scenes)
-            rows.append((f"{name} LoRA", f"'{word}' rate", base_rate, lora_rate))
+            rows.append((f"{name} LoRA", f"'{CONCEPT}' rate", base_rate, lora_rate))
             rows.append((f"{name} LoRA", "adherence, ordinary prompts", base_adh, lora_adh))
             record[f"{name}_lora"] = {
                 "concept_rate": [base_rate, lora_rate],

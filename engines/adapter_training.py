@@ -1,7 +1,7 @@
 """Training adapters on the built-in models: `tessera train lora …` and `tessera train controlnet …`.
 
-- LoRA on the DiT or the GPT teaches a concept the base never saw: a new colour word ("pink"),
-  drawn by recolouring synthetic shape scenes (engines/synthetic.py), mixed with ordinary scenes
+- LoRA on the DiT or the GPT teaches a concept the base never saw: a new size word ("giant"),
+  drawn as synthetic shape scenes (engines/synthetic.py) with a 40–48 px object, mixed with ordinary scenes
   so the rest of what the model knows stays put. The DiT learns with the flow-matching loss
   (velocity ε − x₀ at σ ~ logit-normal), the GPT with next-token cross-entropy over VQ tokens;
   both with 10% caption dropout so classifier-free guidance keeps working. Only the low-rank
@@ -50,57 +50,73 @@ from .controlnet import (
 from .flux import Flux, load_dit
 from .gpt import GPT, load_gpt
 from .lora import Lora, Update, load_lora, with_loras
-from .preprocess import canny, luma
+from .preprocess import canny
 from .text_encoder import TextEncoder, load_text_encoder
 from .training import _trainable_flux, gpt_training_logits, hardware, pace_to_deadline
 from .vae import AutoencoderKL, load_vae
 from .vq import VQModel, load_vq
 
-# A colour word the built-in models were never shown, chosen far from every palette colour.
-CONCEPTS: dict[str, tuple[int, int, int]] = {"pink": (245, 110, 185)}
-CAPTION_DROPOUT = 0.1
+# A size word the built-in models never saw: every object they were shown is 17–22 px wide.
+# (A new colour word was tried first and dropped: the built-in VAE and VQ, trained on eight
+# colours, cannot reproduce a ninth — a pink scene survives their round trip in 44% / 19% of
+# images — so no generator adapter can draw it.)
+CONCEPT = "giant"
+GIANT_SIZES = (40, 48)  # px, on the 64 px canvas
+GIANT_EXTENT = 34  # px: the least extent that counts as giant, well clear of the 22 px of ordinary objects
+CAPTION_DROPOUT = 0.1  # LoRAs: enough empty captions for classifier-free guidance
+# ControlNets: half the captions empty (the ControlNet paper's recipe), so the net must learn to
+# read the scene from the control image alone rather than lean on the caption.
+CONTROL_CAPTION_DROPOUT = 0.5
 
 
 # ---------------------------------------------------------------- data
 
 
-def recolor(
-    image: np.ndarray, old: Sequence[int], new: Sequence[int], background: Sequence[int]
-) -> np.ndarray:
-    """Swap one colour of a rendered scene for another, anti-aliased edges included.
-
-    Every pixel of a shape scene is background + α·(colour − background); α is recovered by
-    projecting onto that line and the pixel is redrawn with the new colour.
-    """
-    img = image.astype(np.float32)
-    bg, c_old, c_new = (np.asarray(c, np.float32) for c in (background, old, new))
-    v = c_old - bg
-    alpha = np.clip(((img - bg) @ v) / float(v @ v), 0.0, 1.0)[..., None]
-    on_line = np.linalg.norm(img - (bg + alpha * v), axis=-1, keepdims=True) < 30
-    out = np.where(on_line, bg + alpha * (c_new - bg), img)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+def giant_caption(attributes: dict, variant: int = 0) -> str:
+    a = attributes
+    obj = f"a giant {a['color']} {a['shape']}"
+    bg = a["background"]
+    return (
+        f"{obj} on {'an' if bg[0] in 'aeiou' else 'a'} {bg} background"
+        if variant % 2 == 0
+        else f"{obj}, {bg} background"
+    )
 
 
-def concept_sample(seed: int, index: int, word: str = "pink") -> synthetic.Sample:
-    """A shape scene whose object is drawn in the new colour `word`, captioned with it."""
+def concept_sample(seed: int, index: int) -> synthetic.Sample:
+    """A shape scene whose object is drawn giant (40–48 px, near the centre), captioned with the new word."""
     rng = random.Random(seed * 1_000_003 + index)
     attrs = synthetic.sample_attributes(rng, "shape")
-    image = synthetic.render(attrs, rng)
-    new = dict(attrs, color=word)
-    image = recolor(
-        image, synthetic.COLORS[attrs["color"]], CONCEPTS[word], synthetic.COLORS[attrs["background"]]
+    attrs = {k: attrs[k] for k in ("kind", "shape", "color", "background")} | {"size": CONCEPT}
+    size = rng.randint(*GIANT_SIZES)
+    canvas = np.empty((synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE, 3), np.float32)
+    canvas[:] = synthetic.COLORS[attrs["background"]]
+    x0, y0 = (
+        min(
+            max(round((synthetic.IMAGE_SIZE - size) / 2 + rng.uniform(-4, 4)), 1),
+            synthetic.IMAGE_SIZE - 1 - size,
+        )
+        for _ in range(2)
     )
-    return synthetic.Sample(image, synthetic.caption(new, rng.randrange(2)), new)
+    synthetic.paste(
+        canvas,
+        synthetic.shape_alpha(attrs["shape"], size),
+        np.float32(synthetic.COLORS[attrs["color"]]),
+        x0,
+        y0,
+    )
+    image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+    return synthetic.Sample(image, giant_caption(attrs, rng.randrange(2)), attrs)
 
 
-def concept_batch(batch_size: int, seed: int, step: int, word: str, fraction: float = 0.5) -> synthetic.Batch:
+def concept_batch(batch_size: int, seed: int, step: int, fraction: float = 0.5) -> synthetic.Batch:
     """`fraction` new-concept scenes, the rest ordinary synthetic scenes (what keeps the base's skills)."""
     rng = random.Random(seed * 7919 + step)
     samples = []
     for i in range(batch_size):
         index = step * batch_size + i
         if rng.random() < fraction:
-            samples.append(concept_sample(seed, index, word))
+            samples.append(concept_sample(seed, index))
         else:
             samples.append(synthetic.make_sample(seed + 1, index))
     images = np.stack([s.image for s in samples])
@@ -109,24 +125,53 @@ def concept_batch(batch_size: int, seed: int, step: int, word: str, fraction: fl
     )
 
 
-def concept_rate(images: torch.Tensor, word: str, min_pixels: int = 20, distance: float = 60.0) -> float:
-    """Fraction of images [B, H, W, 3] (0..1) showing at least `min_pixels` of the concept colour.
+def largest_object(image: np.ndarray, distance: float = 60.0) -> np.ndarray:
+    """Mask [H, W] of the largest 4-connected region that differs from the background (the border's median colour)."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    differs = np.linalg.norm(image - np.median(border, axis=0), axis=-1) > distance
+    label = np.zeros(differs.shape, np.int32)
+    best, best_size, h, w = 0, 0, *differs.shape
+    for y, x in zip(*np.nonzero(differs)):
+        if label[y, x]:
+            continue
+        n = int(label.max()) + 1
+        label[y, x], stack, size = n, [(y, x)], 0
+        while stack:
+            cy, cx = stack.pop()
+            size += 1
+            for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                if 0 <= ny < h and 0 <= nx < w and differs[ny, nx] and not label[ny, nx]:
+                    label[ny, nx] = n
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = n, size
+    return label == best if best else differs
 
-    A pixel counts when the concept colour is its nearest among the palette plus the concept,
-    within `distance` (the scorers' test for a pure palette colour).
+
+def shows_concept(image: np.ndarray, color: str) -> bool:
+    """Whether an image [H, W, 3] (0..1) shows a giant object of `color`.
+
+    Giant: the largest object spans at least GIANT_EXTENT px; its colour: the palette colour
+    nearest the object's median pixel (the scorers' test).
     """
-    palette = np.array([*synthetic.COLORS.values(), CONCEPTS[word]], np.float32)
-    hits = 0
-    for img in images.float().numpy() * 255:
-        d = np.linalg.norm(img[..., None, :] - palette, axis=-1)
-        nearest = d.argmin(-1)
-        hits += int(((nearest == len(palette) - 1) & (d.min(-1) < distance)).sum() >= min_pixels)
-    return hits / len(images)
+    img = image.astype(np.float32) * 255
+    mask = largest_object(img)
+    ys, xs = np.nonzero(mask)
+    if not len(ys) or max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 < GIANT_EXTENT:
+        return False
+    palette = np.array(list(synthetic.COLORS.values()), np.float32)
+    median = np.median(img[mask], axis=0)
+    return list(synthetic.COLORS)[int(np.linalg.norm(palette - median, axis=-1).argmin())] == color
+
+
+def concept_rate(images: torch.Tensor, colors: Sequence[str]) -> float:
+    """Share of images [B, H, W, 3] (0..1) that show a giant object in the colour their prompt asked for."""
+    return float(np.mean([shows_concept(img, c) for img, c in zip(images.float().numpy(), colors)]))
 
 
 def edge_map(images_uint8: np.ndarray, sigma: float = 1.4) -> torch.Tensor:
     """Canny edges of uint8 [B, H, W, 3] scenes as IMAGE values [B, H, W, 3] (white on black)."""
-    maps = [canny(luma(img.astype(np.float32) / 255), 0.1, 0.2, sigma) for img in images_uint8]
+    maps = [canny(img.astype(np.float32) / 255, 0.1, 0.2, sigma) for img in images_uint8]
     return torch.from_numpy(np.repeat(np.stack(maps)[..., None], 3, axis=-1).astype(np.float32))
 
 
@@ -216,8 +261,8 @@ GPT_TARGETS = re.compile(r"^layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[1
 # ---------------------------------------------------------------- losses
 
 
-def _dropout_captions(captions: list[str], g: torch.Generator) -> list[str]:
-    drop = torch.rand(len(captions), generator=g) < CAPTION_DROPOUT
+def _dropout_captions(captions: list[str], g: torch.Generator, p: float = CAPTION_DROPOUT) -> list[str]:
+    drop = torch.rand(len(captions), generator=g) < p
     return ["" if d else c for c, d in zip(captions, drop.tolist())]
 
 
@@ -234,7 +279,9 @@ def flow_loss(model: Flux, latents: torch.Tensor, cond: Conditioning, g: torch.G
     return F.mse_loss(v.float(), noise - latents)
 
 
-def token_loss(model: GPT, cond: Conditioning, ids: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def token_loss(
+    model: GPT, cond: Conditioning, ids: torch.Tensor, g: torch.Generator, dropout: float = CAPTION_DROPOUT
+) -> torch.Tensor:
     """Next-token cross-entropy of VQ ids [B, H, W] after the caption prefix (teacher forcing).
 
     Dropped captions become the model's learned null caption under the caption's mask, which is
@@ -242,7 +289,7 @@ def token_loss(model: GPT, cond: Conditioning, ids: torch.Tensor, g: torch.Gener
     """
     b, gh, gw = ids.shape
     feats, valid = model.caption_features(cond)
-    drop = (torch.rand(b, generator=g) < CAPTION_DROPOUT)[:, None, None].to(feats.device)
+    drop = (torch.rand(b, generator=g) < dropout)[:, None, None].to(feats.device)
     feats = torch.where(drop, model.uncond_features(b).to(feats), feats)
     flat = ids.reshape(b, -1)
     x = torch.cat([model.caption_prefix(feats), model.embed_tokens(flat[:, :-1])], dim=1)
@@ -266,7 +313,6 @@ class TrainSettings:
     rank: int = 8
     alpha: float = 8.0
     seed: int = 0
-    concept: str = "pink"
     fraction: float = 0.5  # share of new-concept scenes in a batch
     log_every: int = 25
     bf16: bool = True  # autocast: 2-3x faster on CPUs with bf16 matrix units, and on GPUs
@@ -320,7 +366,7 @@ def train_dit_lora(
     log: Callable[[str], None] = print,
     init_from: Path | None = None,
 ) -> Lora:
-    """LoRA factors teaching the DiT `settings.concept`; the DiT itself is not changed."""
+    """LoRA factors teaching the DiT the word CONCEPT; the DiT itself is not changed."""
     dit.requires_grad_(False)
     lora = trainable_lora(
         dit, settings.rank, settings.alpha, lambda n: bool(DIT_TARGETS.match(n)), settings.seed
@@ -330,7 +376,7 @@ def train_dit_lora(
     model = with_loras(dit, [(lora, 1.0)])
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
-        batch = concept_batch(settings.batch, settings.seed, step, settings.concept, settings.fraction)
+        batch = concept_batch(settings.batch, settings.seed, step, settings.fraction)
         with torch.no_grad():
             latents = vae.encode(batch.images).float()
             cond = text.encode(_dropout_captions(batch.captions, g))
@@ -349,7 +395,7 @@ def train_gpt_lora(
     log: Callable[[str], None] = print,
     init_from: Path | None = None,
 ) -> Lora:
-    """LoRA factors teaching the (caption-conditioned) GPT `settings.concept`."""
+    """LoRA factors teaching the (caption-conditioned) GPT the word CONCEPT."""
     if not gpt.config.is_caption:
         raise ValueError("a new word can only be taught to a caption-conditioned GPT")
     gpt.requires_grad_(False)
@@ -361,7 +407,7 @@ def train_gpt_lora(
     model = with_loras(gpt, [(lora, 1.0)])
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
-        batch = concept_batch(settings.batch, settings.seed, step, settings.concept, settings.fraction)
+        batch = concept_batch(settings.batch, settings.seed, step, settings.fraction)
         with torch.no_grad():
             ids = vq.encode(batch.images).flatten(1)
             feats, valid = model.caption_features(text.encode(batch.captions))
@@ -383,11 +429,16 @@ def train_dit_controlnet(
     depth_single: int = 0,
     log: Callable[[str], None] = print,
     init_from: Path | None = None,
+    hint_channels: int = 0,
 ) -> FluxControlNet:
-    """A ControlNet steering the DiT from Canny edges of the scene to the scene (`init_from`: continue a saved one)."""
+    """A ControlNet steering the DiT from Canny edges of the scene to the scene (`init_from`: continue a saved one).
+
+    The net reads the VAE latent of the edge map (InstantX-style), or with `hint_channels` the
+    edge map itself through a convolutional hint encoder (XLabs-style `input_hint_block`).
+    """
     dit.requires_grad_(False)
     torch.manual_seed(settings.seed)
-    net = controlnet_from_dit(dit, depth, depth_single).train().requires_grad_(True)
+    net = controlnet_from_dit(dit, depth, depth_single, hint_channels).train().requires_grad_(True)
     if init_from:
         net.load_state_dict(load_any_controlnet(init_from).state_dict())
 
@@ -396,9 +447,9 @@ def train_dit_controlnet(
         with torch.no_grad():
             latents = vae.encode(batch.images).float()
             uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-            hint = vae.encode(edge_map(uint8).permute(0, 3, 1, 2) * 2 - 1).float()
-            cond = text.encode(_dropout_captions(batch.captions, g))
-        controlled = with_control(dit, net, ControlHint(latent=hint))
+            hint = ControlHint(image=edge_map(uint8), vae=vae)
+            cond = text.encode(_dropout_captions(batch.captions, g, CONTROL_CAPTION_DROPOUT))
+        controlled = with_control(dit, net, hint)
         return flow_loss(controlled, latents, cond, g)
 
     with _trainable_flux():
@@ -428,7 +479,7 @@ def train_gpt_controlnet(
             uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
             edges = edge_map(uint8).to(gpt.output.weight.device)
             cond = text.encode(batch.captions)
-        return token_loss(with_ar_control(gpt, net, edges), cond, ids, g)
+        return token_loss(with_ar_control(gpt, net, edges), cond, ids, g, CONTROL_CAPTION_DROPOUT)
 
     _loop(settings, list(net.parameters()), loss_at, log)
     return net.eval().requires_grad_(False)
@@ -482,11 +533,10 @@ def _settings(args: argparse.Namespace, **extra) -> TrainSettings:
 
 
 def main_lora(argv: Sequence[str] | None = None) -> Path:
-    """`tessera train lora --engine dit|gpt [--concept pink] …`: train and save a demo LoRA."""
+    """`tessera train lora --engine dit|gpt …`: train and save the demo LoRA teaching "giant"."""
     d = TrainSettings()
     p = argparse.ArgumentParser(prog="tessera train lora", description=main_lora.__doc__)
     p.add_argument("--engine", choices=("dit", "gpt"), default="dit")
-    p.add_argument("--concept", choices=tuple(CONCEPTS), default=d.concept)
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--model", help="DiT or GPT file (default: the built-in one)")
@@ -495,7 +545,7 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--init-from", type=Path, help="continue training this LoRA file (same rank)")
     _common(p, d)
     args = p.parse_args(argv)
-    s = _settings(args, rank=args.rank, alpha=args.alpha, concept=args.concept)
+    s = _settings(args, rank=args.rank, alpha=args.alpha)
     previous = ""
     if args.init_from:  # read now: --out may overwrite it
         previous = read_safetensors(args.init_from)[1].get("tessera.card", "")
@@ -514,12 +564,13 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
         vq = load_vq(_only_file(md, "vq_models", args.vq), dev)
         lora = train_gpt_lora(load_gpt(base_path, dev), vq, text, s, init_from=args.init_from)
         style = "peft"
-    out = args.out or md / "loras" / f"{args.engine}_{s.concept}_lora.safetensors"
+    out = args.out or md / "loras" / f"{args.engine}_{CONCEPT}_lora.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     card = (
-        f"Demo LoRA for {base_path.name}: teaches the colour word '{s.concept}' (RGB {CONCEPTS[s.concept]}), "
-        f"never seen by the base. Trained {s.steps} steps x {s.batch} on synthetic shape scenes "
-        f"(half recoloured to {s.concept}), rank {s.rank}, alpha {s.alpha}, "
+        f"Demo LoRA for {base_path.name}: teaches the size word '{CONCEPT}' (objects {GIANT_SIZES[0]}-{GIANT_SIZES[1]} px "
+        "on the 64 px canvas), never seen by the base, whose objects are 17-22 px. "
+        f"Trained {s.steps} steps x {s.batch} on synthetic scenes ({s.fraction:.0%} of them giant shapes), "
+        f"rank {s.rank}, alpha {s.alpha}, "
         f"{time.perf_counter() - started:.0f}s on {hardware(dev)} by `tessera train lora --engine {args.engine}`."
         + (f" Continued from {args.init_from.name}, whose card reads: {previous}" if args.init_from else "")
     )
@@ -531,7 +582,7 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
         {
             "base": base_path.name,
             "engine": args.engine,
-            "concept": s.concept,
+            "concept": CONCEPT,
             "rank": s.rank,
             "alpha": s.alpha,
             "steps": s.steps,
@@ -549,6 +600,13 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--engine", choices=("dit", "gpt"), default="dit")
     p.add_argument("--depth", type=int, default=2, help="DiT: double blocks copied from the DiT")
     p.add_argument("--depth-single", type=int, default=0, help="DiT: single blocks copied from the DiT")
+    p.add_argument(
+        "--hint-channels",
+        type=int,
+        default=0,
+        help="DiT: read the edge map through a hint encoder with this many output channels "
+        "(the latent's; XLabs layout) instead of its VAE latent (0, InstantX layout)",
+    )
     p.add_argument("--width", type=int, default=64, help="GPT: channels of the control image encoder")
     p.add_argument("--model", help="DiT or GPT file (default: the built-in one)")
     p.add_argument("--vae", help="VAE file for the DiT (default: the built-in one)")
@@ -576,9 +634,10 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
             args.depth,
             args.depth_single,
             init_from=args.init_from,
+            hint_channels=args.hint_channels,
         )
-        what = (
-            f"{args.depth} double, {args.depth_single} single blocks copied from it; hint: {how}, VAE-encoded"
+        what = f"{args.depth} double, {args.depth_single} single blocks copied from it; hint: {how}, " + (
+            f"through a {args.hint_channels}-channel hint encoder" if args.hint_channels else "VAE-encoded"
         )
         save = save_controlnet
     else:
@@ -592,7 +651,8 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     card = (
         f"Demo edges -> scene ControlNet for {base_path.name} ({what}). Trained {s.steps} steps x "
-        f"{s.batch} on synthetic scenes, {time.perf_counter() - started:.0f}s on {hardware(dev)} by "
+        f"{s.batch} on synthetic scenes ({CONTROL_CAPTION_DROPOUT:.0%} with the empty caption), "
+        f"{time.perf_counter() - started:.0f}s on {hardware(dev)} by "
         f"`tessera train controlnet --engine {args.engine}`."
         + (f" Continued from {args.init_from.name}, whose card reads: {previous}" if args.init_from else "")
     )

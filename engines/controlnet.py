@@ -107,10 +107,12 @@ class FluxControlNet(nn.Module):
         return patchify(hint, self.config.patch_size)
 
     def zero_init_heads(self) -> None:
-        """Zero the hint input and every residual projection: a fresh net leaves the base unchanged."""
+        """Zero the hint input and every residual projection: a fresh net leaves the base unchanged.
+
+        A hint encoder's last convolution keeps its random weights: zeroed too, it and the
+        zeroed `controlnet_x_embedder` would each pass the other a zero gradient, and never train.
+        """
         heads = [self.controlnet_x_embedder, *self.controlnet_blocks, *self.controlnet_single_blocks]
-        if self.input_hint_block is not None:
-            heads.append(self.input_hint_block[-1])
         with torch.no_grad():
             for layer in heads:
                 for p in layer.parameters():

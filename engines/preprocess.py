@@ -6,6 +6,8 @@ IMAGE values ([B, H, W, 3] in 0..1) one image at a time and return the same shap
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 import torch
 
@@ -77,15 +79,29 @@ def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
     return weak & np.isin(lab, np.unique(lab[strong & weak]))
 
 
-def canny(gray: np.ndarray, low: float = 0.1, high: float = 0.2, sigma: float = 1.4) -> np.ndarray:
-    """Canny edges of a [H, W] 0..1 image: Gaussian blur, Sobel, non-max suppression, hysteresis.
+@cache
+def _step_response(sigma: float) -> float:
+    """Gradient magnitude that a sharp 0→1 step reads after the blur (the thresholds' unit)."""
+    step = np.zeros((3, 8 * max(1, int(np.ceil(3 * sigma)))), np.float32)
+    step[:, step.shape[1] // 2 :] = 1.0
+    return float(sobel(gaussian_blur(step, sigma))[0].max())
 
-    `low` and `high` are gradient magnitudes in brightness per pixel (a sharp 0→1 step reads
-    about 1 before blurring): pixels above `high` start edges, pixels above `low` continue them.
+
+def canny(image: np.ndarray, low: float = 0.1, high: float = 0.2, sigma: float = 1.4) -> np.ndarray:
+    """Canny edges of a [H, W] or [H, W, C] 0..1 image: Gaussian blur, Sobel, non-max suppression, hysteresis.
+
+    `low` and `high` are shares of a sharp black-to-white step, whatever the blur: pixels above
+    `high` start edges, pixels above `low` continue them. A colour image takes, pixel by pixel,
+    the channel whose gradient is strongest (as OpenCV's Canny does), so a red/blue border of
+    nearly equal brightness is still an edge.
     """
-    gx, gy = sobel(gaussian_blur(gray, sigma))
-    mag = np.hypot(gx, gy)
-    thin = non_max_suppression(mag, gx, gy)
+    planes = image[..., None] if image.ndim == 2 else image
+    grads = [sobel(gaussian_blur(planes[..., c], sigma)) for c in range(planes.shape[-1])]
+    gx, gy = (np.stack(g) for g in zip(*grads))
+    mags = np.hypot(gx, gy)
+    best = mags.argmax(0)[None]
+    mag, gx, gy = (np.take_along_axis(a, best, 0)[0] for a in (mags, gx, gy))
+    thin = non_max_suppression(mag / _step_response(sigma), gx, gy)
     return hysteresis(thin >= low, thin >= max(high, low))
 
 
@@ -100,20 +116,20 @@ def scribble(gray: np.ndarray, threshold: float = 0.5, invert: bool = True, thic
 
 
 def _per_image(image: torch.Tensor, fn) -> torch.Tensor:
-    """Apply `fn(gray [H, W]) -> bool [H, W]` to each image of an IMAGE, as white-on-black RGB."""
+    """Apply `fn(rgb [H, W, 3]) -> bool [H, W]` to each image of an IMAGE, as white-on-black RGB."""
     out = []
     for rgb in image.detach().float().cpu().numpy():
-        out.append(np.repeat(fn(luma(rgb))[..., None], 3, axis=-1).astype(np.float32))
+        out.append(np.repeat(fn(rgb[..., :3])[..., None], 3, axis=-1).astype(np.float32))
     return torch.from_numpy(np.stack(out))
 
 
 def canny_image(image: torch.Tensor, low: float = 0.1, high: float = 0.2, sigma: float = 1.4) -> torch.Tensor:
-    """Canny edges of every image of an IMAGE [B, H, W, 3], white on black."""
-    return _per_image(image, lambda g: canny(g, low, high, sigma))
+    """Canny edges of every image of an IMAGE [B, H, W, 3] (colour-aware), white on black."""
+    return _per_image(image, lambda rgb: canny(rgb, low, high, sigma))
 
 
 def scribble_image(
     image: torch.Tensor, threshold: float = 0.5, invert: bool = True, thickness: int = 0
 ) -> torch.Tensor:
     """The scribble map of every image of an IMAGE [B, H, W, 3], white lines on black."""
-    return _per_image(image, lambda g: scribble(g, threshold, invert, thickness))
+    return _per_image(image, lambda rgb: scribble(luma(rgb), threshold, invert, thickness))

@@ -291,7 +291,7 @@ def _rgb(name: str) -> np.ndarray:
     return np.asarray(COLORS[name], dtype=np.float32)
 
 
-def _paste(canvas: np.ndarray, alpha: np.ndarray, color: np.ndarray, x0: int, y0: int) -> None:
+def paste(canvas: np.ndarray, alpha: np.ndarray, color: np.ndarray, x0: int, y0: int) -> None:
     """Blend `color` into `canvas` with coverage `alpha` whose top-left corner is (x0, y0)."""
     h, w = alpha.shape
     H, W = canvas.shape[:2]
@@ -316,7 +316,7 @@ def _render_shape(a: dict, rng: random.Random) -> np.ndarray:
     # Keep a one-pixel margin: a shape cut by the frame would no longer be that shape.
     x0 = min(max(round(cx - size / 2), 1), IMAGE_SIZE - 1 - size)
     y0 = min(max(round(cy - size / 2), 1), IMAGE_SIZE - 1 - size)
-    _paste(canvas, shape_alpha(a["shape"], size), _rgb(a["color"]), x0, y0)
+    paste(canvas, shape_alpha(a["shape"], size), _rgb(a["color"]), x0, y0)
     return canvas
 
 
@@ -337,8 +337,8 @@ def _render_relation(a: dict, rng: random.Random) -> np.ndarray:
         (x1, y1), (x2, y2) = (first, across1), (second, across2)
     else:
         (x1, y1), (x2, y2) = (across1, first), (across2, second)
-    _paste(canvas, shape_alpha(a["shape"], s1), _rgb(a["color"]), round(x1 - s1 / 2), round(y1 - s1 / 2))
-    _paste(
+    paste(canvas, shape_alpha(a["shape"], s1), _rgb(a["color"]), round(x1 - s1 / 2), round(y1 - s1 / 2))
+    paste(
         canvas,
         shape_alpha(a["other_shape"], s2),
         _rgb(a["other_color"]),
@@ -356,7 +356,7 @@ def _render_word(a: dict, rng: random.Random) -> np.ndarray:
     slack_x = max(0, min(4, (IMAGE_SIZE - 4 - w) // 2))
     x0 = (IMAGE_SIZE - w) // 2 + rng.randint(-slack_x, slack_x)
     y0 = (IMAGE_SIZE - h) // 2 + rng.randint(-6, 6)
-    _paste(canvas, alpha, _rgb(a["color"]), x0, y0)
+    paste(canvas, alpha, _rgb(a["color"]), x0, y0)
     return canvas
 
 

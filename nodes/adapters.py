@@ -171,11 +171,14 @@ class ApplyControlNetGPT(Node):
 class CannyEdges(Node):
     """Canny edge map of an image (white edges on black), the input of edge ControlNets.
 
-    Thresholds are gradient magnitudes in brightness per pixel: `high` starts an edge, `low`
+    Colour-aware, as OpenCV's Canny: each pixel takes the RGB channel with the strongest
+    gradient, so borders between colours of equal brightness are edges too. Thresholds are
+    shares of a sharp black-to-white step whatever the blur: `high` starts an edge, `low`
     continues one; `blur` is the Gaussian sigma applied first.
     """
 
     category = "image/preprocessors"
+    version = 2  # 2: colour-aware, thresholds independent of the blur
     inputs = (
         Input("image", "IMAGE"),
         Input("low_threshold", "FLOAT", default=0.1, min=0.0, max=1.0, step=0.01),

@@ -18,7 +18,7 @@ from tessera.engines.conditioning import Conditioning
 from tessera.engines.controlnet import controlnet_from_dit, save_controlnet
 from tessera.engines.flux import Flux, FluxConfig, save_dit
 from tessera.engines.gpt import GPT, GPTConfig, gpt_config_metadata
-from tessera.engines.preprocess import canny
+from tessera.engines.preprocess import canny, luma
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
 
@@ -367,6 +367,20 @@ def test_preprocessors_draw_thin_edges_and_scribbles():
     mixed[10:30, 20:35] = 0.15
     kept = canny(mixed, low=0.03, high=0.2)
     assert kept[10:30, 19:22].any() and kept[12, 30:36].sum() == 0
+    # the thresholds are shares of a black-to-white step whatever the blur
+    for sigma in (0.8, 1.4, 2.5):
+        assert (
+            canny(img * 0.3 / 0.9, 0.1, 0.25, sigma).any()
+            and not canny(img * 0.2 / 0.9, 0.1, 0.25, sigma).any()
+        )
+    # colour: a red square on blue has almost no brightness step, yet it is an edge (as in OpenCV)
+    rgb = np.empty((40, 40, 3), np.float32)
+    rgb[:] = (35 / 255, 85 / 255, 220 / 255)
+    rgb[10:30, 12:28] = (215 / 255, 35 / 255, 35 / 255)
+    assert not canny(luma(rgb)).any()
+    colour_edges = canny(rgb)
+    near = np.logical_or.reduce([np.roll(edges, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    assert colour_edges.sum() == edges.sum() and not (colour_edges & ~near).any()  # the same outline, ±1 px
     node_edges = adapter_nodes.CannyEdges().execute(
         None, torch.from_numpy(np.repeat(img[None, ..., None], 3, -1)), 0.1, 0.2, 1.4
     )[0]

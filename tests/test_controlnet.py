@@ -255,3 +255,33 @@ def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompu
     top = TokenGrid(cached).fix_rows(1)  # fixed rows are prefilled in one pass: same control positions
     assert torch.equal(run(controlled, fixed=top), cached)
     assert gpt.freqs is None and all(layer.attention.kv_cache is None for layer in gpt.layers)
+
+
+def test_a_fresh_pixel_hint_controlnet_changes_nothing_yet_learns_to_read_its_hint(base):
+    """Zeroed heads make a fresh net a no-op; its hint encoder must still get a gradient (if both the
+    encoder's last convolution and `controlnet_x_embedder` started at zero, neither would ever train)."""
+    from tessera.engines.training import _trainable_flux
+
+    _, dit = base
+    torch.manual_seed(6)
+    net = controlnet_from_dit(dit, depth=1, depth_single=0, hint_channels=4).train()
+    x, t, ctx, y, g = inputs()
+    images = torch.rand(2, 2, 48, 32, 3, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        plain = dit(x, t, ctx, y, g)
+        assert torch.equal(with_control(dit, net, ControlHint(image=images[0]))(x, t, ctx, y, g), plain)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    with _trainable_flux():
+        for _ in range(5):  # the zeroed residual heads move first, then the hint input, then the encoder
+            opt.zero_grad()
+            loss = (
+                (with_control(dit, net, ControlHint(image=images[0]))(x, t, ctx, y, g) - plain - 1)
+                .square()
+                .mean()
+            )
+            loss.backward()
+            opt.step()
+    assert net.input_hint_block[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        a, b = (with_control(dit, net, ControlHint(image=im))(x, t, ctx, y, g) for im in images)
+    assert rel_err(a, b) > 1e-5  # the output now depends on the control image

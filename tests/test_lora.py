@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -377,17 +378,37 @@ def test_unmatched_keys_are_reported_and_a_file_matching_nothing_names_itself(di
         load_lora(tmp_path / "partial.safetensors", gpt)
 
 
-def test_concept_scenes_are_drawn_in_the_new_colour_and_detected():
-    from tessera.engines.adapter_training import CONCEPTS, concept_batch, concept_rate, concept_sample
+def test_giant_scenes_are_drawn_big_and_detected_only_when_big_and_the_asked_colour():
+    from tessera.engines import synthetic
+    from tessera.engines.adapter_training import (
+        GIANT_EXTENT,
+        GIANT_SIZES,
+        concept_batch,
+        concept_rate,
+        concept_sample,
+        shows_concept,
+    )
 
-    s = concept_sample(0, 3, "pink")
-    assert "pink" in s.caption and s.attributes["color"] == "pink"
-    near = (abs(s.image.astype(int) - CONCEPTS["pink"]).sum(-1) < 30).sum()
-    assert near > 100  # the shape's pixels now carry the new colour
-    batch = concept_batch(8, 0, 0, "pink", fraction=1.0)
-    assert concept_rate((batch.images.permute(0, 2, 3, 1) + 1) / 2, "pink") == 1.0
-    ordinary = concept_batch(8, 0, 0, "pink", fraction=0.0)
-    assert concept_rate((ordinary.images.permute(0, 2, 3, 1) + 1) / 2, "pink") == 0.0
+    s = concept_sample(0, 3)
+    assert s.caption.startswith("a giant ") and s.attributes["size"] == "giant"
+    assert s.attributes["color"] in s.caption and s.attributes["shape"] in s.caption
+    bg = np.array(synthetic.COLORS[s.attributes["background"]])
+    ys, xs = np.nonzero(np.abs(s.image.astype(int) - bg).sum(-1) > 60)
+    assert GIANT_SIZES[0] - 1 <= max(np.ptp(ys), np.ptp(xs)) + 1 <= GIANT_SIZES[1]
+
+    batch = concept_batch(16, 0, 0, fraction=1.0)
+    images = (batch.images.permute(0, 2, 3, 1) + 1) / 2
+    colors = [a["color"] for a in batch.attributes]
+    assert concept_rate(images, colors) == 1.0
+    wrong = [
+        next(c for c in synthetic.COLORS if c not in (a["color"], a["background"])) for a in batch.attributes
+    ]
+    assert concept_rate(images, wrong) == 0.0  # giant, but not in the colour asked for
+    # every ordinary object (17-22 px) and pair of objects is too small to count
+    for kind in ("shape", "relation"):
+        scenes = [synthetic.make_sample(5, i, kinds=(kind,)) for i in range(64)]
+        assert not any(shows_concept(x.image / 255.0, x.attributes["color"]) for x in scenes)
+    assert GIANT_EXTENT < GIANT_SIZES[0]
 
 
 def test_train_commands_write_adapters_the_loaders_read(tmp_path):
@@ -469,7 +490,7 @@ def test_train_commands_write_adapters_the_loaders_read(tmp_path):
         base = load_dit(md / model_file) if engine == "dit" else load_gpt(md / model_file)
         lora = load_lora(out, base)
         assert not lora.unmatched and lora.updates
-        assert "pink" in read_safetensors(out)[1]["tessera.card"]
+        assert "'giant'" in read_safetensors(out)[1]["tessera.card"]
         net = load_any_controlnet(
             main_controlnet(["--engine", engine, "--depth", "1", "--width", "8", *common])
         )
@@ -509,10 +530,37 @@ def test_continuing_a_dit_controlnet_starts_from_the_file(tmp_path):
 
     shipped = default_models_dir() / "controlnet" / "dit_canny_controlnet.safetensors"
     out = tmp_path / "continued.safetensors"
-    train(["controlnet", "--engine", "dit", "--init-from", str(shipped), "--steps", "1", "--lr", "0",
-           "--batch", "2", "--threads", "1", "--out", str(out)])
+    train(
+        [
+            "controlnet",
+            "--engine",
+            "dit",
+            "--init-from",
+            str(shipped),
+            "--steps",
+            "1",
+            "--lr",
+            "0",
+            "--batch",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     before, after = load_file(shipped), load_file(out)
     assert sorted(before) == sorted(after)
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(SystemExit, match="--engine dit"):
-        train(["controlnet", "--engine", "gpt", "--init-from", str(shipped), "--out", str(tmp_path / "x.safetensors")])
+        train(
+            [
+                "controlnet",
+                "--engine",
+                "gpt",
+                "--init-from",
+                str(shipped),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )

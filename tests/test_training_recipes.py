@@ -137,7 +137,7 @@ def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
         with safe_open(str(models / training.DEFAULT_FILES[key]), "pt") as f:
             cards[key] = json.loads(f.metadata()["tessera.card"])
     assert cards["dit"]["examples_seen"] == cards["ar"]["examples_seen"]
-    for name in ("loras/dit_pink_lora", "loras/gpt_pink_lora", "controlnet/dit_canny_controlnet",
+    for name in ("loras/dit_giant_lora", "loras/gpt_giant_lora", "controlnet/dit_canny_controlnet",
                  "controlnet/gpt_canny_controlnet"):
         assert (models / f"{name}.safetensors").stat().st_size > 0
     assert (tmp_path / "artifacts" / "train" / "dit.out").is_file()
