@@ -244,7 +244,8 @@ def hardware(device: str = "cpu") -> str:
                 break
     except OSError:
         pass
-    host = f"{cpu}; {torch.get_num_threads()} threads; torch {torch.__version__}; {platform.system()}"
+    threads = torch.get_num_threads()
+    host = f"{cpu}; {threads} thread{'s' * (threads > 1)}; torch {torch.__version__}; {platform.system()}"
     return f"{torch.cuda.get_device_name(device)} ({host})" if device.startswith("cuda") else host
 
 
