@@ -63,19 +63,24 @@ def non_max_suppression(mag: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.n
     return np.where(keep, mag, 0.0)
 
 
-def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
-    """Weak pixels 8-connected (through weak pixels) to a strong one; strong ⊆ weak."""
-    h, w = weak.shape
+def component_labels(mask: np.ndarray) -> np.ndarray:
+    """One label per 8-connected component of `mask` [H, W] (its smallest flat index); H·W outside."""
+    h, w = mask.shape
     big = h * w
-    lab = np.where(weak, np.arange(big).reshape(h, w), big)
-    while True:  # every weak pixel takes the smallest index in its component (pointer jumping)
+    lab = np.where(mask, np.arange(big).reshape(h, w), big)
+    while True:  # every pixel takes the smallest index in its component (pointer jumping)
         p = np.pad(lab, 1, constant_values=big)
         nb = np.minimum.reduce([p[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
-        nb = np.where(weak, nb, big)
+        nb = np.where(mask, nb, big)
         nb = np.append(nb.ravel(), big)[nb]
         if np.array_equal(nb, lab):
-            break
+            return lab
         lab = nb
+
+
+def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """Weak pixels 8-connected (through weak pixels) to a strong one; strong ⊆ weak."""
+    lab = component_labels(weak)
     return weak & np.isin(lab, np.unique(lab[strong & weak]))
 
 

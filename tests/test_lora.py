@@ -552,6 +552,22 @@ def test_continuing_a_dit_controlnet_starts_from_the_file(tmp_path):
     before, after = load_file(shipped), load_file(out)
     assert sorted(before) == sorted(after)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the shipped net reads the edge map itself: continuing it as a latent-hint net is refused by name
+    with pytest.raises(
+        ValueError, match="dit_canny_controlnet.safetensors is not a DiT ControlNet reading its VAE"
+    ):
+        train(
+            [
+                "controlnet",
+                "--hint",
+                "latent",
+                "--init-from",
+                str(shipped),
+                "--out",
+                str(tmp_path / "y.safetensors"),
+            ]
+        )
+    assert not (tmp_path / "y.safetensors").exists()
     with pytest.raises(SystemExit, match="--engine dit"):
         train(
             [
