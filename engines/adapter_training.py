@@ -50,7 +50,7 @@ from .controlnet import (
 from .flux import Flux, load_dit
 from .gpt import GPT, load_gpt
 from .lora import Lora, Update, load_lora, with_loras
-from .preprocess import canny, component_labels
+from .preprocess import canny_image, component_labels
 from .text_encoder import TextEncoder, load_text_encoder
 from .training import _trainable_flux, gpt_training_logits, hardware, pace_to_deadline
 from .vae import AutoencoderKL, load_vae
@@ -84,23 +84,8 @@ def concept_sample(seed: int, index: int) -> synthetic.Sample:
     attrs = synthetic.sample_attributes(rng, "shape")
     attrs = {k: attrs[k] for k in ("kind", "shape", "color", "background")} | {"size": CONCEPT}
     size = rng.randint(*GIANT_SIZES)
-    canvas = np.empty((synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE, 3), np.float32)
-    canvas[:] = synthetic.COLORS[attrs["background"]]
-    x0, y0 = (
-        min(
-            max(round((synthetic.IMAGE_SIZE - size) / 2 + rng.uniform(-4, 4)), 1),
-            synthetic.IMAGE_SIZE - 1 - size,
-        )
-        for _ in range(2)
-    )
-    synthetic.paste(
-        canvas,
-        synthetic.shape_alpha(attrs["shape"], size),
-        np.float32(synthetic.COLORS[attrs["color"]]),
-        x0,
-        y0,
-    )
-    image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+    cx, cy = (synthetic.IMAGE_SIZE / 2 + rng.uniform(-4, 4) for _ in range(2))
+    image = synthetic.render_shape(attrs["shape"], attrs["color"], attrs["background"], size, cx, cy)
     return synthetic.Sample(image, giant_caption(attrs, rng.randrange(2)), attrs)
 
 
@@ -153,8 +138,7 @@ def concept_rate(images: torch.Tensor, colors: Sequence[str]) -> float:
 
 def edge_map(images_uint8: np.ndarray, sigma: float = 1.4) -> torch.Tensor:
     """Canny edges of uint8 [B, H, W, 3] scenes as IMAGE values [B, H, W, 3] (white on black)."""
-    maps = [canny(img.astype(np.float32) / 255, 0.1, 0.2, sigma) for img in images_uint8]
-    return torch.from_numpy(np.repeat(np.stack(maps)[..., None], 3, axis=-1).astype(np.float32))
+    return canny_image(torch.from_numpy(images_uint8).float() / 255, sigma=sigma)
 
 
 def edge_iou(a: np.ndarray, b: np.ndarray, tolerance: int = 1) -> float:

@@ -291,7 +291,7 @@ def _rgb(name: str) -> np.ndarray:
     return np.asarray(COLORS[name], dtype=np.float32)
 
 
-def paste(canvas: np.ndarray, alpha: np.ndarray, color: np.ndarray, x0: int, y0: int) -> None:
+def _paste(canvas: np.ndarray, alpha: np.ndarray, color: np.ndarray, x0: int, y0: int) -> None:
     """Blend `color` into `canvas` with coverage `alpha` whose top-left corner is (x0, y0)."""
     h, w = alpha.shape
     H, W = canvas.shape[:2]
@@ -307,17 +307,27 @@ def _cell_center(index: int) -> float:
     return (index + 0.5) * IMAGE_SIZE / 3
 
 
-def _render_shape(a: dict, rng: random.Random) -> np.ndarray:
+def _shape_canvas(shape: str, color: str, background: str, size: int, cx: float, cy: float) -> np.ndarray:
+    """One `size` px shape centred near (cx, cy) on a plain background (float canvas)."""
     canvas = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.float32)
-    canvas[:] = _rgb(a["background"])
-    size = rng.randint(17, 22)
-    col, row = POSITIONS[a["position"]]
-    cx, cy = _cell_center(col) + rng.uniform(-3, 3), _cell_center(row) + rng.uniform(-3, 3)
+    canvas[:] = _rgb(background)
     # Keep a one-pixel margin: a shape cut by the frame would no longer be that shape.
     x0 = min(max(round(cx - size / 2), 1), IMAGE_SIZE - 1 - size)
     y0 = min(max(round(cy - size / 2), 1), IMAGE_SIZE - 1 - size)
-    paste(canvas, shape_alpha(a["shape"], size), _rgb(a["color"]), x0, y0)
+    _paste(canvas, shape_alpha(shape, size), _rgb(color), x0, y0)
     return canvas
+
+
+def render_shape(shape: str, color: str, background: str, size: int, cx: float, cy: float) -> np.ndarray:
+    """One shape of any size as uint8 [64, 64, 3] (the adapters' new concepts draw with it)."""
+    return np.clip(_shape_canvas(shape, color, background, size, cx, cy) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _render_shape(a: dict, rng: random.Random) -> np.ndarray:
+    size = rng.randint(17, 22)
+    col, row = POSITIONS[a["position"]]
+    cx, cy = _cell_center(col) + rng.uniform(-3, 3), _cell_center(row) + rng.uniform(-3, 3)
+    return _shape_canvas(a["shape"], a["color"], a["background"], size, cx, cy)
 
 
 def _render_relation(a: dict, rng: random.Random) -> np.ndarray:
@@ -337,8 +347,8 @@ def _render_relation(a: dict, rng: random.Random) -> np.ndarray:
         (x1, y1), (x2, y2) = (first, across1), (second, across2)
     else:
         (x1, y1), (x2, y2) = (across1, first), (across2, second)
-    paste(canvas, shape_alpha(a["shape"], s1), _rgb(a["color"]), round(x1 - s1 / 2), round(y1 - s1 / 2))
-    paste(
+    _paste(canvas, shape_alpha(a["shape"], s1), _rgb(a["color"]), round(x1 - s1 / 2), round(y1 - s1 / 2))
+    _paste(
         canvas,
         shape_alpha(a["other_shape"], s2),
         _rgb(a["other_color"]),
@@ -356,7 +366,7 @@ def _render_word(a: dict, rng: random.Random) -> np.ndarray:
     slack_x = max(0, min(4, (IMAGE_SIZE - 4 - w) // 2))
     x0 = (IMAGE_SIZE - w) // 2 + rng.randint(-slack_x, slack_x)
     y0 = (IMAGE_SIZE - h) // 2 + rng.randint(-6, 6)
-    paste(canvas, alpha, _rgb(a["color"]), x0, y0)
+    _paste(canvas, alpha, _rgb(a["color"]), x0, y0)
     return canvas
 
 
