@@ -15,7 +15,7 @@ from typing import Callable
 
 from tessera.node import Node
 from tessera.registry import NodeRegistry
-from tessera.workflow import InvalidWorkflow, WorkflowIssue, is_link, upstream_ids
+from tessera.workflow import InvalidWorkflow, WorkflowIssue, is_link, passthrough_input, upstream_ids
 
 
 @dataclass
@@ -80,6 +80,52 @@ def _id_sort_key(node_id: str):
     return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
 
 
+_GONE = object()  # what a link to a muted or skipped node resolves to
+
+
+def apply_modes(nodes: dict, registry: NodeRegistry) -> dict:
+    """The nodes that run, as ComfyUI treats its node modes.
+
+    A muted node is left out, and so is every node with a required input that only a
+    left-out node could feed (an optional one is just left unconnected). A bypassed node is
+    left out and its readers take, in place of each of its outputs, what feeds its first
+    input of that type (followed through chains of bypassed nodes).
+    """
+    if all(n.get("mode", "normal") == "normal" for n in nodes.values()):
+        return nodes
+    active: dict[str, dict] = {}
+
+    def resolve(link: dict) -> object:
+        node = nodes[link["node"]]
+        if node.get("mode") == "bypass":
+            cls = registry.get(node["type"])
+            spec = passthrough_input(cls, link["output"])  # validation made sure there is one
+            value = node.get("inputs", {}).get(spec.name, spec.default)
+            if value is None:
+                return _GONE
+            return resolve(value) if is_link(value) else value
+        return link if link["node"] in active else _GONE
+
+    for node_id in _topological(nodes, set(nodes)):
+        node = nodes[node_id]
+        if node.get("mode", "normal") != "normal":
+            continue
+        cls = registry.get(node["type"])
+        inputs, runnable = {}, True
+        for name, value in node.get("inputs", {}).items():
+            if is_link(value):
+                value = resolve(value)
+                if value is _GONE:
+                    runnable = runnable and not cls.input(name).required
+                    continue
+            inputs[name] = value
+        if runnable:
+            active[node_id] = {**node, "inputs": inputs}
+    if not any(registry.get(n["type"]).is_output for n in active.values()):
+        raise InvalidWorkflow([WorkflowIssue(None, None, "nothing to run: every output node is muted, bypassed or needs a muted node")])
+    return active
+
+
 def canonical_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
@@ -91,7 +137,7 @@ def compile_plan(
     targets: list[str] | None = None,
 ) -> Plan:
     """Compile a *validated* workflow. `fingerprint(cls, node_id, constants)` supplies node fingerprints."""
-    nodes = workflow["nodes"]
+    nodes = apply_modes(workflow["nodes"], registry)
     order = _topological(nodes, _needed(nodes, registry, targets))
     plan = Plan()
     keys: dict[str, str] = {}

@@ -15,6 +15,7 @@ from typing import Callable
 
 import jsonschema
 
+from tessera.node import Input
 from tessera.registry import NodeRegistry
 
 CURRENT_VERSION = 1
@@ -105,7 +106,10 @@ def validate(workflow: object, registry: NodeRegistry, model_files: Callable[[st
     workflow = migrate(json.loads(json.dumps(workflow)))
     nodes = workflow["nodes"]
     for node_id, node in nodes.items():
+        if node.get("mode") == "mute":
+            continue  # a muted node never runs: its inputs may be unfinished
         issues.extend(_node_issues(node_id, node, nodes, registry, model_files))
+    issues.extend(_bypass_issues(nodes, registry))
     if not issues:
         issues.extend(_cycle_issues(nodes))
     if issues:
@@ -180,6 +184,30 @@ def _link_issues(node_id, spec, link, nodes, registry) -> list[WorkflowIssue]:
     if output_type != spec.type and "*" not in (output_type, spec.type):
         return [WorkflowIssue(node_id, spec.name, f"type mismatch: {upstream['type']}.{link['output']} is {output_type}, input needs {spec.type}")]
     return []
+
+
+def passthrough_input(cls: type, output: str) -> Input | None:
+    """The input a bypassed node hands on in place of `output`: the first of the same type."""
+    kind = cls.output_type(output)
+    return next((i for i in cls.inputs if i.type == kind), None)
+
+
+def _bypass_issues(nodes: dict, registry: NodeRegistry) -> list[WorkflowIssue]:
+    """A bypassed node must have an input to pass on for every output that something reads."""
+    issues = []
+    read = {(v["node"], v["output"]) for n in nodes.values() if n.get("mode") != "mute"
+            for v in n.get("inputs", {}).values() if is_link(v)}
+    for node_id, node in nodes.items():
+        cls = registry.get(node["type"]) if node.get("mode") == "bypass" else None
+        if cls is None:
+            continue
+        for out in cls.outputs:
+            if (node_id, out.name) in read and passthrough_input(cls, out.name) is None:
+                issues.append(WorkflowIssue(
+                    node_id, None,
+                    f"{cls.type_name} is bypassed but has no {out.type} input to pass on as its output '{out.name}'",
+                ))
+    return issues
 
 
 def upstream_ids(node: dict) -> list[str]:
