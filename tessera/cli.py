@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER)
     bench = sub.add_parser("bench", help="run a benchmark from bench/ (executor, diffusion, autoregressive, paradigms)", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
+
+    convert = sub.add_parser("convert", help="convert a PyTorch pickle (.pt/.pth/.bin/.ckpt) to .safetensors, explicitly")
+    convert.add_argument("input", type=Path, help="a PyTorch pickle: .pt, .pth, .bin or .ckpt")
+    convert.add_argument("output", type=Path, help="the .safetensors file to write")
+    convert.add_argument("--config", default="{}", help='JSON settings the tensors cannot tell, e.g. \'{"n_head": 20}\'')
+    convert.add_argument("--force", action="store_true", help="replace an existing output file")
     return parser
 
 
@@ -179,7 +185,7 @@ def cmd_serve(args) -> int:
 def cmd_script(folder: str, args: list[str]) -> int:
     """Run bench/NAME.py or the trainer with the remaining arguments."""
     if folder == "train":
-        from tessera.training import main as train_main
+        from tessera.lab.cli import main as train_main
 
         return train_main(args) or 0
     if not args or args[0] in ("-h", "--help"):
@@ -204,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(args)
     if args.command == "nodes":
         return cmd_nodes(args)
+    if args.command == "convert":
+        from tessera.convert import main as convert_main
+
+        return convert_main(args)
     return cmd_script(args.command, args.args)
 
 
