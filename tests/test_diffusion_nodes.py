@@ -19,13 +19,7 @@ from tessera.registry import NodeRegistry
 CONTEXT, POOLED = 8, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths, badly so on a shared CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class FakeTextEncode(Node):
@@ -248,6 +242,45 @@ def test_img2img_and_inpainting_through_nodes(executor):
     tiled = dn.VAEDecode().execute(ctx, vae, out, 16)[0]
     assert decoded.shape == tiled.shape == (1, 24, 32, 3)
     assert 0 <= decoded.min() and decoded.max() <= 1
+
+
+def test_tiled_decode_tiles_by_tile_size_and_stays_close_to_the_untiled_decode(executor, monkeypatch):
+    """The shipped f8 VAE (trained weights: random ones decode to near-flat images): tile_size
+    sets the tiles decode sees; the blend stays within 0.05 mean / 0.6 max of the untiled
+    image at 64-px tiles, and larger tiles come closer."""
+    from pathlib import Path
+
+    from tessera.engines.vae import load_vae
+
+    vae = load_vae(Path(__file__).resolve().parents[1] / "models" / "vae" / "tessera-vae-f8.safetensors")
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.rand(1, 3, 12, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        latent = Latent(vae.encode(torch.nn.functional.interpolate(blocks, size=(96, 128), mode="nearest")))
+    seen: list[tuple] = []
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z: seen.append(tuple(z.shape[-2:])) or decode(z))
+    ctx = executor.context("n")
+
+    def run(tile_size):
+        seen.clear()
+        image = dn.VAEDecode().execute(ctx, vae, latent, tile_size)[0]
+        return image, list(seen)
+
+    full, full_tiles = run(0)
+    assert full_tiles == [(12, 16)]
+    errors = {}
+    for tile_size in (32, 64):
+        tiled, tiles = run(tile_size)
+        side = tile_size // 8
+        assert len(tiles) > 1 and all(h <= side and w <= side for h, w in tiles)
+        assert max(max(t) for t in tiles) == side  # the tiles are as large as asked
+        assert tiled.shape == full.shape
+        errors[tile_size] = (tiled - full).abs()
+    assert len(run(32)[1]) > len(run(64)[1])  # a different tile size is a different tiling
+    assert errors[64].mean() < 0.05 and errors[64].max() < 0.6
+    assert errors[64].mean() < errors[32].mean()
+    assert errors[64].mean() > 0  # tiles really were decoded apart
 
 
 def test_empty_latent_takes_channels_and_scale_from_a_vae(executor):
