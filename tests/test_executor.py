@@ -267,3 +267,104 @@ def test_replacing_a_model_file_reruns_its_loader(executor, tmp_path):
     (folder / "a.safetensors").write_bytes(b"y" * 30)
     again = executor.run(workflow)
     assert again.executed == ["w", "d", "o"] and again.outputs["o"] == {"value": [60.0]}
+
+
+class Split(Node):
+    """Two outputs of the same type: which one a link uses must be part of the cache key."""
+
+    inputs = (Input("x", "MODEL"),)
+    outputs = (Output("low", "X"), Output("high", "X"))
+
+    def execute(self, ctx, x):
+        CALLS["Split"] += 1
+        return (x - 1, x + 1)
+
+
+def test_cache_key_names_the_upstream_output_a_link_uses(executor):
+    executor.registry.register(Split)
+
+    def workflow(output):
+        return {"version": 1, "nodes": {
+            "model": {"type": "LoadModel"},
+            "split": {"type": "Split", "inputs": {"x": link("model", "model")}},
+            "d": {"type": "Decode", "inputs": {"x": link("split", output)}},
+            "o": {"type": "Sink", "inputs": {"image": link("d", "image")}},
+        }}
+
+    low = executor.run(workflow("low"))
+    assert low.status == "success" and low.outputs["o"] == {"value": [0.0]}  # (1 - 1) * 2 * 4
+    high = executor.run(workflow("high"))
+    assert high.executed == ["d", "o"] and set(high.cached) == {"model", "split"}
+    assert high.outputs["o"] == {"value": [16.0]}  # (1 + 1) * 2 * 4
+    assert executor.run(workflow("low")).outputs["o"] == low.outputs["o"]
+
+
+def test_replacing_an_input_image_reruns_only_its_loader_and_what_follows(tmp_path):
+    from PIL import Image
+
+    import tessera.nodes.image as image_nodes
+
+    registry = NodeRegistry()
+    registry.register_module(image_nodes)
+    registry.register(Sink)
+    executor = Executor(registry, tmp_path / "models", tmp_path / "in", tmp_path / "out", "cpu")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "in" / "photo.png")
+    workflow = {"version": 1, "nodes": {
+        "load": {"type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "invert": {"type": "ImageInvert", "inputs": {"image": link("load", "image")}},
+        "out": {"type": "Sink", "inputs": {"image": link("invert", "image")}},
+        "solid": {"type": "SolidColor", "inputs": {"width": 4, "height": 4}},
+        "other": {"type": "Sink", "inputs": {"image": link("solid", "image")}},
+    }}
+    first = executor.run(workflow)
+    assert first.status == "success", first.errors
+    assert first.outputs["out"] == {"value": [32.0]}  # 16 pixels inverted to (0, 1, 1)
+    Image.new("RGB", (4, 4), (0, 0, 0)).save(tmp_path / "in" / "photo.png")
+    again = executor.run(workflow)
+    assert again.executed == ["load", "invert", "out"]
+    assert set(again.cached) == {"solid", "other"}
+    assert again.outputs["out"] == {"value": [48.0]}
+
+
+ALIVE: dict = {}  # node id -> weak reference to the tensor it produced
+SEEN: dict = {}  # node id -> ids of earlier values still alive when it ran
+
+
+class Track(Node):
+    """Records which earlier outputs still exist when it runs, then adds one to its inputs."""
+
+    inputs = (Input("tag", "STRING", default=""), Input("x", "X", optional=True), Input("y", "X", optional=True))
+    outputs = (Output("x", "X"),)
+
+    def execute(self, ctx, tag, x=None, y=None):
+        import gc
+        import weakref
+
+        gc.collect()
+        SEEN[ctx.node_id] = {n for n, ref in ALIVE.items() if ref() is not None}
+        value = sum(v for v in (x, y) if v is not None) + torch.ones(8)
+        ALIVE[ctx.node_id] = weakref.ref(value)
+        return (value,)
+
+
+def test_working_set_shrinks_after_each_values_last_consumer(tmp_path):
+    """Observed through the executor: with a cache that keeps nothing, a value must be gone
+    once every node that reads it has run, and still there while a reader is pending."""
+    ALIVE.clear()
+    SEEN.clear()
+    registry = NodeRegistry()
+    registry.register(Track)
+    executor = Executor(registry, tmp_path / "m", tmp_path / "i", tmp_path / "o", "cpu", cache=OutputCache(cpu_bytes=0))
+    t = lambda tag, **links: {"type": "Track", "inputs": {"tag": tag, **{k: link(v, "x") for k, v in links.items()}}}  # noqa: E731
+    workflow = {"version": 1, "nodes": {
+        "1": t("a"),
+        "2": t("b", x="1"),
+        "3": t("c", x="2", y="1"),  # last reader of 1 and 2
+        "4": t("d", x="3"),  # last reader of 3
+        "5": t("e", x="4"),
+    }}
+    result = executor.run(workflow, targets=["5"])
+    assert result.status == "success", result.errors
+    assert result.executed == ["1", "2", "3", "4", "5"]
+    assert SEEN == {"1": set(), "2": {"1"}, "3": {"1", "2"}, "4": {"3"}, "5": {"4"}}
