@@ -16,10 +16,9 @@ from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
 
 from tessera.images import tensor_to_pil
-from tessera.node import ExecutionContext, Input, Node, NodeError, Output
+from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
 
 MAX_GRID = 256
-MAX_SEED = 2**63 - 1
 
 
 class LoadARModel(Node):

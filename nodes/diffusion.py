@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.flux import Flux, check_conditioning, guided_velocity, load_dit
+from tessera.engines.fp8 import Fp8Unavailable, require_fp8, store_fp8
 from tessera.engines.latent import Latent
 from tessera.engines.latent import denoise as run_denoise  # the nodes' `denoise` input is the strength
 from tessera.engines.preview import latent_preview, rgb_projection_for
@@ -13,10 +14,11 @@ from tessera.engines.samplers import SAMPLERS
 from tessera.engines.schedules import SCHEDULES, sigmas_for
 from tessera.engines.vae import FAMILIES, AutoencoderKL, load_vae, with_family
 
-from tessera.node import ExecutionContext, Input, Node, NodeError, Output
+from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
 
 MAX_SIDE = 8192
 DTYPES = {"default": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FP8 = "fp8_e4m3fn"  # Linear weights stored in fp8, upcast per layer to the compute dtype (engines/fp8.py)
 
 
 class LoadDiffusionModel(Node):
@@ -25,18 +27,23 @@ class LoadDiffusionModel(Node):
     category = "loaders"
     inputs = (
         Input("file", "STRING", model_folder="diffusion_models", link="widget"),
-        Input("weight_dtype", "STRING", default="default", choices=tuple(DTYPES), link="widget"),
+        Input("weight_dtype", "STRING", default="default", choices=(*DTYPES, FP8), link="widget"),
     )
     outputs = (Output("model", "DIT_MODEL"),)
 
     def execute(self, ctx: ExecutionContext, file: str, weight_dtype: str = "default"):
+        path = ctx.model_file("diffusion_models", file)
         try:
-            model = load_dit(
-                ctx.model_file("diffusion_models", file), ctx.device, DTYPES[weight_dtype] or ctx.dtype
-            )
+            if weight_dtype == FP8:
+                try:
+                    require_fp8(f"weight_dtype {FP8}")
+                except Fp8Unavailable as e:
+                    raise NodeError(str(e), input="weight_dtype") from None
+                # Keep the file's own dtypes while loading (an fp8 file stays 8-bit), then quantise.
+                return (store_fp8(load_dit(path, "cpu", None), ctx.dtype).to(ctx.device),)
+            return (load_dit(path, ctx.device, DTYPES[weight_dtype] or ctx.dtype),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
-        return (model,)
 
 
 class LoadVAE(Node):
@@ -155,7 +162,7 @@ _DENOISE_INPUTS = (
 _GUIDANCE_INPUTS = (
     Input("cfg", "FLOAT", default=1.0, min=0.0, max=30.0, step=0.1),
     Input("guidance", "FLOAT", default=3.5, min=0.0, max=30.0, step=0.1),
-    Input("seed", "INT", default=0, min=0, max=2**63 - 1, widget="seed"),
+    Input("seed", "INT", default=0, min=0, max=MAX_SEED, widget="seed"),
     Input("denoise", "FLOAT", default=1.0, min=0.01, max=1.0, step=0.01),
 )
 

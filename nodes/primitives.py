@@ -5,9 +5,7 @@ from __future__ import annotations
 import random
 import secrets
 
-from tessera.node import ExecutionContext, Input, Node, Output
-
-MAX_SEED = 2**63 - 1
+from tessera.node import MAX_SEED, ExecutionContext, Input, Node, Output
 
 
 class Int(Node):

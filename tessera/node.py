@@ -14,6 +14,9 @@ from typing import Any, Callable, ClassVar
 import torch
 
 PRIMITIVE_TYPES = {"INT": "integer", "FLOAT": "number", "STRING": "string", "BOOLEAN": "boolean"}
+# Seeds are unsigned 64-bit, the range torch.Generator.manual_seed takes; the editor carries
+# them as BigInt so none loses precision on the way (JS numbers are exact only below 2**53).
+MAX_SEED = 2**64 - 1
 
 
 class Interrupted(Exception):
