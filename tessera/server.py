@@ -1,7 +1,9 @@
 """The aiohttp server: the HTTP API, the WebSocket event stream and the editor's files.
 
-Routes follow docs/API.md. The executor runs on the worker thread; its events are
-handed to the event loop and broadcast to every connected WebSocket.
+Routes follow docs/API.md. Request bodies are strict, bounded JSON; validation runs on a
+thread pool so a large graph never stalls the event loop. The executor runs on the
+worker thread; its events are handed to the event loop and sent only to the WebSockets
+of the client that submitted the prompt (and to those subscribed to everything).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import platform
 import re
 import sys
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -23,17 +27,38 @@ from aiohttp.http_exceptions import HttpProcessingError
 from PIL import Image
 
 import tessera
+from tessera.budgets import Budgets, OutputQuota, allocation_issues, node_count_issues
 from tessera.cache import OutputCache
 from tessera.executor import Executor
+from tessera.images import check_pixels, configure_image_limits
 from tessera.openapi import openapi_document
-from tessera.paths import MODEL_FOLDERS, SOURCE_ROOT, UnsafePathError, confined_path, find_input, templates_dir
-from tessera.queue import PromptStore, PromptWorker, QueueError
+from tessera.paths import (
+    MODEL_FOLDERS,
+    SOURCE_ROOT,
+    UnsafePathError,
+    confined_path,
+    find_input,
+    templates_dir,
+    write_confined,
+)
+from tessera.queue import (
+    FINAL_EVENTS,
+    STORAGE_ERRORS,
+    PromptStore,
+    PromptWorker,
+    QueueError,
+    StorageHealth,
+    describe_storage_error,
+)
 from tessera.registry import NodeRegistry
 from tessera.security import RequestGuard
 from tessera.workflow import InvalidWorkflow, schema_issues
 
 MAX_UPLOAD_BYTES = 20 << 20
 MULTIPART_OVERHEAD = 1 << 16  # boundaries and part headers around a file of up to MAX_UPLOAD_BYTES
+MAX_JSON_DEPTH = 64  # a workflow is a few levels deep; deeper bodies are refused before anything walks them
+MAX_INT_DIGITS = 40  # seeds fit in 20 digits; a 5,000-digit integer is refused, not converted
+MAX_CLIENT_ID = 200
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 WORKFLOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 UPLOAD_NAME = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -52,32 +77,160 @@ class ServerConfig:
     token: str | None = None
     cache_ram_bytes: int = 8 << 30
     cache_vram_bytes: int = 16 << 30
+    budgets: Budgets = field(default_factory=Budgets)
+
+
+class Refused(Exception):
+    """A request refused with a 4xx (or 503) JSON answer `{"error": message, ...}`."""
+
+    def __init__(self, status: int, message: str, **extra):
+        super().__init__(message)
+        self.status, self.message, self.extra = status, message, extra
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps(value: object) -> str:
+    """Standard JSON only: a non-finite float (never accepted on input) would be written as null."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def json_response(data: object, status: int = 200, **kwargs) -> web.Response:
+    return web.json_response(data, status=status, dumps=dumps, **kwargs)
 
 
 def error(message: str, status: int = 400, **extra) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    return json_response({"error": message, **extra}, status=status)
 
 
-async def read_json(request: web.Request) -> object:
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-')):,} digits is too long (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of the range of a finite number")
+    return value
+
+
+def _too_deep(value: object) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return False
+
+
+def parse_json(raw: bytes) -> object:
+    """Strict JSON: UTF-8, no NaN/Infinity, bounded integers and nesting; Refused(400) naming the problem."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text=json.dumps({"error": "request body is not valid JSON"}), content_type="application/json")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused(400, "request body is not valid JSON (not UTF-8)") from None
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+    except RecursionError:
+        raise Refused(400, f"request body is not valid JSON: nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as e:  # JSONDecodeError and the parse hooks above
+        raise Refused(400, f"request body is not valid JSON: {e}") from None
+    if _too_deep(value):
+        raise Refused(400, f"request body is not valid JSON: nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The (decoded) body, at most `limit` bytes; Refused(413) beyond it, Refused(400) if it cannot be read."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Refused(413, f"request body is larger than {limit:,} bytes (tessera serve --max-body-mb)")
+    chunks, total = [], 0
+    try:
+        while chunk := await request.content.read(1 << 16):
+            total += len(chunk)
+            if total > limit:
+                raise Refused(413, f"request body is larger than {limit:,} bytes (tessera serve --max-body-mb)")
+            chunks.append(chunk)
+    except (HttpProcessingError, aiohttp.ClientPayloadError, ValueError, EOFError) as e:
+        raise Refused(400, f"request body could not be read ({type(e).__name__}: check its Content-Encoding)") from None
+    return b"".join(chunks)
+
+
+async def read_json(request: web.Request, limit: int) -> object:
+    return parse_json(await read_body(request, limit))
+
+
+@dataclass
+class Listener:
+    """One WebSocket: the client it belongs to, and whether it asked for every prompt's events."""
+
+    client_id: str | None
+    everything: bool = False
+
+
+@web.middleware
+async def refusals(request: web.Request, handler):
+    """`Refused` becomes its JSON answer; the router's own 404/405 under /api answer JSON too."""
+    try:
+        return await handler(request)
+    except Refused as e:
+        return error(e.message, e.status, **e.extra)
+    except web.HTTPMethodNotAllowed as e:
+        allowed = ", ".join(sorted(e.allowed_methods))
+        return json_response({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405, headers={"Allow": allowed})
+    except web.HTTPNotFound:
+        if request.path.startswith("/api/"):
+            return error(f"no route {request.path}", 404)
+        raise
 
 
 class TesseraServer:
     def __init__(self, config: ServerConfig, registry: NodeRegistry):
         self.config = config
         self.registry = registry
-        for folder in (config.output_dir, config.input_dir, config.user_dir / "workflows"):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.budgets = config.budgets
+        try:
+            self.guard = RequestGuard(config.host, config.port, config.token)
+        except ValueError as e:
+            raise SystemExit(f"tessera: {e}") from None
+        configure_image_limits(self.budgets.max_image_pixels, self.budgets.embedded_workflow_bytes)
+        try:  # a full or read-only disk at start: one clear line, not a traceback
+            for folder in (config.output_dir, config.input_dir, config.user_dir / "workflows"):
+                folder.mkdir(parents=True, exist_ok=True)
+            self.store = PromptStore(config.user_dir / "queue.sqlite")
+        except STORAGE_ERRORS as e:
+            raise SystemExit(f"tessera: cannot start: {describe_storage_error(e)}") from None
         cache = OutputCache(config.cache_ram_bytes, config.cache_vram_bytes)
         self.executor = Executor(registry, config.models_dir, config.input_dir, config.output_dir, config.device, cache)
-        self.store = PromptStore(config.user_dir / "queue.sqlite")
-        self.sockets: set[web.WebSocketResponse] = set()
+        self.health = StorageHealth(self.store, [config.output_dir, config.user_dir])
+        self.quota = OutputQuota(config.output_dir, self.budgets.output_quota_bytes)
+        self.listeners: dict[web.WebSocketResponse, Listener] = {}
+        self.owners: dict[str, str | None] = {}  # prompt id -> the client_id it was submitted with
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.worker = PromptWorker(self.store, self.executor, self.emit_threadsafe)
-        self.guard = RequestGuard(config.host, config.port, config.token)
+        # Validation and compilation: off the event loop, two at a time at most.
+        self.checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-validate")
+        self.worker = PromptWorker(self.store, self.executor, self.emit_threadsafe, self.health, self.quota)
 
     # -- events ---------------------------------------------------------------------------
     def emit_threadsafe(self, kind: str, data: dict) -> None:
@@ -89,26 +242,39 @@ class TesseraServer:
             header = json.dumps({"prompt_id": data["prompt_id"], "node": data["node"], "format": "png"}).encode()
             frame: str | bytes = len(header).to_bytes(4, "big") + header + buffer.getvalue()
         else:
-            frame = json.dumps({"type": kind, "data": data})
-        self.loop.call_soon_threadsafe(self._broadcast, frame)
+            frame = dumps({"type": kind, "data": data})
+        self.loop.call_soon_threadsafe(self._deliver, frame, data.get("prompt_id"), kind in FINAL_EVENTS)
 
-    def _broadcast(self, frame: str | bytes) -> None:
-        for ws in list(self.sockets):
+    def _owner(self, prompt_id: str) -> str | None:
+        if prompt_id not in self.owners:  # e.g. a prompt queued before a restart
+            self.owners[prompt_id] = self.store.owner(prompt_id)
+        return self.owners[prompt_id]
+
+    def _deliver(self, frame: str | bytes, prompt_id: str | None, final: bool) -> None:
+        """A prompt's events go to its own client's sockets and to those subscribed to all;
+        events about no prompt (the queue's length) go to everyone."""
+        owner = self._owner(prompt_id) if prompt_id else None
+        for ws, listener in list(self.listeners.items()):
             if ws.closed:
-                self.sockets.discard(ws)
+                self.listeners.pop(ws, None)
+                continue
+            if prompt_id and not listener.everything and (owner is None or listener.client_id != owner):
                 continue
             send = ws.send_bytes(frame) if isinstance(frame, bytes) else ws.send_str(frame)
             asyncio.ensure_future(send).add_done_callback(lambda f: f.exception())
+        if final and prompt_id:
+            self.owners.pop(prompt_id, None)
 
     # -- app ------------------------------------------------------------------------------
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.guard.middleware], client_max_size=MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD)
+        app = web.Application(middlewares=[self.guard.middleware, refusals], client_max_size=MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD)
         r = app.router
         r.add_get("/api/nodes", self.nodes)
         r.add_post("/api/validate", self.validate)
         r.add_post("/api/prompt", self.prompt)
         r.add_get("/api/queue", self.queue)
         r.add_delete("/api/queue/{prompt_id}", self.cancel)
+        r.add_delete("/api/queue", self.clear_pending)
         r.add_post("/api/interrupt", self.interrupt)
         r.add_get("/api/history", self.history)
         r.add_get("/api/history/{prompt_id}", self.history_entry)
@@ -136,9 +302,13 @@ class TesseraServer:
 
     async def _on_shutdown(self, app) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
-        for ws in list(self.sockets):
+        for ws in list(self.listeners):
             await ws.close()
+        self.checks.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+
+    async def _off_loop(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.checks, function, *args)
 
     # -- handlers -------------------------------------------------------------------------
     async def index(self, request):
@@ -151,33 +321,52 @@ class TesseraServer:
         files = self.executor.model_files
         catalogue = {name: cls.info(files) for name, cls in sorted(self.registry.nodes.items())}
         types = sorted({i["type"] for n in catalogue.values() for i in n["inputs"]} | {o["type"] for n in catalogue.values() for o in n["outputs"]})
-        return web.json_response({"nodes": catalogue, "types": types, "failed_packs": self.registry.failed_packs})
+        return json_response({"nodes": catalogue, "types": types, "failed_packs": self.registry.failed_packs})
 
-    def _validated(self, body: object) -> dict:
+    def _checked(self, body: object) -> dict:
+        """Budgets, graph, fingerprints and an output node: what /api/prompt, /api/validate and
+        `tessera validate` all check. Runs on the `checks` pool."""
         if not isinstance(body, dict) or "workflow" not in body:
             raise InvalidWorkflow([])
-        return self.executor.validate(body["workflow"])
+        issues = node_count_issues(body["workflow"], self.budgets)
+        if issues:
+            raise InvalidWorkflow(issues)
+        workflow = self.executor.validate(body["workflow"])
+        issues = allocation_issues(workflow, self.registry, self.budgets)
+        if issues:
+            raise InvalidWorkflow(issues)
+        self.executor.compile(workflow)
+        return workflow
 
     async def validate(self, request):
-        body = await read_json(request)
-        try:  # the same checks /api/prompt makes (and `tessera validate`): graph, fingerprints, an output node
-            self.executor.compile(self._validated(body))
+        body = await read_json(request, self.budgets.max_body_bytes)
+        try:
+            await self._off_loop(self._checked, body)
         except InvalidWorkflow as e:
             return self._invalid(e)
-        return web.json_response({"valid": True})
+        return json_response({"valid": True})
 
     async def prompt(self, request):
-        body = await read_json(request)
+        body = await read_json(request, self.budgets.max_body_bytes)
+        client_id = body.get("client_id") if isinstance(body, dict) else None
+        if client_id is not None and (not isinstance(client_id, str) or len(client_id) > MAX_CLIENT_ID):
+            return error(f"client_id must be a string of at most {MAX_CLIENT_ID} characters")
         try:
-            workflow = self._validated(body)
-            self.executor.compile(workflow)  # fingerprints and "no output node" are checked before queueing
+            workflow = await self._off_loop(self._checked, body)
         except InvalidWorkflow as e:
             return self._invalid(e)
-        client_id = body.get("client_id") if isinstance(body.get("client_id"), str) else None
-        item = self.store.add(workflow, client_id)
+        over = self.quota.problem()
+        if over:
+            return error(over, 409)
+        try:
+            item = await self._off_loop(self.store.add, workflow, client_id)
+        except STORAGE_ERRORS as e:
+            self.health.failed(describe_storage_error(e))
+            return error(f"the prompt was not queued: {describe_storage_error(e)}", 503)
+        self.owners[item["prompt_id"]] = client_id
         self.worker.notify()
         self.emit_threadsafe("status", {"queue_remaining": self.store.remaining()})
-        return web.json_response(item)
+        return json_response(item)
 
     @staticmethod
     def _invalid(e: InvalidWorkflow):
@@ -185,7 +374,7 @@ class TesseraServer:
         return error("invalid workflow", 400, errors=issues)
 
     async def queue(self, request):
-        return web.json_response({"running": self.store.items("running"), "pending": self.store.items("pending")})
+        return json_response({"running": self.store.items("running"), "pending": self.store.items("pending")})
 
     async def cancel(self, request):
         prompt_id = request.match_info["prompt_id"]
@@ -193,29 +382,42 @@ class TesseraServer:
             self.store.cancel(prompt_id)
         except QueueError as e:
             return error(str(e), e.status)
+        except STORAGE_ERRORS as e:
+            return error(f"the prompt was not cancelled: {describe_storage_error(e)}", 503)
         self.emit_threadsafe("status", {"queue_remaining": self.store.remaining()})
-        return web.json_response({"cancelled": prompt_id})
+        return json_response({"cancelled": prompt_id})
+
+    async def clear_pending(self, request):
+        """Cancel the pending prompts (only those of `?client_id=`, when given); the running one stays."""
+        try:
+            cancelled = self.store.cancel_pending(request.query.get("client_id") or None)
+        except STORAGE_ERRORS as e:
+            return error(f"the queue was not cleared: {describe_storage_error(e)}", 503)
+        self.emit_threadsafe("status", {"queue_remaining": self.store.remaining()})
+        return json_response({"cancelled": cancelled})
 
     async def interrupt(self, request):
-        body = await read_json(request) if request.can_read_body else {}
+        body = await read_json(request, self.budgets.max_body_bytes) if request.can_read_body else {}
         prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
-        return web.json_response({"interrupted": self.worker.interrupt(prompt_id)})
+        if prompt_id is not None and not isinstance(prompt_id, str):
+            return error("prompt_id must be a string")
+        return json_response({"interrupted": self.worker.interrupt(prompt_id)})
 
     async def history(self, request):
         try:
             limit = max(1, min(int(request.query.get("limit", "100")), 10_000))
         except ValueError:
             return error("limit must be an integer")
-        return web.json_response({"items": self.store.history(limit)})
+        return json_response({"items": self.store.history(limit)})
 
     async def history_entry(self, request):
         entry = self.store.get(request.match_info["prompt_id"])
         if entry is None:
             return error("no such prompt", 404)
-        return web.json_response(entry)
+        return json_response(entry)
 
     async def models(self, request):
-        return web.json_response({folder: self.executor.model_files(folder) for folder in MODEL_FOLDERS})
+        return json_response({folder: self.executor.model_files(folder) for folder in MODEL_FOLDERS})
 
     async def view(self, request):
         kind = request.query.get("type", "output")
@@ -236,82 +438,109 @@ class TesseraServer:
         return web.FileResponse(path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
     async def upload(self, request):
+        too_large = f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB"
         if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
-            return error(f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB", 413)
+            return error(too_large, 413)
         try:
             form = await request.post()
         except HttpProcessingError:  # e.g. a part header with a NUL byte in the file name
             return error("the upload is not a well-formed multipart/form-data body")
         except (ValueError, web.HTTPRequestEntityTooLarge):
-            return error(f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB", 413)
+            return error(too_large, 413)
         field = form.get("image")
         if not isinstance(field, web.FileField):
             return error("multipart field 'image' with a file is required")
         data = field.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
-            return error(f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB", 413)
+            return error(too_large, 413)
         try:
             with Image.open(io.BytesIO(data)) as picture:
-                fmt = picture.format
+                fmt, size = picture.format, picture.size
                 picture.verify()
         except Exception:
             return error("the upload is not a readable image")
         if fmt not in ("PNG", "JPEG", "WEBP"):
             return error(f"{fmt} images are not accepted (PNG, JPEG or WebP)")
+        try:
+            check_pixels(field.filename or "upload", *size)
+        except ValueError as e:
+            return error(str(e), 413)
         stem = UPLOAD_NAME.sub("_", Path(field.filename or "upload").stem).strip("._")[:80] or "upload"
         suffix = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}[fmt]
-        name = f"{stem}{suffix}"
-        counter = 1
-        while (self.config.input_dir / name).exists():
-            if (self.config.input_dir / name).read_bytes() == data:
-                break  # the same picture uploaded again: reuse it
-            counter += 1
-            name = f"{stem}_{counter}{suffix}"
-        path = confined_path(self.config.input_dir, name)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        return web.json_response({"name": name, "subfolder": "", "type": "input"})
+        try:
+            name = await self._off_loop(self._store_upload, stem, suffix, data)
+        except STORAGE_ERRORS as e:
+            return error(f"the upload was not stored: {describe_storage_error(e)}", 503)
+        return json_response({"name": name, "subfolder": "", "type": "input"})
+
+    def _store_upload(self, stem: str, suffix: str, data: bytes) -> str:
+        """Store under the first free name (or reuse an identical file); never through a link."""
+        folder = self.config.input_dir
+        for counter in range(1, 10_000):
+            name = f"{stem}{suffix}" if counter == 1 else f"{stem}_{counter}{suffix}"
+            path = folder / name
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                continue
+            if path.exists():
+                if path.stat().st_size == len(data) and path.read_bytes() == data:
+                    return name  # the same picture uploaded again: reuse it
+                continue
+            try:
+                write_confined(folder, name, lambda f: f.write(data), exclusive=True)
+            except FileExistsError:
+                continue
+            return name
+        raise Refused(409, f"too many uploads named {stem}{suffix}; rename the file")
 
     def _workflow_path(self, request) -> Path:
+        """The unresolved path of a saved workflow (a link there is never written or deleted through)."""
         name = request.match_info["name"]
         if not WORKFLOW_NAME.match(name) or name.endswith("."):
-            raise web.HTTPBadRequest(
-                text=json.dumps({"error": f"workflow name {name!r} may use letters, digits, spaces, '_', '-', '.'"}),
-                content_type="application/json",
-            )
-        return confined_path(self.config.user_dir / "workflows", f"{name}.json")
+            raise Refused(400, f"workflow name {name!r} may use letters, digits, spaces, '_', '-', '.'")
+        folder = self.config.user_dir / "workflows"
+        try:
+            confined_path(folder, f"{name}.json")
+        except UnsafePathError as e:
+            raise Refused(400, str(e)) from None
+        return folder / f"{name}.json"
 
     async def workflow_list(self, request):
         folder = self.config.user_dir / "workflows"
-        return web.json_response({"workflows": sorted(p.stem for p in folder.glob("*.json"))})
+        return json_response({"workflows": sorted(p.stem for p in folder.glob("*.json"))})
 
     async def workflow_get(self, request):
         path = self._workflow_path(request)
         if not path.is_file():
             return error("no such workflow", 404)
         try:
-            return web.json_response(json.loads(path.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(f"saved workflow '{path.stem}' is not valid JSON ({e}); PUT a new version to replace it", 422)
+            return json_response(parse_json(path.read_bytes()))
+        except Refused as e:
+            return error(f"saved workflow '{path.stem}' is not valid JSON ({e.message}); PUT a new version to replace it", 422)
 
     async def workflow_put(self, request):
         path = self._workflow_path(request)
-        body = await read_json(request)
-        issues = schema_issues(body)
+        body = await read_json(request, self.budgets.max_body_bytes)
+        issues = await self._off_loop(schema_issues, body)
         if issues:  # a work in progress may fail graph checks, but must be a workflow document
             return error("not a workflow document", 400, errors=[i.to_json() for i in issues])
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(body, indent=1))
-        tmp.replace(path)
-        return web.json_response({"saved": path.stem})
+        text = json.dumps(body, indent=1).encode()
+        try:
+            await self._off_loop(write_confined, path.parent, path.name, lambda f: f.write(text))
+        except UnsafePathError as e:
+            return error(str(e), 400)
+        except STORAGE_ERRORS as e:
+            return error(f"the workflow was not saved: {describe_storage_error(e)}", 503)
+        return json_response({"saved": path.stem})
 
     async def workflow_delete(self, request):
         path = self._workflow_path(request)
         if not path.is_file():
             return error("no such workflow", 404)
-        path.unlink()
-        return web.json_response({"deleted": path.stem})
+        try:
+            path.unlink()  # the link itself, if it is one
+        except STORAGE_ERRORS as e:
+            return error(f"the workflow was not deleted: {describe_storage_error(e)}", 503)
+        return json_response({"deleted": path.stem})
 
     async def templates(self, request):
         folder = templates_dir()
@@ -321,26 +550,55 @@ class TesseraServer:
                 found[path.stem] = json.loads(path.read_text())
             except json.JSONDecodeError:
                 continue
-        return web.json_response({"templates": found})
+        return json_response({"templates": found})
 
     async def system(self, request):
-        return web.json_response(system_info(self.executor))
+        info = system_info(self.executor)
+        info["healthy"], info["health"] = self.health.ok, self.health.reason
+        b = self.budgets
+        info["budgets"] = {
+            "max_body_bytes": b.max_body_bytes, "max_nodes": b.max_nodes, "max_image_pixels": b.max_image_pixels,
+            "max_batch_pixels": b.max_batch_pixels, "output_quota_bytes": b.output_quota_bytes,
+            "embedded_workflow_bytes": b.embedded_workflow_bytes,
+        }
+        info["output_bytes"] = self.quota.used
+        return json_response(info)
 
     async def openapi(self, request):
-        return web.json_response(openapi_document(request.app))
+        return json_response(openapi_document(request.app))
 
     async def websocket(self, request):
+        client_id = request.query.get("client_id") or None
+        if client_id is not None and len(client_id) > MAX_CLIENT_ID:
+            return error(f"client_id must be at most {MAX_CLIENT_ID} characters")
         ws = web.WebSocketResponse(heartbeat=30)
+        if not ws.can_prepare(request).ok:
+            return error("this route takes a WebSocket upgrade (GET /ws?client_id=…)", 400)
         await ws.prepare(request)
-        self.sockets.add(ws)
-        await ws.send_str(json.dumps({"type": "status", "data": {"queue_remaining": self.store.remaining()}}))
+        listener = Listener(client_id, everything=request.query.get("subscribe") == "all")
+        self.listeners[ws] = listener
+        await ws.send_str(dumps({"type": "status", "data": {"queue_remaining": self.store.remaining()}}))
         try:
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.ERROR:
                     break
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    self._subscribe(listener, message.data)
         finally:
-            self.sockets.discard(ws)
+            self.listeners.pop(ws, None)
         return ws
+
+    @staticmethod
+    def _subscribe(listener: Listener, text: str) -> None:
+        """`{"type": "subscribe", "data": {"scope": "all" | "own"}}` switches what a socket receives."""
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(message, dict) and message.get("type") == "subscribe" and isinstance(message.get("data"), dict):
+            scope = message["data"].get("scope")
+            if scope in ("all", "own"):
+                listener.everything = scope == "all"
 
 
 def attention_backend() -> str:

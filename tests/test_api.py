@@ -134,7 +134,7 @@ def test_templates(api):
 
 DOCUMENTED_ROUTES = {
     ("get", "/api/nodes"), ("post", "/api/validate"), ("post", "/api/prompt"), ("get", "/api/queue"),
-    ("delete", "/api/queue/{prompt_id}"), ("post", "/api/interrupt"), ("get", "/api/history"),
+    ("delete", "/api/queue/{prompt_id}"), ("delete", "/api/queue"), ("post", "/api/interrupt"), ("get", "/api/history"),
     ("get", "/api/history/{prompt_id}"), ("get", "/api/models"), ("get", "/api/view"), ("post", "/api/upload/image"),
     ("get", "/api/workflows"), ("get", "/api/workflows/{name}"), ("put", "/api/workflows/{name}"),
     ("delete", "/api/workflows/{name}"), ("get", "/api/templates"), ("get", "/api/system"), ("get", "/api/openapi.json"),
