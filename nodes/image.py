@@ -8,9 +8,9 @@ import re
 import torch
 import torch.nn.functional as F
 
-from tessera.images import open_image, pil_to_tensor, save_png, tensor_to_pil
+from tessera.images import check_pixels, image_header, open_image, pil_to_tensor, save_png, tensor_to_pil
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output, Result
-from tessera.paths import UnsafePathError, confined_path
+from tessera.paths import UnsafePathError, confined_folder
 
 MAX_SIDE = 8192
 
@@ -25,6 +25,10 @@ class LoadImage(Node):
     @classmethod
     def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
         path = _input_file(ctx, inputs["image"])
+        try:  # refused when the workflow is checked, from the header alone: nothing is decoded
+            check_pixels(inputs["image"], *image_header(path)[1:])
+        except ValueError as e:
+            raise NodeError(str(e), input="image") from None
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
     def execute(self, ctx: ExecutionContext, image: str):
@@ -83,15 +87,24 @@ def write_images(ctx: ExecutionContext, images: torch.Tensor, prefix: str, subfo
         raise NodeError(f"filename prefix {prefix!r} may use letters, digits, '_', '-', '.', spaces and '/'", input="filename_prefix")
     folder_part, _, stem = prefix.rpartition("/")
     subfolder = "/".join(p for p in (subfolder, folder_part) if p)
-    folder = ctx.output_dir / subfolder if subfolder else ctx.output_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    confined_path(ctx.output_dir, f"{subfolder}/{stem}" if subfolder else stem)
     refs = []
-    for picture in tensor_to_pil(images):
-        counter = _next_counter(folder, stem)
-        name = f"{stem}_{counter:05d}.png"
-        save_png(picture, folder / name, ctx.workflow)
-        refs.append({"filename": name, "subfolder": subfolder, "type": "output"})
+    try:  # folders are made only once checked to stay inside output/; no link is written through
+        folder = confined_folder(ctx.output_dir, subfolder)
+        for picture in tensor_to_pil(images):
+            while True:
+                name = f"{stem}_{_next_counter(folder, stem):05d}.png"
+                try:
+                    save_png(picture, ctx.output_dir, f"{subfolder}/{name}" if subfolder else name, ctx.workflow,
+                             ctx.prompt_id, exclusive=True)
+                    break
+                except FileExistsError:
+                    continue  # a file of that name appeared meanwhile: take the next number
+            refs.append({"filename": name, "subfolder": subfolder, "type": "output"})
+    except UnsafePathError as e:
+        raise NodeError(str(e), input="filename_prefix") from None
+    except OSError as e:  # e.g. a full disk: the node fails by name, the server keeps going
+        raise NodeError(f"could not write {subfolder + '/' if subfolder else ''}{stem}_*.png in the output folder: "
+                        f"{e.strerror or e}", input="images") from e
     return refs
 
 

@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--custom-nodes-dir", type=Path, default=Path("custom_nodes"))
     serve.add_argument("--cache-ram-gb", type=float, default=8.0, help="byte budget of cached outputs in RAM")
     serve.add_argument("--cache-vram-gb", type=float, default=16.0, help="byte budget of cached outputs on the GPU")
+    limits = serve.add_argument_group("budgets (a request over one is refused with a 4xx before any work starts)")
+    limits.add_argument("--max-body-mb", type=float, default=4.0, help="largest JSON request body (413 beyond)")
+    limits.add_argument("--max-nodes", type=int, default=10_000, help="nodes per workflow")
+    limits.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="pixels per image (made or loaded)")
+    limits.add_argument("--max-batch-pixels", type=int, default=1 << 28, help="pixels per batch of images")
+    limits.add_argument("--output-quota-gb", type=float, default=50.0, help="size of the output folder (0: no quota)")
+    limits.add_argument("--max-embedded-workflow-kb", type=float, default=256.0,
+                        help="largest workflow copied into each PNG; larger ones are referenced by prompt id")
     _dirs(serve)
 
     run = sub.add_parser("run", help="run a workflow (.json, or a .png made by Tessera) headless")
@@ -158,6 +166,7 @@ def cmd_nodes(args) -> int:
 def cmd_serve(args) -> int:
     from aiohttp import web
 
+    from tessera.budgets import Budgets
     from tessera.security import is_loopback
     from tessera.registry import default_registry
     from tessera.server import ServerConfig, TesseraServer
@@ -173,6 +182,12 @@ def cmd_serve(args) -> int:
         host=host, port=args.port, models_dir=args.models_dir, output_dir=args.output_dir, input_dir=args.input_dir,
         user_dir=args.user_dir, device=args.device, token=token,
         cache_ram_bytes=int(args.cache_ram_gb * 2**30), cache_vram_bytes=int(args.cache_vram_gb * 2**30),
+        budgets=Budgets(
+            max_body_bytes=int(args.max_body_mb * 2**20), max_nodes=args.max_nodes,
+            max_image_pixels=args.max_image_pixels, max_batch_pixels=args.max_batch_pixels,
+            output_quota_bytes=int(args.output_quota_gb * 2**30) or None,
+            embedded_workflow_bytes=int(args.max_embedded_workflow_kb * 1024),
+        ),
     )
     server = TesseraServer(config, registry)
     shown = f"[{host}]" if ":" in host else host

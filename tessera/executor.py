@@ -19,11 +19,21 @@ import torch
 from tessera.cache import OutputCache
 from tessera.device import compute_dtype, resolve_device
 from tessera.node import ExecutionContext, Interrupted, NodeError, Result
+from tessera.paths import UnsafePathError, confined_path
 from tessera.plan import Plan, compile_plan
 from tessera.registry import NodeRegistry
 from tessera.workflow import InvalidWorkflow, WorkflowIssue, validate
 
 Emit = Callable[[str, dict], None]
+
+
+def _loadable(root: Path, name: str) -> bool:
+    """Listed only if the loader would accept it (a link out of the folder would be refused)."""
+    try:
+        confined_path(root, name, suffixes=(".safetensors",))
+    except UnsafePathError:
+        return False
+    return True
 
 
 @dataclass
@@ -56,7 +66,7 @@ class Executor:
         root = self.models_dir / folder
         if not root.is_dir():
             return []
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*.safetensors") if p.is_file())
+        return sorted(name for p in root.rglob("*.safetensors") if p.is_file() and _loadable(root, name := p.relative_to(root).as_posix()))
 
     def validate(self, workflow: object) -> dict:
         return validate(workflow, self.registry, self.model_files)

@@ -2,20 +2,46 @@
 
 IMAGE values are float tensors [B, H, W, 3] in 0..1. A saved PNG holds the workflow
 JSON in a tEXt chunk named `workflow`, so `tessera run image.png` and a drop on the
-canvas can restore exactly what made it.
+canvas can restore exactly what made it. A workflow larger than `LIMITS.embedded_workflow_bytes`
+is not copied into every image (a batch would multiply it): the PNG names its prompt
+instead, whose history entry keeps the workflow once.
+
+Images are read only after their header shows they fit `LIMITS.max_pixels`, so a small
+file that would decode to gigabytes (a decompression bomb) is refused before decoding.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from tessera.paths import write_confined
+
 WORKFLOW_CHUNK = "workflow"
+PROMPT_CHUNK = "tessera_prompt"
 READABLE_FORMATS = {"PNG", "JPEG", "WEBP"}
+
+
+@dataclass
+class ImageLimits:
+    """Process-wide image budgets; `tessera serve` sets them from its flags."""
+
+    max_pixels: int = 8192 * 8192
+    embedded_workflow_bytes: int = 256 << 10
+
+
+LIMITS = ImageLimits()
+
+
+def configure_image_limits(max_pixels: int, embedded_workflow_bytes: int) -> None:
+    LIMITS.max_pixels, LIMITS.embedded_workflow_bytes = max_pixels, embedded_workflow_bytes
+    # Pillow's own guard stays a backstop behind ours (it raises at twice this many pixels).
+    Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def tensor_to_pil(image: torch.Tensor) -> list[Image.Image]:
@@ -32,14 +58,18 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy())[None]
 
 
-def save_png(image: Image.Image, path: Path, workflow: dict | None = None) -> None:
-    """Write a PNG, embedding the workflow; written to a temp name first so no half file is left."""
+def save_png(image: Image.Image, root: Path, name: str, workflow: dict | None = None, prompt_id: str = "",
+             exclusive: bool = False) -> Path:
+    """Write `name` inside `root` as a PNG that carries its workflow (or, when that is larger
+    than the embedding limit, its prompt id); see `paths.write_confined` for how it is written."""
     info = PngImagePlugin.PngInfo()
     if workflow is not None:
-        info.add_text(WORKFLOW_CHUNK, json.dumps(workflow, separators=(",", ":")))
-    tmp = path.with_name(path.name + ".part")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+        text = json.dumps(workflow, separators=(",", ":"))
+        if len(text) <= LIMITS.embedded_workflow_bytes:
+            info.add_text(WORKFLOW_CHUNK, text)
+        elif prompt_id:
+            info.add_text(PROMPT_CHUNK, prompt_id)
+    return write_confined(root, name, lambda f: image.save(f, format="PNG", pnginfo=info), exclusive=exclusive)
 
 
 def read_workflow_from_png(path: Path) -> dict:
@@ -50,6 +80,9 @@ def read_workflow_from_png(path: Path) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
     if text is None:
+        prompt_id = image.text.get(PROMPT_CHUNK) if hasattr(image, "text") else None
+        if prompt_id:
+            raise ValueError(f"{path}: its workflow was too large to embed; it is in the history of prompt {prompt_id}")
         raise ValueError(f"{path}: this PNG carries no Tessera workflow")
     try:
         return json.loads(text)
@@ -57,12 +90,31 @@ def read_workflow_from_png(path: Path) -> dict:
         raise ValueError(f"{path}: the embedded workflow is not valid JSON ({e})") from None
 
 
+def check_pixels(name: str, width: int, height: int) -> None:
+    """ValueError naming the image if it has more pixels than the budget allows."""
+    if width * height > LIMITS.max_pixels:
+        raise ValueError(
+            f"{name}: {width}×{height} is {width * height:,} pixels, over the limit of {LIMITS.max_pixels:,} "
+            "(tessera serve --max-image-pixels)"
+        )
+
+
+def image_header(path: Path) -> tuple[str, int, int]:
+    """(format, width, height) from the file's header, without decoding; ValueError if unreadable."""
+    try:
+        with Image.open(path) as image:
+            return image.format, *image.size
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path.name}: not a readable image ({e})") from None
+
+
 def open_image(path: Path) -> Image.Image:
-    """Open a PNG/JPEG/WebP file fully, refusing other formats by name."""
+    """Open a PNG/JPEG/WebP file fully, refusing other formats and over-budget sizes by name before decoding."""
     try:
         with Image.open(path) as image:
             if image.format not in READABLE_FORMATS:
                 raise ValueError(f"{path.name}: {image.format} images are not supported (PNG, JPEG or WebP)")
+            check_pixels(path.name, *image.size)
             image.load()
             return image.copy()
     except (OSError, Image.DecompressionBombError) as e:

@@ -1,13 +1,20 @@
-"""Confining user-supplied file names to their folders.
+"""Confining user-supplied file names to their folders, and writing files without following links.
 
 Every route and node that takes a file name from a request or a workflow goes through
 `confined_path`, so `..`, absolute paths, NUL bytes and symlinks that point outside
-cannot reach another file.
+cannot reach another file. Every file the server writes goes through `write_confined`:
+its folders are created only once their resolved path is inside the root, the data goes
+to a temporary file created exclusively (O_EXCL never follows a planted link), and a
+rename puts it in place (a rename replaces a link itself, never the file it points at).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 MAX_NAME_CHARS = 1024
 
@@ -34,6 +41,59 @@ def confined_path(folder: Path, name: str, suffixes: tuple[str, ...] | None = No
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise UnsafePathError(f"file name {name!r} must end in one of {', '.join(suffixes)}")
     return path
+
+
+def confined_folder(root: Path, subfolder: str) -> Path:
+    """Create `subfolder` ("" or "a/b") inside `root` one level at a time, each level checked
+    to resolve inside the root before the next is made; returns its resolved path."""
+    base = root.resolve()
+    if not subfolder:
+        return base
+    confined_path(base, subfolder)
+    folder = base
+    for part in subfolder.split("/"):
+        folder = folder / part
+        if not folder.is_dir():
+            try:
+                os.mkdir(folder)  # never follows a link: a planted (even dangling) one makes this fail
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise UnsafePathError(f"folder {subfolder!r}: {part!r} exists and is not a folder") from None
+        folder = folder.resolve()
+        if folder != base and base not in folder.parents:
+            raise UnsafePathError(f"folder {subfolder!r} leaves its root")
+    return folder
+
+
+def write_confined(root: Path, name: str, write: Callable[[BinaryIO], None], exclusive: bool = False) -> Path:
+    """Write the file `name` (relative, may contain folders) inside `root` and return its path.
+
+    `write(f)` fills a temporary file created with O_EXCL in the target folder; a rename then
+    puts it in place, so a crash or a full disk leaves no half file and no link is followed.
+    With `exclusive`, an existing file of that name is never replaced (FileExistsError).
+    """
+    folder_part, _, stem = name.rpartition("/")
+    confined_path(root, name)
+    folder = confined_folder(root, folder_part)
+    target = folder / stem
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem[:60]}.", suffix=".part", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, target, follow_symlinks=False)  # fails if the name exists (file or link)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
 
 
 MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models")

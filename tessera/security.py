@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
+MIN_TOKEN_CHARS = 16
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 TOKEN_COOKIE = "tessera_token"
 
@@ -34,6 +35,8 @@ def _bearer(header: str) -> str:
 
 class RequestGuard:
     def __init__(self, host: str, port: int, token: str | None):
+        if token is not None and len(token) < MIN_TOKEN_CHARS:  # '' would let every request in
+            raise ValueError(f"the access token must have at least {MIN_TOKEN_CHARS} characters (got {len(token)})")
         self.port = port
         self.token = token
         self.any_host = host in ("0.0.0.0", "::", "")
@@ -59,7 +62,7 @@ class RequestGuard:
             or request.query.get("token", "")
             or request.cookies.get(TOKEN_COOKIE, "")
         )
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        return hmac.compare_digest(given.encode(), self.token.encode())  # constant-time
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):

@@ -582,23 +582,25 @@ class TesseraServer:
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.ERROR:
                     break
-                if message.type == aiohttp.WSMsgType.TEXT:
-                    self._subscribe(listener, message.data)
+                if message.type == aiohttp.WSMsgType.TEXT and self._subscribe(listener, message.data):
+                    await ws.send_str(dumps({"type": "subscribed", "data": {"scope": "all" if listener.everything else "own"}}))
         finally:
             self.listeners.pop(ws, None)
         return ws
 
     @staticmethod
-    def _subscribe(listener: Listener, text: str) -> None:
+    def _subscribe(listener: Listener, text: str) -> bool:
         """`{"type": "subscribe", "data": {"scope": "all" | "own"}}` switches what a socket receives."""
         try:
             message = json.loads(text)
-        except ValueError:
-            return
+        except (ValueError, RecursionError):
+            return False
         if isinstance(message, dict) and message.get("type") == "subscribe" and isinstance(message.get("data"), dict):
             scope = message["data"].get("scope")
             if scope in ("all", "own"):
                 listener.everything = scope == "all"
+                return True
+        return False
 
 
 def attention_backend() -> str:

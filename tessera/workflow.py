@@ -8,6 +8,7 @@ problem with the node id and input it concerns. An invalid workflow runs nothing
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
@@ -137,6 +138,9 @@ def _node_issues(node_id, node, nodes, registry, model_files) -> list[WorkflowIs
         elif not spec.accepts_constant:
             issues.append(WorkflowIssue(node_id, spec.name, f"needs a link from a {spec.type} output, got a constant"))
         else:
+            if isinstance(value, float) and not math.isfinite(value):  # NaN/±Infinity are not JSON
+                issues.append(WorkflowIssue(node_id, spec.name, f"value {value!r} is not a finite number"))
+                continue
             choices = model_files(spec.model_folder) if (spec.model_folder and model_files) else None
             for error in _value_validator(json.dumps(spec.value_schema(choices), sort_keys=True)).iter_errors(value):
                 issues.append(WorkflowIssue(node_id, spec.name, _value_reason(error, value)))

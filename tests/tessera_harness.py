@@ -348,6 +348,8 @@ class Server:
 
     # prompts
     def submit(self, workflow: dict, **kw) -> str:
+        """Queue a workflow as client "pytest" (the EventRecorder's default) unless told otherwise."""
+        kw.setdefault("client_id", "pytest")
         r = self.request("POST", "/api/prompt", json_body={"workflow": workflow, **kw})
         assert r.status == 200, (r.status, r.body[:1000])
         return r.json()["prompt_id"]
@@ -386,10 +388,11 @@ class Server:
 class EventRecorder:
     """Connects to /ws on a background thread and records every frame.
 
-    JSON frames become `(type, data)`; binary frames become `("binary", bytes)`.
+    JSON frames become `(type, data)`; binary frames become `("binary", bytes)`. The server
+    sends a socket only the events of its own client's prompts (`subscribe="all"`: every prompt's).
     """
 
-    def __init__(self, server: Server, client_id: str = "pytest", headers: dict | None = None):
+    def __init__(self, server: Server, client_id: str = "pytest", headers: dict | None = None, subscribe: str | None = None):
         self.server = server
         self.events: list[tuple[str, object]] = []
         self._cond = threading.Condition()
@@ -397,7 +400,7 @@ class EventRecorder:
         self._error: BaseException | None = None
         self._loop = asyncio.new_event_loop()
         self._closing: asyncio.Event | None = None
-        self._url = f"{server.url}/ws?client_id={client_id}"
+        self._url = f"{server.url}/ws?client_id={client_id}" + (f"&subscribe={subscribe}" if subscribe else "")
         self._headers = {**server.auth(), **(headers or {})}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -418,6 +421,7 @@ class EventRecorder:
         self._closing = asyncio.Event()
         try:
             async with aiohttp.ClientSession() as session, session.ws_connect(self._url, headers=self._headers) as ws:
+                self._ws = ws
                 self._ready.set()
                 reader = asyncio.ensure_future(self._read(ws))
                 await self._closing.wait()
@@ -468,6 +472,14 @@ class EventRecorder:
             elif isinstance(data, dict) and data.get("prompt_id") == prompt_id:
                 found.append((kind, data))
         return found
+
+    def send(self, message: dict, timeout: float = 10.0) -> None:
+        """Send a JSON frame; for a subscription, wait for the server's `subscribed` answer."""
+        start = len(self.events)
+        asyncio.run_coroutine_threadsafe(self._ws.send_str(json.dumps(message)), self._loop).result(timeout)
+        if message.get("type") == "subscribe":
+            scope = message["data"]["scope"]
+            self.wait_for(lambda k, d: k == "subscribed" and d == {"scope": scope}, timeout, start)
 
     def close(self):
         if self._closing is not None:

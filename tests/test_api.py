@@ -595,15 +595,53 @@ def test_saved_workflows_crud(idle_api):
 
 
 # -- websocket basics ---------------------------------------------------------------------------
-def test_websocket_greets_with_status_and_broadcasts(idle_api):
+def test_websocket_events_are_scoped_to_the_submitting_client(idle_api):
+    """Each socket gets the events of its own client's prompts only (ComfyUI's client_id), the
+    queue length goes to everyone, and a socket that subscribes to all sees every prompt."""
     api = idle_api
-    first, second = EventRecorder(api, "one"), EventRecorder(api, "two")
+    one, two, watcher = EventRecorder(api, "one"), EventRecorder(api, "two"), EventRecorder(api, "watcher", subscribe="all")
     try:
-        assert first.events[0] == ("status", {"queue_remaining": 0})
-        pid = api.submit(sleep_wf(unique()), client_id="one")
-        for rec in (first, second):  # every connected client sees the run
-            rec.wait_for(lambda k, d: k == "execution_success" and d["prompt_id"] == pid)
+        assert one.events[0] == ("status", {"queue_remaining": 0})
+        pid_one = api.submit(sleep_wf(unique(), steps=2, preview=True), client_id="one")
+        pid_two = api.submit(sleep_wf(unique(), steps=2), client_id="two")
+        anonymous = api.submit(sleep_wf(unique()), client_id=None)
+        for rec, pid in ((one, pid_one), (two, pid_two), (watcher, anonymous)):
+            rec.wait_for(lambda k, d, pid=pid: k == "execution_success" and d["prompt_id"] == pid)
+        one.wait_for(lambda k, d: k == "status" and d["queue_remaining"] == 0)
+        two.wait_for(lambda k, d: k == "status" and d["queue_remaining"] == 0)
+
+        def prompts_seen(rec):
+            seen = set()
+            for kind, data in list(rec.events):
+                if kind == "binary":
+                    seen.add(preview_header(data)["prompt_id"])
+                elif "prompt_id" in data:
+                    seen.add(data["prompt_id"])
+            return seen
+
+        assert prompts_seen(one) == {pid_one} and ("binary" in [k for k, _ in one.events])
+        assert prompts_seen(two) == {pid_two}
+        assert prompts_seen(watcher) >= {pid_one, pid_two, anonymous}
+        assert any(k == "status" and d["queue_remaining"] >= 1 for k, d in two.events)  # summaries reach everyone
     finally:
-        first.close()
-        second.close()
-    wait_until(lambda: api.entry(pid)["status"] == "success", message="success")
+        for rec in (one, two, watcher):
+            rec.close()
+    wait_until(lambda: api.entry(pid_one)["status"] == "success", message="success")
+
+
+def test_websocket_subscription_can_change(idle_api):
+    api = idle_api
+    rec = EventRecorder(api, "switcher")
+    try:
+        rec.send({"type": "subscribe", "data": {"scope": "all"}})
+        pid = api.submit(sleep_wf(unique()), client_id="someone-else")
+        rec.wait_for(lambda k, d: k == "execution_success" and d["prompt_id"] == pid)
+        rec.send({"type": "subscribe", "data": {"scope": "own"}})
+        start = len(rec.events)
+        other = api.submit(sleep_wf(unique()), client_id="someone-else")
+        mine = api.submit(sleep_wf(unique()), client_id="switcher")
+        rec.wait_for(lambda k, d: k == "execution_success" and d["prompt_id"] == mine, start=start)
+        assert api.entry(other)["status"] == "success"  # queued first, so it finished first
+        assert not [e for e in rec.events[start:] if e[0] != "status" and e[1].get("prompt_id") == other]
+    finally:
+        rec.close()
