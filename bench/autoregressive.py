@@ -124,7 +124,10 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (1 avoids spin-waits on a shared machine)"
     )
+    parser.add_argument("--quick", action="store_true", help="a smoke run for CI: a one-layer model, 4x4 grid")
     args = parser.parse_args()
+    if args.quick:
+        args.dim, args.layers, args.heads, args.vocab, args.grid, args.repeats = 64, 1, 2, 64, 4, 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.llamagen_xl:

@@ -51,7 +51,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--quick", action="store_true", help="a smoke run for CI: 30 nodes, one repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.nodes, args.repeats = 30, 1
     torch.set_num_threads(1)
     workflow = build_workflow(args.nodes)
     registry = default_registry()
