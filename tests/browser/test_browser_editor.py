@@ -278,7 +278,8 @@ def test_refresh_lists_new_model_files(editor: Page, editor_server):
 def test_the_session_survives_a_reload(editor: Page):
     page = editor
     solid, save = build_solid_to_save(page)
-    page.wait_for_function("() => (localStorage.getItem('tessera.workflow') || '').includes('SaveImage')")
+    # the session copy is written 300 ms after the last edit: wait for the one with the link
+    page.wait_for_function("() => (localStorage.getItem('tessera.workflow') || '').includes('\"images\":{\"node\"')")
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert link_of(page, save, "images") == {"node": str(solid), "output": "image"}

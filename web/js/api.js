@@ -1,5 +1,7 @@
 // HTTP and WebSocket client for the Tessera server (docs/API.md).
 
+import { parse, stringify } from "./json-big.js";
+
 /** An HTTP error answer: `status`, `message` and the server's `errors` list, if any. */
 export class ApiError extends Error {
   constructor(status, body) {
@@ -24,7 +26,10 @@ export class Api extends EventTarget {
   constructor(base = "") {
     super();
     this.base = base;
-    this.clientId = newClientId();
+    // Kept for the tab's life (sessionStorage survives a reload), so a reloaded editor is
+    // still the client its queued prompts belong to.
+    this.clientId = sessionStorage.getItem("tessera.clientId") || newClientId();
+    sessionStorage.setItem("tessera.clientId", this.clientId);
     // A server on a non-loopback address wants a token; the editor takes it from ?token=.
     this.token = new URLSearchParams(location.search).get("token");
     this.socket = null;
@@ -42,13 +47,13 @@ export class Api extends EventTarget {
     if (body instanceof FormData) payload = body;
     else if (body !== undefined) {
       headers["Content-Type"] = "application/json";
-      payload = JSON.stringify(body);
+      payload = stringify(body);
     }
     const res = await fetch(this.url(path), { method, headers, body: payload });
     const text = await res.text();
     let data = null;
     try {
-      data = text ? JSON.parse(text) : null;
+      data = text ? parse(text) : null;
     } catch {
       data = { error: text };
     }
@@ -69,6 +74,9 @@ export class Api extends EventTarget {
   deleteWorkflow(name) { return this.request("DELETE", `/api/workflows/${encodeURIComponent(name)}`); }
   validate(workflow) { return this.request("POST", "/api/validate", { workflow }); }
   queuePrompt(workflow) { return this.request("POST", "/api/prompt", { workflow, client_id: this.clientId }); }
+  queue() { return this.get("/api/queue"); }
+  cancel(promptId) { return this.request("DELETE", `/api/queue/${encodeURIComponent(promptId)}`); }
+  clearPending() { return this.request("DELETE", `/api/queue?client_id=${encodeURIComponent(this.clientId)}`); }
   interrupt(promptId) { return this.request("POST", "/api/interrupt", promptId ? { prompt_id: promptId } : {}); }
 
   uploadImage(file) {
@@ -109,7 +117,7 @@ export class Api extends EventTarget {
     if (typeof data === "string") {
       let msg;
       try {
-        msg = JSON.parse(data);
+        msg = parse(data);
       } catch {
         return;
       }

@@ -1,6 +1,6 @@
 // Converts between the litegraph graph and the one workflow JSON format (docs/API.md).
 
-import { LGraphNode, LiteGraph } from "litegraph";
+import { LGraphGroup, LGraphNode, LiteGraph } from "litegraph";
 import { nodeInfo } from "./node-types.js";
 
 export const WORKFLOW_VERSION = 1;
@@ -26,26 +26,43 @@ export function graphToWorkflow(graph, canvas) {
         continue;
       }
       const widget = node.widgets?.find((w) => w.input && w.name === input.name);
-      if (widget) inputs[input.name] = widget.value;
+      if (widget) inputs[input.name] = plainNumber(widget.value);
     }
     const entry = { type: info.type, inputs, ui: nodeUi(node) };
+    if (MODE_NAMES[node.mode]) entry.mode = MODE_NAMES[node.mode];
     const controls = seedControls(node);
     if (controls) entry.ui.controls = controls;
     nodes[String(node.id)] = entry;
   }
   const workflow = { version: WORKFLOW_VERSION, nodes };
+  const groups = (graph._groups ?? []).map((g) => ({
+    title: g.title, bounding: [...g._bounding].map(round), ...(g.color ? { color: g.color } : {}),
+  }));
+  if (canvas || groups.length) workflow.ui = {};
   if (canvas) {
-    workflow.ui = { viewport: { offset: [round(canvas.ds.offset[0]), round(canvas.ds.offset[1])], scale: canvas.ds.scale } };
+    workflow.ui.viewport = { offset: [round(canvas.ds.offset[0]), round(canvas.ds.offset[1])], scale: canvas.ds.scale };
   }
+  if (groups.length) workflow.ui.groups = groups;
   return workflow;
 }
 
+/** litegraph's node modes that mean something to the runtime, by their workflow names. */
+export const MODE_NAMES = { 2: "mute", 4: "bypass" };
+const MODE_VALUES = { mute: 2, bypass: 4 };
+
+/** A seed BigInt that a JS number holds exactly is written as a plain number. */
+const plainNumber = (v) => (typeof v === "bigint" && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v);
+
 function nodeUi(node) {
-  return {
+  const ui = {
     pos: [round(node.pos[0]), round(node.pos[1])],
     size: [round(node.size[0]), round(node.size[1])],
     title: node.title,
   };
+  if (node.flags?.collapsed) ui.collapsed = true;
+  if (node.color) ui.color = node.color;
+  if (node.bgcolor) ui.bgcolor = node.bgcolor;
+  return ui;
 }
 
 /** The seed widgets' "control after generate" choices (layout-only state, kept in ui). */
@@ -88,7 +105,11 @@ export function workflowToGraph(workflow, graph, canvas) {
     }
     if (Array.isArray(ui.size)) node.size = [Math.max(ui.size[0], 80), Math.max(ui.size[1], 30)];
     if (ui.title) node.title = ui.title;
+    if (typeof ui.color === "string") node.color = ui.color;
+    if (typeof ui.bgcolor === "string") node.bgcolor = ui.bgcolor;
+    node.mode = MODE_VALUES[data.mode] ?? 0;
     graph.add(node);
+    if (ui.collapsed) node.collapse(true);
     byId.set(id, node);
   }
   for (const [id, data] of entries) {
@@ -120,6 +141,12 @@ export function workflowToGraph(workflow, graph, canvas) {
       if (widget) widget.control.value = control;
     }
     node.onWorkflowLoaded?.();
+  }
+  for (const g of Array.isArray(workflow.ui?.groups) ? workflow.ui.groups : []) {
+    const group = new LGraphGroup(String(g.title ?? "Group"));
+    if (Array.isArray(g.bounding) && g.bounding.length === 4) group._bounding.set(g.bounding.map(Number));
+    if (typeof g.color === "string") group.color = g.color;
+    graph.add(group);
   }
   const viewport = workflow.ui?.viewport;
   if (canvas && viewport && Array.isArray(viewport.offset)) {

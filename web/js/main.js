@@ -8,8 +8,10 @@ import { allowLink, installLinkCheck } from "./link-check.js";
 import { clearErrors, describeErrors, showErrors } from "./node-errors.js";
 import { linkColours, registerNodeTypes } from "./node-types.js";
 import { createPalette } from "./palette.js";
+import { QueuePanel } from "./queue-panel.js";
 import { RunState } from "./run-state.js";
-import { installShortcuts } from "./shortcuts.js";
+import { parse, stringify } from "./json-big.js";
+import { installShortcuts, SHORTCUTS } from "./shortcuts.js";
 import { toast } from "./toast.js";
 import { UndoHistory } from "./undo.js";
 import { applyControlsAfterRun, uploadInto } from "./widgets.js";
@@ -17,12 +19,35 @@ import { workflowFromFile, Workflows } from "./workflows.js";
 
 const $ = (id) => document.getElementById(id);
 const SESSION_KEY = "tessera.workflow";
+const GRAPH_KEY = "tessera.graphKey";
+const BYPASS = 4;
+const MUTE = 2; // litegraph's "Never"
+const MODES = [["Always", 0], ["Never (mute)", MUTE], ["Bypass", BYPASS]];
+const newGraphKey = () => Math.random().toString(36).slice(2) + Date.now().toString(36);
 
 function configureLiteGraph() {
   LiteGraph.release_link_on_empty_shows_menu = true; // drop a link in the void: pick a node for it
   LiteGraph.search_hide_on_mouse_leave = false;
   LiteGraph.catch_exceptions = true;
   Object.assign(LGraphCanvas.link_type_colors, linkColours());
+  // litegraph's "Convert to Subgraph" has no counterpart in the workflow format (it lost the
+  // nodes): not offered. The Mode menu offers the modes the runtime implements.
+  const withoutSubgraph = (options) => options.filter((o) => !String(o?.content ?? "").startsWith("Convert to Subgraph"));
+  const nodeMenu = LGraphCanvas.prototype.getNodeMenuOptions;
+  LGraphCanvas.prototype.getNodeMenuOptions = function (node) {
+    return withoutSubgraph(nodeMenu.call(this, node));
+  };
+  const canvasMenu = LGraphCanvas.prototype.getCanvasMenuOptions;
+  LGraphCanvas.prototype.getCanvasMenuOptions = function () {
+    return withoutSubgraph(canvasMenu.call(this));
+  };
+  LGraphCanvas.onMenuNodeMode = function (value, options, event, menu, node) {
+    new LiteGraph.ContextMenu(MODES.map(([label]) => label), {
+      event, parentMenu: menu, node,
+      callback: (label) => window.tessera.setMode(MODES.find(([l]) => l === label)[1], node),
+    });
+    return false;
+  };
 }
 
 class App {
@@ -34,11 +59,22 @@ class App {
     this.canvas = new LGraphCanvas(this.canvasEl, this.graph);
     this.canvas.default_connection_color_byType = linkColours();
     this.canvas.show_info = false;
+    this.canvas.low_quality_zoom_threshold = 0.35; // titles and widget text stay drawn down to 35% zoom
     this.fitCanvas();
     new ResizeObserver(() => this.fitCanvas()).observe($("canvas-wrap"));
     installLinkCheck(this.canvas);
 
-    this.runState = new RunState({ api: this.api, graph: this.graph, progressEl: $("run-progress") });
+    this.graphKey = localStorage.getItem(GRAPH_KEY) || this.newGraph();
+    this.runState = new RunState({
+      api: this.api, graph: this.graph, progressEl: $("run-progress"), graphKey: () => this.graphKey,
+    });
+    this.queuePanel = new QueuePanel({
+      api: this.api,
+      list: $("queue-list"),
+      clearButton: $("btn-queue-clear"),
+      ours: (id) => this.runState.prompts.has(id),
+      onCancelled: (id) => this.runState.cancelled(id),
+    });
     this.history = new HistoryPanel({
       api: this.api,
       list: $("history-list"),
@@ -63,7 +99,7 @@ class App {
     });
 
     await this.loadCatalogue();
-    this.undo = new UndoHistory(() => JSON.stringify(graphToWorkflow(this.graph)), (s) => this.restore(s));
+    this.undo = new UndoHistory(() => stringify(graphToWorkflow(this.graph)), (s) => this.restore(s));
     this.restoreSession();
     this.bindUi();
     this.api.addEventListener("connection", (e) => {
@@ -71,10 +107,14 @@ class App {
       $("conn-status").classList.toggle("online", e.detail.online);
     });
     // The server sends `status` after it recorded a prompt's state: the moment to refresh.
-    this.api.addEventListener("status", () => this.history.refreshSoon());
+    this.api.addEventListener("status", () => {
+      this.history.refreshSoon();
+      this.queuePanel.refreshSoon();
+    });
     this.runState.addEventListener("finished", () => this.history.refreshSoon());
     this.api.connect();
-    await Promise.all([this.workflows.refresh(), this.history.refresh()]);
+    await Promise.all([this.workflows.refresh(), this.history.refresh(), this.runState.reattach().catch(() => {})]);
+    await this.queuePanel.refresh();
     document.body.dataset.ready = "true";
   }
 
@@ -133,8 +173,12 @@ class App {
     return graphToWorkflow(this.graph, this.canvas);
   }
 
-  /** Replaces the graph with `workflow` (undoable). */
-  loadWorkflow(workflow, name) {
+  /**
+   * Replaces the graph with `workflow` (undoable): a new graph, so runs queued from the old
+   * one no longer draw on it. The view fits the graph when asked (templates) or when the
+   * workflow brings no viewport of its own.
+   */
+  loadWorkflow(workflow, name, { fit = false } = {}) {
     let warnings;
     try {
       warnings = workflowToGraph(workflow, this.graph, this.canvas);
@@ -142,17 +186,82 @@ class App {
       toast(`Could not load the workflow: ${err.message}`, "error");
       return false;
     }
+    this.newGraph();
     for (const warning of warnings.slice(0, 3)) toast(warning, "warn");
     this.workflows.setName(name);
+    if (fit || !workflow.ui?.viewport) this.fitView();
     this.changed();
     this.drawNow();
     return true;
   }
 
+  /** A new identity for the graph on the canvas (see RunState). */
+  newGraph() {
+    this.graphKey = newGraphKey();
+    try {
+      localStorage.setItem(GRAPH_KEY, this.graphKey);
+    } catch {
+      // storage disabled: runs still stay on their graph until a reload
+    }
+    return this.graphKey;
+  }
+
+  /** Zooms and pans so every node and group is in view, at most at 100%. */
+  fitView() {
+    const title = LiteGraph.NODE_TITLE_HEIGHT;
+    const items = [
+      ...this.graph._nodes.map((n) => [n.pos[0], n.pos[1] - title, n.size[0], n.flags?.collapsed ? title : n.size[1] + title]),
+      ...(this.graph._groups ?? []).map((g) => g._bounding),
+    ];
+    const { width, height } = this.canvasEl.getBoundingClientRect();
+    if (!items.length || !width || !height) return;
+    const x0 = Math.min(...items.map((r) => r[0]));
+    const y0 = Math.min(...items.map((r) => r[1]));
+    const x1 = Math.max(...items.map((r) => r[0] + r[2]));
+    const y1 = Math.max(...items.map((r) => r[1] + r[3]));
+    const margin = 24;
+    const scale = Math.max(0.1, Math.min(1, (width - 2 * margin) / (x1 - x0), (height - 2 * margin) / (y1 - y0)));
+    this.canvas.ds.scale = scale;
+    this.canvas.ds.offset[0] = width / 2 / scale - (x0 + x1) / 2;
+    this.canvas.ds.offset[1] = height / 2 / scale - (y0 + y1) / 2;
+    this.canvas.setDirty(true, true);
+    this.saveSession();
+  }
+
+  /** Sets the mode of `node` and the other selected nodes (0 always, 2 mute, 4 bypass). */
+  setMode(mode, node) {
+    const nodes = new Set(Object.values(this.canvas.selected_nodes ?? {}));
+    if (node) nodes.add(node);
+    for (const n of nodes) n.changeMode(mode);
+    this.changed();
+    this.drawNow();
+  }
+
+  /** Ctrl+B / Ctrl+M: toggles the mode on the selection (back to "always" when all have it). */
+  toggleMode(mode) {
+    const nodes = Object.values(this.canvas.selected_nodes ?? {});
+    if (!nodes.length) {
+      toast("Select the nodes to bypass or mute first.", "warn");
+      return;
+    }
+    this.setMode(nodes.every((n) => n.mode === mode) ? 0 : mode);
+  }
+
+  showShortcuts() {
+    const table = $("shortcuts-table");
+    table.replaceChildren(...SHORTCUTS.map(([keys, what]) => {
+      const row = table.insertRow();
+      row.insertCell().innerHTML = keys.split(" / ").map((k) => `<kbd>${k}</kbd>`).join(" / ");
+      row.insertCell().textContent = what;
+      return row;
+    }));
+    $("shortcuts-dialog").showModal();
+  }
+
   /** Puts back an undo snapshot, keeping the images shown on nodes. */
   restore(state) {
     const images = new Map(this.graph._nodes.map((n) => [n.id, n.images]));
-    workflowToGraph(JSON.parse(state), this.graph, null);
+    workflowToGraph(parse(state), this.graph, null);
     for (const node of this.graph._nodes) if (images.get(node.id)?.length) node.images = images.get(node.id);
     this.saveSession();
     this.drawNow();
@@ -174,7 +283,7 @@ class App {
     clearTimeout(this.sessionTimer);
     this.sessionTimer = setTimeout(() => {
       try {
-        localStorage.setItem(SESSION_KEY, JSON.stringify(this.workflow()));
+        localStorage.setItem(SESSION_KEY, stringify(this.workflow()));
       } catch {
         // storage full or disabled: the session copy is a convenience only
       }
@@ -185,7 +294,7 @@ class App {
     const text = localStorage.getItem(SESSION_KEY);
     if (text) {
       try {
-        workflowToGraph(JSON.parse(text), this.graph, this.canvas);
+        workflowToGraph(parse(text), this.graph, this.canvas);
       } catch {
         localStorage.removeItem(SESSION_KEY);
         this.graph.clear();
@@ -199,10 +308,16 @@ class App {
     $("empty-hint").hidden = this.graph._nodes.length > 0;
   }
 
+  /** Run × N: queues the workflow N times, the seed controls applied after each. */
   async run() {
+    const count = Math.max(1, Math.min(100, Math.round(Number($("run-count").value)) || 1));
+    for (let i = 0; i < count; i++) if (!(await this.runOnce())) break;
+  }
+
+  async runOnce() {
     if (!this.graph._nodes.length) {
       toast("Nothing to run: add nodes from the palette first.", "warn");
-      return;
+      return false;
     }
     const workflow = this.workflow();
     clearErrors(this.graph);
@@ -213,6 +328,8 @@ class App {
       applyControlsAfterRun(this.graph);
       this.changed();
       toast(`Queued #${number}.`);
+      this.queuePanel.refreshSoon();
+      return true;
     } catch (err) {
       this.runState.requestFailed(err);
       if (err.errors?.length) {
@@ -222,6 +339,7 @@ class App {
       } else {
         toast(`Cannot run: ${err.message}`, "error");
       }
+      return false;
     }
   }
 
@@ -235,6 +353,7 @@ class App {
 
   newWorkflow() {
     this.graph.clear();
+    this.newGraph();
     this.workflows.setName(null);
     this.changed();
   }
@@ -249,11 +368,17 @@ class App {
     $("btn-undo").addEventListener("click", () => this.undo.undo());
     $("btn-redo").addEventListener("click", () => this.undo.redo());
     $("btn-refresh-nodes").addEventListener("click", () => this.refreshCatalogue());
+    $("btn-fit").addEventListener("click", () => this.fitView());
+    $("btn-shortcuts").addEventListener("click", () => this.showShortcuts());
     installShortcuts({
       run: () => this.run(),
       undo: () => this.undo.undo(),
       redo: () => this.undo.redo(),
       save: () => this.workflows.save(),
+      bypass: () => this.toggleMode(BYPASS),
+      mute: () => this.toggleMode(MUTE),
+      fit: () => this.fitView(),
+      help: () => this.showShortcuts(),
       forwardToCanvas: (e) => this.canvas.processKey(e),
     });
     // Undo snapshots: litegraph changes the graph in place, so the state is compared after

@@ -27,11 +27,29 @@ function contentBottom(node) {
   return bottom + 4;
 }
 
+/**
+ * Grows `node` to `height`; the nodes below it whose columns it overlaps move down by as
+ * much, so a node that grows for its images never covers its neighbours.
+ */
+export function growNode(node, height) {
+  const delta = height - node.size[1];
+  if (delta <= 0) return;
+  const bottom = node.pos[1] + node.size[1];
+  const left = node.pos[0];
+  const right = node.pos[0] + node.size[0];
+  for (const other of node.graph?._nodes ?? []) {
+    if (other === node) continue;
+    const overlapsColumn = other.pos[0] < right && other.pos[0] + other.size[0] > left;
+    if (overlapsColumn && other.pos[1] - LiteGraph.NODE_TITLE_HEIGHT >= bottom - 1) other.pos[1] += delta;
+  }
+  node.setSize([node.size[0], height]);
+}
+
 /** Shows images (HTMLImageElements) in the node body, growing the node when needed. */
 export function setNodeImages(node, images) {
   node.images = images;
   const need = contentBottom(node) + IMAGE_AREA_MIN;
-  if (images.length && node.size[1] < need) node.setSize([node.size[0], need]);
+  if (images.length && node.size[1] < need) growNode(node, need);
   for (const img of images) {
     if (!img.complete) img.addEventListener("load", () => node.setDirtyCanvas(true, true), { once: true });
   }
@@ -40,6 +58,7 @@ export function setNodeImages(node, images) {
 
 /** onDrawForeground: images, state badge, progress, error marks. Node-local coordinates. */
 export function drawNodeOverlay(node, ctx) {
+  if (node.mode === 2 || node.mode === 4) drawMode(node, ctx);
   if (node.flags.collapsed) return;
   drawImages(node, ctx);
   drawBadge(node, ctx);
@@ -66,6 +85,23 @@ function drawImages(node, ctx) {
     ctx.drawImage(img, x, y, w, h);
   });
   ctx.imageSmoothingEnabled = true;
+}
+
+/** Muted nodes are dimmed, bypassed ones tinted purple (as in ComfyUI), with a label. */
+function drawMode(node, ctx) {
+  const title = LiteGraph.NODE_TITLE_HEIGHT;
+  const h = node.flags.collapsed ? title : node.size[1] + title;
+  const w = node.flags.collapsed ? (node._collapsed_width ?? LiteGraph.NODE_COLLAPSED_WIDTH) : node.size[0];
+  ctx.save();
+  ctx.fillStyle = node.mode === 4 ? "rgba(170, 60, 220, 0.35)" : "rgba(10, 10, 12, 0.55)";
+  ctx.fillRect(0, -title, w, h);
+  if (!node.flags.collapsed) {
+    ctx.font = "bold 12px sans-serif";
+    ctx.fillStyle = "#fff";
+    ctx.textAlign = "right";
+    ctx.fillText(node.mode === 4 ? "bypassed" : "muted", w - 8, node.size[1] - 8);
+  }
+  ctx.restore();
 }
 
 function drawBadge(node, ctx) {
@@ -125,17 +161,21 @@ function drawErrors(node, ctx) {
       ctx.stroke();
     }
   }
-  // The messages, under the node.
+  // The messages, wrapped inside the node's body at its bottom (the node grows to hold them).
   ctx.font = "12px sans-serif";
+  const lines = node.errors.slice(0, 4).flatMap((err) => wrap(ctx, err.input ? `${err.input}: ${err.message}` : err.message, node.size[0] - 20));
+  const boxHeight = lines.length * 15 + 8;
+  const need = contentBottom(node) + boxHeight + 4;
+  if (node.size[1] < need) growNode(node, need);
+  let y = node.size[1] - boxHeight - 2;
+  ctx.fillStyle = "rgba(60, 10, 12, 0.85)";
+  ctx.fillRect(4, y, node.size[0] - 8, boxHeight);
   ctx.fillStyle = "#ff8a8d";
   ctx.textAlign = "left";
-  let y = node.size[1] + 30;
-  for (const err of node.errors.slice(0, 4)) {
-    const text = err.input ? `${err.input}: ${err.message}` : err.message;
-    for (const line of wrap(ctx, text, Math.max(node.size[0], 260))) {
-      ctx.fillText(line, 0, y);
-      y += 15;
-    }
+  y += 15;
+  for (const line of lines) {
+    ctx.fillText(line, 10, y);
+    y += 15;
   }
   ctx.restore();
 }

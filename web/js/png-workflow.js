@@ -1,5 +1,7 @@
 // Reads the workflow that Tessera's SaveImage stores in a PNG text chunk (keyword "workflow").
 
+import { parse } from "./json-big.js";
+
 const SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
 const latin1 = (bytes) => Array.from(bytes, (b) => String.fromCharCode(b)).join("");
 const utf8 = (bytes) => new TextDecoder("utf-8").decode(bytes);
@@ -53,7 +55,7 @@ export async function workflowFromPng(file) {
   const texts = await readPngText(await file.arrayBuffer());
   const text = texts?.workflow;
   if (!text) return null;
-  const parsed = JSON.parse(text);
+  const parsed = parse(text);
   // Accept both the bare workflow and {"workflow": W}.
   return parsed && parsed.nodes ? parsed : parsed?.workflow ?? null;
 }

@@ -8,7 +8,29 @@ import { openTextEditor } from "./text-editor.js";
 
 const PRIMITIVES = new Set(["INT", "FLOAT", "STRING", "BOOLEAN"]);
 export const SEED_CONTROLS = ["fixed", "increment", "decrement", "randomize"];
-const MAX_SEED = Number.MAX_SAFE_INTEGER;
+const MAX_U64 = (1n << 64n) - 1n;
+const big = (v, fallback) => (v === undefined || v === null ? fallback : BigInt(v));
+
+/**
+ * A seed from what a user typed or a workflow held, as a BigInt in the input's range:
+ * digits are taken exactly, anything else numeric (1e30, 12.7) is rounded and clamped.
+ * Returns null for text that is no number.
+ */
+export function toSeed(value, info) {
+  const min = big(info.min, 0n);
+  const max = big(info.max, MAX_U64);
+  let v;
+  if (typeof value === "bigint") v = value;
+  else if (typeof value === "string" && /^\s*-?\d+\s*$/.test(value)) v = BigInt(value.trim());
+  else {
+    const n = Number(value);
+    if (Number.isNaN(n) || (typeof value === "string" && !value.trim())) return null;
+    if (n === Infinity) return max;
+    if (n === -Infinity) return min;
+    v = BigInt(Math.round(n));
+  }
+  return v < min ? min : v > max ? max : v;
+}
 
 /** Whether this input gets a widget (a constant in the workflow). */
 export function hasWidget(info) {
@@ -66,6 +88,8 @@ export function addInputWidget(node, info, ctx) {
     widget = node.addWidget("combo", info.name, value, onChange, { values: () => info.choices ?? [] });
   } else if (info.type === "BOOLEAN") {
     widget = node.addWidget("toggle", info.name, Boolean(value), onChange, {});
+  } else if (info.widget === "seed") {
+    widget = node.addCustomWidget(seedWidget(info, value, onChange));
   } else if (info.type === "INT" || info.type === "FLOAT") {
     widget = addNumber(node, info, value, onChange);
   } else if (info.multiline) {
@@ -99,6 +123,78 @@ function addNumber(node, info, value, onChange) {
   return widget;
 }
 
+/**
+ * A seed: an unsigned 64-bit integer kept as a BigInt, so no digit is lost (a litegraph
+ * number widget holds a double). Arrows step by one; a click in the middle asks for a value.
+ */
+function seedWidget(info, initial, onChange) {
+  let current = toSeed(initial, info) ?? 0n;
+  const arrow = 40;
+  return {
+    type: "seed",
+    name: info.name,
+    options: {},
+    y: 0,
+    get value() {
+      return current;
+    },
+    set value(v) {
+      const seed = toSeed(v, info);
+      if (seed !== null) current = seed;
+    },
+    computeSize(width) {
+      return [width ?? 200, LiteGraph.NODE_WIDGET_HEIGHT];
+    },
+    draw(ctx, node, width, y, height) {
+      const margin = 15;
+      ctx.save();
+      ctx.fillStyle = LiteGraph.WIDGET_BGCOLOR;
+      ctx.strokeStyle = LiteGraph.WIDGET_OUTLINE_COLOR;
+      ctx.beginPath();
+      ctx.roundRect(margin, y, width - margin * 2, height, height * 0.5);
+      ctx.fill();
+      ctx.stroke();
+      ctx.fillStyle = LiteGraph.WIDGET_TEXT_COLOR;
+      for (const [tip, inner] of [[margin + 6, margin + 14], [width - margin - 6, width - margin - 14]]) {
+        ctx.beginPath();
+        ctx.moveTo(inner, y + 5);
+        ctx.lineTo(tip, y + height * 0.5);
+        ctx.lineTo(inner, y + height - 5);
+        ctx.fill();
+      }
+      ctx.font = "12px sans-serif";
+      ctx.textBaseline = "middle";
+      ctx.fillStyle = LiteGraph.WIDGET_SECONDARY_TEXT_COLOR;
+      ctx.textAlign = "left";
+      ctx.fillText(this.label ?? this.name, margin * 2 + 5, y + height * 0.5);
+      ctx.fillStyle = LiteGraph.WIDGET_TEXT_COLOR;
+      ctx.textAlign = "right";
+      ctx.fillText(String(current), width - margin * 2 - 5, y + height * 0.5);
+      ctx.restore();
+    },
+    mouse(event, pos, node) {
+      if (event.type !== "pointerup") return true;
+      const width = node.size[0];
+      const delta = pos[0] < arrow ? -1n : pos[0] > width - arrow ? 1n : 0n;
+      if (delta) {
+        this.value = current + delta;
+        node.setDirtyCanvas(true, true);
+        onChange();
+        return true;
+      }
+      const canvas = node.graph?.list_of_graphcanvas?.[0];
+      canvas?.prompt("Seed", String(current), (text) => {
+        const seed = toSeed(text, info);
+        if (seed === null || seed === current) return;
+        current = seed;
+        node.setDirtyCanvas(true, true);
+        onChange();
+      }, event);
+      return true;
+    },
+  };
+}
+
 /** The "control after generate" combo that follows a seed widget. */
 function addSeedControl(node, info, seedWidget, onChange) {
   const control = node.addWidget("combo", "control after generate", "randomize", onChange, { values: SEED_CONTROLS });
@@ -114,18 +210,17 @@ export function applyControlsAfterRun(graph) {
   for (const node of graph._nodes) {
     for (const w of node.widgets ?? []) {
       if (!w.control || node.getSlotFromWidget?.(w)?.link != null) continue;
-      const info = w.input;
-      const min = info.min ?? 0;
-      const max = Math.min(info.max ?? MAX_SEED, MAX_SEED);
+      const min = big(w.input.min, 0n);
+      const max = big(w.input.max, MAX_U64);
       switch (w.control.value) {
         case "increment":
-          w.value = w.value + 1 > max ? min : w.value + 1;
+          w.value = w.value + 1n > max ? min : w.value + 1n;
           break;
         case "decrement":
-          w.value = w.value - 1 < min ? max : w.value - 1;
+          w.value = w.value - 1n < min ? max : w.value - 1n;
           break;
         case "randomize":
-          w.value = min + Math.floor(Math.random() * Math.min(max - min + 1, 2 ** 32));
+          w.value = min + (crypto.getRandomValues(new BigUint64Array(1))[0] % (max - min + 1n));
           break;
         default:
           break;

@@ -1,15 +1,20 @@
 // Workflows: save to / open from the server, templates, import and export of files.
 
+import { parse, stringify } from "./json-big.js";
 import { toast } from "./toast.js";
 import { workflowFromPng } from "./png-workflow.js";
 
 const SAVED = "saved:";
 const TEMPLATE = "template:";
 
-/** Asks for a name in the <dialog>; resolves to the name or null. */
+/**
+ * Asks for a name in the <dialog>; resolves to the name or null. Enter saves (the form's
+ * only submit button is Save), Escape and Cancel close it without saving.
+ */
 function askName(dialog, initial) {
   const input = dialog.querySelector("input[name=name]");
   input.value = initial ?? "";
+  dialog.querySelector("[data-cancel]").onclick = () => dialog.close("cancel");
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => {
       resolve(dialog.returnValue === "ok" && input.value.trim() ? input.value.trim() : null);
@@ -27,7 +32,7 @@ export async function workflowFromFile(file) {
     if (!workflow) throw new Error(`${file.name} carries no Tessera workflow`);
     return workflow;
   }
-  const parsed = JSON.parse(await file.text());
+  const parsed = parse(await file.text());
   return parsed?.nodes ? parsed : parsed?.workflow ?? parsed;
 }
 
@@ -83,7 +88,7 @@ export class Workflows {
       const name = value.slice(TEMPLATE.length);
       const template = this.templates[name];
       if (template) {
-        this.load(structuredClone(template), null);
+        this.load(structuredClone(template), null, { fit: true });
         toast(`Template "${name}" loaded.`, "ok");
       }
     }
@@ -127,7 +132,7 @@ export class Workflows {
   }
 
   export() {
-    const blob = new Blob([JSON.stringify(this.current(), null, 2)], { type: "application/json" });
+    const blob = new Blob([stringify(this.current(), null, 2)], { type: "application/json" });
     const a = document.createElement("a");
     a.href = URL.createObjectURL(blob);
     a.download = `${this.name ?? "workflow"}.json`;
