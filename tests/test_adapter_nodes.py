@@ -401,3 +401,69 @@ def test_mask_frees_the_tokens_it_covers():
     free = ~out.fixed[0]
     assert free.tolist() == [[False] * 4, [False, False, True, True], [False] * 4]
     assert torch.equal(out.ids, grid.ids)
+
+
+def test_gpt_controlnet_node_steers_generation_from_a_blended_scaled_image(executor, models_dir):
+    """ApplyControlNetGPT in a workflow, its control image made by ImageBlend and ImageScale and
+    its strength fed by a Float node: the net changes the tokens, strength 0 gives the base's."""
+    import tessera.nodes.primitives as primitives
+    from tessera.engines.controlnet import ARControlConfig, ARControlNet, save_ar_controlnet
+
+    executor.registry.register_module(primitives)
+    net = ARControlNet(ARControlConfig(dim=32, downsample=4, width=8))
+    randomize(net, 0.3, 6)
+    save_ar_controlnet(net, models_dir / "controlnet" / "gpt_cn.safetensors")
+
+    def workflow(strength):
+        gen = {"class_id": 1, "width": 3, "height": 3, "cfg": 2.0, "temperature": 0.0, "seed": 1}
+        return {
+            "version": 1,
+            "nodes": {
+                "gpt": {"type": "LoadARModel", "inputs": {"model_name": "tiny_gpt.safetensors"}},
+                "cn": {"type": "LoadControlNet", "inputs": {"file": "gpt_cn.safetensors"}},
+                "red": {"type": "SolidColor", "inputs": {"width": 24, "height": 24, "red": 1.0, "green": 0.0, "blue": 0.0}},
+                "blue": {"type": "SolidColor", "inputs": {"width": 6, "height": 6, "red": 0.0, "green": 0.0, "blue": 1.0}},
+                "blend": {"type": "ImageBlend", "inputs": {"image_a": link("red", "image"), "image_b": link("blue", "image"), "factor": 0.25}},
+                "scale": {"type": "ImageScale", "inputs": {"image": link("blend", "image"), "width": 12, "height": 12}},
+                "strength": {"type": "Float", "inputs": {"value": strength}},
+                "apply": {
+                    "type": "ApplyControlNetGPT",
+                    "inputs": {"model": link("gpt", "model"), "control_net": link("cn", "control_net"), "image": link("scale", "image"), "strength": link("strength", "value")},
+                },
+                "gen_base": {"type": "ARGenerateTokens", "inputs": {"model": link("gpt", "model"), **gen}},
+                "gen_cn": {"type": "ARGenerateTokens", "inputs": {"model": link("apply", "model"), **gen}},
+                "keep_base": {"type": "CaptureTokens", "inputs": {"tokens": link("gen_base", "tokens"), "name": "base"}},
+                "keep_cn": {"type": "CaptureTokens", "inputs": {"tokens": link("gen_cn", "tokens"), "name": "cn"}},
+            },
+        }
+
+    first = executor.run(workflow(3.0))
+    assert first.status == "success", first.errors
+    assert {"blend", "scale", "strength", "apply"} <= set(first.executed)
+    base = CAPTURED["base"].ids
+    assert not torch.equal(CAPTURED["cn"].ids, base)
+    off = executor.run(workflow(0.0))
+    assert off.status == "success" and {"blend", "scale"} <= set(off.cached)
+    assert torch.equal(CAPTURED["cn"].ids, base)
+
+
+def test_image_blend_and_scale_values():
+    ctx = None
+    a = torch.zeros(2, 8, 8, 3)
+    a[..., 0] = 1.0
+    b = torch.zeros(1, 4, 4, 3)
+    b[..., 2] = 1.0
+    blended = image_nodes.ImageBlend().execute(ctx, a, b, 0.25)[0]
+    assert blended.shape == (2, 8, 8, 3)
+    assert torch.allclose(blended[..., 0], torch.full((2, 8, 8), 0.75)) and torch.allclose(blended[..., 2], torch.full((2, 8, 8), 0.25))
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2
+    image = checker[None, ..., None].float().expand(1, 8, 8, 3)
+    area = image_nodes.ImageScale().execute(ctx, image, 4, 2, "area")[0]
+    assert area.shape == (1, 2, 4, 3) and torch.allclose(area, torch.full_like(area, 0.5))
+    nearest = image_nodes.ImageScale().execute(ctx, image, 16, 16, "nearest")[0]
+    assert torch.equal(nearest[0, ::2, ::2], image[0])
+    from tessera.node import NodeError
+
+    with pytest.raises(NodeError, match="batch sizes differ") as e:
+        image_nodes.ImageBlend().execute(ctx, torch.zeros(2, 4, 4, 3), torch.zeros(3, 4, 4, 3), 0.5)
+    assert e.value.input == "image_b"
