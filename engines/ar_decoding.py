@@ -4,9 +4,12 @@
 `decode_n_tokens` calls `decode_one_token` per position against the static KV cache.
 Classifier-free guidance batches cond and uncond rows in one forward and mixes the
 logits (uncond + s * (cond - uncond)), with s following a schedule over the token
-index. Sampling is seeded through a `torch.Generator` and never syncs with the host
-(exponential race instead of `torch.multinomial`). Fixed positions are forced, not
-sampled, which gives continuation, outpainting and in-filling for free.
+index. Randomness is per image and device-independent: image k draws its uniforms from a
+CPU generator seeded seed + k (`ImageNoise`), so image k of a batch is the image seed + k
+gives alone, on any device; sampling is an inverse-CDF lookup of one uniform per token,
+so it stays on the device without a host sync. Fixed positions are forced, not sampled,
+which gives continuation, outpainting and in-filling for free. `decoding="jacobi"` swaps
+the one-token loop for lossless Speculative Jacobi Decoding (`jacobi.py`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ def guidance_scales(schedule: str, cfg: float, n: int) -> torch.Tensor:
     return torch.tensor([f(cfg, i / max(n - 1, 1)) for i in range(n)], dtype=torch.float32)
 
 
+DECODINGS = ("sequential", "jacobi")
+
+
 # ---- sampling -----------------------------------------------------------------------------------
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k / top-p (nucleus) set to -inf; always keeps the best token."""
@@ -68,23 +74,51 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+_U64 = (1 << 64) - 1
+
+
+class ImageNoise:
+    """One CPU generator per image, seeded seed + k: the uniforms image k draws never depend on
+    the batch it sits in or on the device (they are drawn on the CPU, then moved)."""
+
+    def __init__(self, seed: int, batch: int):
+        self.generators = [torch.Generator().manual_seed((seed + k) & _U64) for k in range(batch)]
+
+    def uniform(self, *shape: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[B, *shape] fp32 uniforms in [0, 1), row k from image k's stream."""
+        rows = [torch.rand(shape, generator=g) for g in self.generators]
+        return torch.stack(rows).to(device)
+
+
+def token_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[..., V] logits -> the fp32 distribution tokens are drawn from (temperature, then filters)."""
+    return filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+
+
+def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: [..., V] non-negative weights (need not sum to 1) and [...] uniforms in
+    [0, 1) -> [...] ids. Zero-weight ids are never drawn; no host sync."""
+    cdf = probs.cumsum(-1)
+    target = (uniform * cdf[..., -1]).unsqueeze(-1)
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    last = (probs > 0).cumsum(-1).argmax(-1)  # the last id with weight: guards fp rounding at u -> 1
+    return torch.minimum(ids, last)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[B, V] logits -> [B] long ids. temperature <= 0 is greedy.
-
-    Draws by exponential race (argmax p / E, E ~ Exp(1)), which equals multinomial
-    sampling but stays on the device: no host sync per token.
-    """
+    """[B, V] logits -> [B] long ids. temperature <= 0 is greedy; otherwise `uniform` [B] in
+    [0, 1) picks the token by inverse CDF (one uniform per token, so seeds are per image)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-30)
-    return (probs / race).argmax(-1)
+    if uniform is None:
+        raise ValueError("sampling at temperature > 0 needs one uniform per row")
+    return draw(token_probs(logits, temperature, top_k, top_p), uniform)
 
 
 # ---- condition prefix ---------------------------------------------------------------------------
@@ -149,7 +183,8 @@ def condition_prefix(
 
 # ---- the decoding steps (gpt-fast shape) ----------------------------------------------------------
 def _guide(logits: torch.Tensor, batch: int, scale: torch.Tensor | None) -> torch.Tensor:
-    """[B or 2B, V] -> [B, V]: uncond + s * (cond - uncond) when the uncond rows are present."""
+    """[B or 2B, ...] -> [B, ...]: uncond + s * (cond - uncond) when the uncond rows are present
+    (`scale` broadcasts against the trailing dims, e.g. [S, 1] for [2B, S, V])."""
     if logits.shape[0] == batch:
         return logits
     cond, uncond = logits[:batch], logits[batch:]
@@ -199,19 +234,19 @@ def decode_n_tokens(
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
+    uniforms: torch.Tensor,
     callback: Callback | None,
     step: Callable[[torch.Tensor, int], torch.Tensor],
 ) -> torch.Tensor:
     """Fill seq[:, start:] one token at a time. `logits` predict position `start`;
     `step(token [B,1], i)` feeds the token at grid position i and returns logits for i+1.
 
-    A token is drawn at every decoded position, fixed or not, so which positions are fixed
-    does not shift the random stream of the others; the forced id then replaces it.
+    Position i uses uniforms[:, i], fixed or not, so which positions are fixed does not
+    shift the random stream of the others; the forced id replaces the drawn one.
     """
     n = seq.shape[1]
     for i in range(start, n):
-        drawn = sample(logits, temperature, top_k, top_p, generator)
+        drawn = sample(logits, temperature, top_k, top_p, uniforms[:, i])
         tok = torch.where(forced[:, i], forced_ids[:, i], drawn)
         seq[:, i] = tok
         if callback is not None:
@@ -233,20 +268,34 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    seed: int = 0,
     generator: torch.Generator | None = None,
     fixed: TokenGrid | None = None,
     callback: Callback | None = None,
     use_cache: bool = True,
     decode_fn: Callable = decode_one_token,
     keep_caches: bool = False,
+    decoding: str = "sequential",
+    jacobi_window: int = 16,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Decode a grid_h x grid_w token grid in raster order; returns ids [B, H, W].
 
-    Leading positions fixed in every image are prefilled in one pass instead of one at a
-    time. `use_cache=False` recomputes the whole sequence per token (the baseline).
-    `decode_fn` lets a caller pass a compiled `decode_one_token`; `keep_caches=True` keeps
-    the KV cache allocated afterwards so a compiled (CUDA-graph) step can reuse it.
+    Image k draws from seed + k (see `ImageNoise`); a `generator`, if given, only supplies
+    that seed (for older callers). Leading positions fixed in every image are prefilled in
+    one pass instead of one at a time. `use_cache=False` recomputes the whole sequence per
+    token (the baseline). `decode_fn` lets a caller pass a compiled `decode_one_token`;
+    `keep_caches=True` keeps the KV cache allocated afterwards so a compiled (CUDA-graph)
+    step can reuse it. `decoding="jacobi"` verifies `jacobi_window` drafted tokens per
+    forward (lossless, see `jacobi.py`). `stats`, if given, receives the tokens decoded, the
+    batch's forwards and the mean forwards per image.
     """
+    if decoding not in DECODINGS:
+        raise ValueError(f"unknown decoding '{decoding}' (choose from {', '.join(DECODINGS)})")
+    if decoding == "jacobi" and not use_cache:
+        raise ValueError("Jacobi decoding needs the KV cache")
+    if generator is not None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     b, n, t = prefix.batch, grid_h * grid_w, model.prefix_len
     device = prefix.x.device
     if prefix.x.shape[1] != t:
@@ -265,8 +314,11 @@ def generate(
     free = (~forced.all(0)).nonzero()
     lead = int(free[0]) if free.numel() else n
     seq = forced_ids.clone()
+    if stats is not None:
+        stats.update(forwards=0, tokens=n - lead)
     if lead == n:
         return seq.view(b, grid_h, grid_w)
+    noise = ImageNoise(seed, b)
 
     scales = guidance_scales(schedule, cfg_scale, n).to(device) if prefix.cfg else None
     rows = prefix.x.shape[0]
@@ -278,6 +330,27 @@ def generate(
             logits = prefill(
                 model, x, torch.arange(t + lead, device=device), b, None if scales is None else scales[lead]
             )
+            if decoding == "jacobi":
+                from .jacobi import jacobi_decode  # jacobi builds on this module's sampling
+
+                forwards, per_image = jacobi_decode(
+                    model,
+                    logits,
+                    seq,
+                    lead,
+                    forced,
+                    forced_ids,
+                    scales,
+                    noise,
+                    window=jacobi_window,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    callback=callback,
+                )
+                if stats is not None:
+                    stats.update(forwards=1 + forwards, forwards_per_image=1 + per_image)
+                return seq.view(b, grid_h, grid_w)
             pos = torch.tensor([t], device=device, dtype=torch.long)
 
             def step(tok: torch.Tensor, i: int) -> torch.Tensor:
@@ -300,10 +373,12 @@ def generate(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            generator=generator,
+            uniforms=noise.uniform(n, device=device),
             callback=callback,
             step=step,
         )
+        if stats is not None:
+            stats.update(forwards=n - lead, forwards_per_image=float(n - lead))
     finally:
         if not keep_caches:
             model.clear_caches()

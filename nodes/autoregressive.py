@@ -8,7 +8,7 @@ which ids generation must keep, so a graph can outpaint or in-fill in token spac
 from __future__ import annotations
 
 import torch
-from tessera.engines.ar_decoding import SCHEDULES, condition_prefix, generate
+from tessera.engines.ar_decoding import DECODINGS, SCHEDULES, condition_prefix, generate
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.gpt import GPT, load_gpt
@@ -88,9 +88,14 @@ class ARGenerateTokens(Node):
     Classifier-free guidance mixes cond and uncond logits (the uncond side is the
     negative prompt if given, else the model's learned null condition). Positions that
     `fixed` marks are kept, not sampled. A VQ model, if linked, gives live previews.
+    Image k of a batch is the image seed + k gives alone, on any device (version 2: older
+    versions drew one device generator for the whole batch, so old seeds give new images).
+    `decoding` "jacobi" verifies `jacobi_window` drafted tokens per forward: the same tokens
+    at temperature 0, the same distribution above it, in fewer forwards.
     """
 
     category = "autoregressive"
+    version = 2
     inputs = (
         Input("model", "AR_MODEL"),
         Input("positive", "CONDITIONING", optional=True),
@@ -108,6 +113,8 @@ class ARGenerateTokens(Node):
         Input("fixed", "TOKENS", optional=True),
         Input("vq", "VQ_MODEL", optional=True),
         Input("preview_every", "INT", default=32, min=0, max=100_000),
+        Input("decoding", "STRING", default="sequential", choices=DECODINGS),
+        Input("jacobi_window", "INT", default=16, min=1, max=1024),
     )
     outputs = (Output("tokens", "TOKENS"),)
 
@@ -126,6 +133,8 @@ class ARGenerateTokens(Node):
         top_p: float,
         seed: int,
         preview_every: int,
+        decoding: str = "sequential",
+        jacobi_window: int = 16,
         positive: Conditioning | None = None,
         negative: Conditioning | None = None,
         fixed: TokenGrid | None = None,
@@ -155,7 +164,6 @@ class ARGenerateTokens(Node):
             )
         except ValueError as e:
             raise NodeError(str(e), input="positive") from None
-        generator = torch.Generator(device=ctx.device).manual_seed(seed)
         total = height * width
 
         def on_token(info: dict) -> None:
@@ -175,9 +183,11 @@ class ARGenerateTokens(Node):
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            generator=generator,
+            seed=seed,
             fixed=None if grid is None else grid.to(ctx.device),
             callback=on_token,
+            decoding=decoding,
+            jacobi_window=jacobi_window,
         )
         return (TokenGrid(ids.cpu()),)
 

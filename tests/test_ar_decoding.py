@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tessera.engines.ar_decoding import (
+    ImageNoise,
     condition_prefix,
     decode_one_token,
+    draw,
     filter_logits,
     generate,
     guidance_scales,
@@ -120,7 +123,7 @@ def test_top_k_1_is_greedy_argmax_of_guided_logits(schedule):
         schedule=schedule,
         temperature=1.0,
         top_k=1,
-        generator=torch.Generator().manual_seed(3),
+        seed=3,
     )
     scales = guidance_scales(schedule, 5.0, gh * gw)
     ids = torch.zeros(2, 0, dtype=torch.long)
@@ -139,9 +142,7 @@ def test_seed_reproduces_and_different_seeds_differ():
     prefix = make_prefix(model, 2)
 
     def run(seed: int) -> torch.Tensor:
-        return generate(
-            model, prefix, 4, 4, cfg_scale=2.0, temperature=1.5, generator=torch.Generator().manual_seed(seed)
-        )
+        return generate(model, prefix, 4, 4, cfg_scale=2.0, temperature=1.5, seed=seed)
 
     a, b, c = run(7), run(7), run(8)
     assert torch.equal(a, b)
@@ -164,7 +165,7 @@ def test_fixed_tokens_stay_fixed_anywhere_in_the_grid():
         cfg_scale=3.0,
         temperature=2.0,
         fixed=TokenGrid(ids, fixed),
-        generator=torch.Generator().manual_seed(1),
+        seed=1,
     )
     assert torch.equal(out[fixed], ids[fixed])
     assert not torch.equal(out[~fixed], ids[~fixed])
@@ -234,9 +235,47 @@ def test_filters_keep_top_k_and_the_nucleus():
     assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[False, True, False, True]]
 
 
-def test_exponential_race_samples_the_softmax_distribution():
+def test_inverse_cdf_sampling_draws_the_softmax_distribution():
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0]).repeat(20000, 1)
-    draws = sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    draws = sample(
+        logits, temperature=1.0, uniform=torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    )
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.01, rtol=0)
     assert torch.equal(sample(logits[:3], temperature=0.0), torch.full((3,), 2))
+    with pytest.raises(ValueError, match="uniform"):
+        sample(logits[:2], temperature=1.0)
+
+
+def test_draw_never_picks_a_zero_weight_token_even_at_the_ends_of_the_unit_interval():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).repeat(4, 1)
+    u = torch.tensor([0.0, 0.4999, 0.5, 1.0 - 2**-24])
+    assert draw(probs, u).tolist() == [1, 1, 3, 3]
+    assert draw(probs * 7, u).tolist() == [1, 1, 3, 3]  # unnormalised weights are fine
+
+
+@pytest.mark.parametrize("caption", [True, False], ids=["caption", "class"])
+def test_image_k_of_a_batch_is_the_image_seed_plus_k_gives_alone(caption):
+    model = tiny_gpt(caption)
+    if caption:
+        one = condition_prefix(model, 1, positive=text(1), cfg=True)
+        three = condition_prefix(model, 3, positive=text(1), cfg=True)
+    else:
+        one = condition_prefix(model, 1, class_ids=torch.tensor([3]), cfg=True)
+        three = condition_prefix(model, 3, class_ids=torch.tensor([3]), cfg=True)
+    kw = dict(cfg_scale=2.0, temperature=1.5, top_p=0.95)
+    batch = generate(model, three, 3, 3, seed=40, **kw)
+    alone = [generate(model, one, 3, 3, seed=40 + k, **kw) for k in range(3)]
+    for k in range(3):
+        assert torch.equal(batch[k], alone[k][0]), f"image {k}"
+    assert not torch.equal(batch[0], batch[1])
+
+
+def test_uniforms_come_from_one_cpu_stream_per_image():
+    a = ImageNoise(5, 3).uniform(4, 2)
+    b = ImageNoise(6, 1).uniform(4, 2)
+    assert a.shape == (3, 4, 2) and a.device.type == "cpu"
+    torch.testing.assert_close(a[1], b[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        a[0], torch.rand(4, 2, generator=torch.Generator().manual_seed(5)), rtol=0, atol=0
+    )
