@@ -368,3 +368,41 @@ def test_working_set_shrinks_after_each_values_last_consumer(tmp_path):
     assert result.status == "success", result.errors
     assert result.executed == ["1", "2", "3", "4", "5"]
     assert SEEN == {"1": set(), "2": {"1"}, "3": {"1", "2"}, "4": {"3"}, "5": {"4"}}
+
+
+class Record(Node):
+    """An output that keeps the values it was given."""
+
+    is_output = True
+    inputs = (
+        Input("i", "INT", default=0),
+        Input("f", "FLOAT", default=0.0),
+        Input("s", "STRING", default=""),
+        Input("b", "BOOLEAN", default=False),
+    )
+    outputs = ()
+
+    def execute(self, ctx, i, f, s, b):
+        return Result(ui={"values": [i, f, s, b]})
+
+
+def test_primitive_nodes_feed_their_constants_through_links(tmp_path):
+    import tessera.nodes.primitives as primitives
+
+    registry = NodeRegistry()
+    registry.register_module(primitives)
+    registry.register(Record)
+    executor = Executor(registry, tmp_path / "m", tmp_path / "i", tmp_path / "o", "cpu")
+    workflow = {"version": 1, "nodes": {
+        "i": {"type": "Int", "inputs": {"value": 7}},
+        "seed": {"type": "Seed", "inputs": {"seed": 2**63 + 5}},
+        "f": {"type": "Float", "inputs": {"value": 0.25}},
+        "s": {"type": "String", "inputs": {"value": "a red cube"}},
+        "b": {"type": "Boolean", "inputs": {"value": True}},
+        "r1": {"type": "Record", "inputs": {"i": link("i", "value"), "f": link("f", "value"), "s": link("s", "value"), "b": link("b", "value")}},
+        "r2": {"type": "Record", "inputs": {"i": link("seed", "seed")}},
+    }}
+    result = executor.run(workflow)
+    assert result.status == "success", result.errors
+    assert result.outputs["r1"] == {"values": [7, 0.25, "a red cube", True]}
+    assert result.outputs["r2"] == {"values": [2**63 + 5, 0.0, "", False]}
