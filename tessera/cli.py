@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output", type=Path, help="the .safetensors file to write")
     convert.add_argument("--config", default="{}", help='JSON settings the tensors cannot tell, e.g. \'{"n_head": 20}\'')
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
+
+    models = sub.add_parser("models", help="list the real models Tessera runs, or pull one from the Hugging Face Hub")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    models_sub.add_parser("list", help="the catalogue, with what is installed").add_argument(
+        "--models-dir", type=Path, default=default_models_dir())
+    pull = models_sub.add_parser("pull", help="download (resumably, checksum-verified) the files of one model")
+    pull.add_argument("name", help="a name from `tessera models list`")
+    pull.add_argument("--models-dir", type=Path, default=default_models_dir())
     return parser
 
 
@@ -229,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         from tessera.convert import main as convert_main
 
         return convert_main(args)
+    if args.command == "models":
+        from tessera.hub import main as models_main
+
+        return models_main(args)
     return cmd_script(args.command, args.args)
 
 
