@@ -83,9 +83,9 @@ class ServerConfig:
 class Refused(Exception):
     """A request refused with a 4xx (or 503) JSON answer `{"error": message, ...}`."""
 
-    def __init__(self, status: int, message: str, **extra):
+    def __init__(self, status: int, message: str, close: bool = False, **extra):
         super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
+        self.status, self.message, self.close, self.extra = status, message, close, extra
 
 
 def _finite(value: object) -> object:
@@ -172,9 +172,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             if total > limit:
                 raise Refused(413, f"request body is larger than {limit:,} bytes (tessera serve --max-body-mb)")
             chunks.append(chunk)
-    except (HttpProcessingError, aiohttp.ClientPayloadError, ValueError, EOFError) as e:
-        raise Refused(400, f"request body could not be read ({type(e).__name__}: check its Content-Encoding)") from None
+    except (HttpProcessingError, web.RequestPayloadError, ValueError, EOFError) as e:
+        request.content.feed_eof()  # nothing more is read from this connection; it closes after the answer
+        raise Refused(400, f"request body could not be read ({_first_line(e)}); check its Content-Encoding", close=True) from None
     return b"".join(chunks)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2]) or type(e).__name__
 
 
 async def read_json(request: web.Request, limit: int) -> object:
@@ -192,10 +198,15 @@ class Listener:
 @web.middleware
 async def refusals(request: web.Request, handler):
     """`Refused` becomes its JSON answer; the router's own 404/405 under /api answer JSON too."""
+    if request.path.startswith("/api/") and isinstance(request.match_info.route.resource, web.StaticResource):
+        return error(f"no route {request.path}", 404)  # not an editor file either
     try:
-        return await handler(request)
+        response = await handler(request)
     except Refused as e:
-        return error(e.message, e.status, **e.extra)
+        response = error(e.message, e.status, **e.extra)
+        if e.close:
+            response.force_close()
+        return response
     except web.HTTPMethodNotAllowed as e:
         allowed = ", ".join(sorted(e.allowed_methods))
         return json_response({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405, headers={"Allow": allowed})
@@ -203,6 +214,7 @@ async def refusals(request: web.Request, handler):
         if request.path.startswith("/api/"):
             return error(f"no route {request.path}", 404)
         raise
+    return response
 
 
 class TesseraServer:
@@ -443,7 +455,7 @@ class TesseraServer:
             return error(too_large, 413)
         try:
             form = await request.post()
-        except HttpProcessingError:  # e.g. a part header with a NUL byte in the file name
+        except (HttpProcessingError, web.RequestPayloadError):  # e.g. a NUL byte in a part header, a bad encoding
             return error("the upload is not a well-formed multipart/form-data body")
         except (ValueError, web.HTTPRequestEntityTooLarge):
             return error(too_large, 413)
