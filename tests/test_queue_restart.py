@@ -47,8 +47,9 @@ def test_queue_and_history_survive_sigkill_and_graceful_stop(restart_server):
     assert s.entry(running)["outputs"] == {"1": {"slept": ["long"]}}
 
     # a graceful stop (Ctrl-C) while a prompt runs leaves it in the state the kill left `running` in,
-    # which the restart above showed is run again
-    again = s.submit(sleep_wf("again", steps=40, step_seconds=0.05))
+    # which the restart above showed is run again; the prompt is far too long to finish before
+    # the stop arrives, however slow the machine
+    again = s.submit(sleep_wf("again", steps=100000, step_seconds=0.05))
     after = s.submit(sleep_wf("after"))
     s.wait_status(again, ("running",))
     wait_until(lambda: "start again" in s.sleep_log(), message="the prompt to be inside its node")
