@@ -27,10 +27,11 @@ from tessera.engines.checkpoint import (
     CheckpointError,
     assign_checked,
     metadata_config,
-    read_safetensors,
     require,
 )
 from tessera.engines.conditioning import Conditioning
+from tessera.engines.layouts import read_weights, wrong_family
+from tessera.engines.step_cache import StepCache
 from torch import Tensor, nn
 
 
@@ -345,11 +346,14 @@ class Flux(nn.Module):
         txt_mask: Tensor | None = None,
         controlnet_double: list[Tensor | None] | None = None,
         controlnet_single: list[Tensor | None] | None = None,
+        step_cache: StepCache | None = None,
     ) -> Tensor:
         """The network on packed tokens: img [B, N, C·p²], txt [B, L, context_dim], t and guidance [B].
 
         `controlnet_double` / `controlnet_single` hold one residual (or None) per block, added to the
-        image tokens after that block: how a ControlNet steers the base model.
+        image tokens after that block: how a ControlNet steers the base model. `step_cache` (a
+        sampler run's First-Block Cache) may skip every block after the first; it is not used
+        together with a ControlNet, nor at threshold 0.
         """
         if self.guidance_in is not None and guidance is None:
             raise ValueError("this DiT was distilled with a guidance input; pass guidance (e.g. 3.5)")
@@ -366,16 +370,26 @@ class Flux(nn.Module):
 
         double = controlnet_double or [None] * len(self.double_blocks)
         single = controlnet_single or [None] * len(self.single_blocks)
-        for block, residual in zip(self.double_blocks, double):
+        cache = step_cache if step_cache is not None and step_cache.threshold > 0 else None
+        if controlnet_double is not None or controlnet_single is not None or not len(self.double_blocks):
+            cache = None
+        for i, (block, residual) in enumerate(zip(self.double_blocks, double)):
+            before = img
             img, txt = block(img, txt, vec, pe, key_mask)
             if residual is not None:
                 img = img + residual.to(img.dtype)
+            if i == 0 and cache is not None:
+                first_out, first_residual = img, img - before
+                if cache.reusable(first_residual):
+                    return self.final_layer(cache.apply(first_out), vec)
         n = txt.shape[1]
         x = torch.cat([txt, img], dim=1)
         for block, residual in zip(self.single_blocks, single):
             x = block(x, vec, pe, key_mask)
             if residual is not None:
                 x = torch.cat([x[:, :n], x[:, n:] + residual.to(x.dtype)], dim=1)
+        if cache is not None:
+            cache.store(first_residual, x[:, n:] - first_out)
         return self.final_layer(x[:, n:], vec)
 
     def forward(
@@ -386,6 +400,7 @@ class Flux(nn.Module):
         pooled: Tensor,
         guidance: Tensor | None = None,
         context_mask: Tensor | None = None,
+        step_cache: StepCache | None = None,
     ) -> Tensor:
         """Velocity of latents x [B, C, H, W] at times t [B]; returned in x's dtype and shape."""
         p = self.config.patch_size
@@ -395,7 +410,15 @@ class Flux(nn.Module):
         gh, gw = xp.shape[2] // p, xp.shape[3] // p
         txt_ids = torch.zeros(context.shape[1], 3, device=x.device)
         out = self.forward_tokens(
-            patchify(xp, p), image_ids(gh, gw, x.device), context, txt_ids, t, pooled, guidance, context_mask
+            patchify(xp, p),
+            image_ids(gh, gw, x.device),
+            context,
+            txt_ids,
+            t,
+            pooled,
+            guidance,
+            context_mask,
+            step_cache=step_cache,
         )
         return unpatchify(out, gh, gw, p)[:, :, :h, :w].to(x.dtype)
 
@@ -446,12 +469,14 @@ def guided_velocity(
     cfg: float = 1.0,
     guidance: float = 3.5,
     who: str = "DiT",
+    step_cache: StepCache | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A `model(x, sigma) -> velocity` for the samplers, with classifier-free guidance.
 
     With a negative prompt and cfg ≠ 1 both predictions come from ONE forward over the doubled
     batch: v = v_neg + cfg·(v_pos − v_neg). `guidance` feeds the distilled-guidance embedding
     of models that have one and is ignored otherwise. Output is fp32 for the sampler arithmetic.
+    `step_cache` (one per sampling run) lets steps reuse the DiT's deeper blocks (`step_cache.py`).
     """
     check_conditioning(model, positive, who + " positive")
     use_cfg = negative is not None and cfg != 1.0
@@ -476,7 +501,9 @@ def guided_velocity(
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         cond, mask, g = inputs_for(x.shape[0])
-        out = model(x.to(dev).repeat(n, 1, 1, 1), sigma.to(dev).repeat(n), cond.tokens, cond.pooled, g, mask)
+        out = model(
+            x.to(dev).repeat(n, 1, 1, 1), sigma.to(dev).repeat(n), cond.tokens, cond.pooled, g, mask, step_cache
+        )
         out = out.float()
         if not use_cfg:
             return out
@@ -638,11 +665,43 @@ def infer_dit_config(
         raise CheckpointError(path, f"inconsistent DiT config ({e})") from None
 
 
-def load_dit(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+# diffusers `FluxTransformer2DModel` config.json field -> FluxConfig field. A field the shapes also
+# show is passed on too, so a config.json that contradicts its tensors fails on the tensor it names.
+_DIFFUSERS_DIT_FIELDS = {
+    "axes_dims_rope": "axes_dim",
+    "num_attention_heads": "num_heads",
+    "num_layers": "depth",
+    "num_single_layers": "depth_single",
+    "joint_attention_dim": "context_dim",
+    "pooled_projection_dim": "vec_dim",
+    "guidance_embeds": "guidance_embed",
+}
+
+
+def diffusers_dit_overrides(config_json: dict, patch_size: int = 2) -> dict:
+    """The FluxConfig fields a diffusers transformer `config.json` sets (RoPE axes above all: shapes cannot tell them).
+
+    diffusers packs 2x2 latent patches outside the model, so its `in_channels` (64) is our
+    `in_channels * patch_size**2`.
+    """
+    out = {ours: config_json[theirs] for theirs, ours in _DIFFUSERS_DIT_FIELDS.items() if theirs in config_json}
+    if "axes_dim" in out:
+        out["axes_dim"] = tuple(out["axes_dim"])
+    packed = patch_size * patch_size
+    if isinstance(config_json.get("in_channels"), int):
+        out["in_channels"] = config_json["in_channels"] // packed
+        out["out_channels"] = (config_json.get("out_channels") or config_json["in_channels"]) // packed
+    return out
+
+
+def dit_from_state_dict(
+    sd: dict[str, Tensor],
+    overrides: dict,
+    path: str | Path = "<state dict>",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Flux:
-    """Load a Flux DiT from a .safetensors file in BFL or diffusers layout, config inferred from it."""
-    sd, metadata = read_safetensors(path)
+    """A Flux DiT from a BFL- or diffusers-layout state dict; `overrides` set what shapes cannot tell."""
     sd = _strip_prefix(sd, ("img_in.weight", "x_embedder.weight"))
     layout = detect_dit_layout(sd)
     if layout is None:
@@ -652,11 +711,22 @@ def load_dit(
         )
     if layout == "diffusers":
         sd = convert_diffusers_dit(sd, path, consume=True)
-    config = infer_dit_config(sd, path, metadata_config(metadata, path))
+    config = infer_dit_config(sd, path, overrides)
     with torch.device("meta"):
         model = Flux(config)
     assign_checked(model, sd, path, device, dtype)
     return model
+
+
+def load_dit(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Flux:
+    """Load a Flux DiT in BFL or diffusers layout: a single file, or any shard of a diffusers
+    `transformer/` folder, whose `config.json` is honoured (then `tessera.config` metadata)."""
+    sd, metadata, where = read_weights(path)
+    wrong_family(sd, path, "Flux DiT", "all-in-one checkpoint")
+    overrides = {**diffusers_dit_overrides(where.config), **metadata_config(metadata, path)}
+    return dit_from_state_dict(sd, overrides, path, device, dtype)
 
 
 def save_dit(model: Flux, path: str | Path, card: str | None = None) -> None:

@@ -350,14 +350,22 @@ def infer_gpt_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | Non
     """A `GPTConfig` from tensor shapes, then overridden by any `tessera.config` metadata.
 
     Head count is not visible in the shapes, so it comes from metadata, else LlamaGen's
-    size table by width (else dim // 64); kv heads then follow from the `wqkv` rows.
+    size table by width, else the file is refused; kv heads then follow from the `wqkv` rows.
     """
     raw = json.loads(metadata["tessera.config"]) if metadata and "tessera.config" in metadata else {}
     if not isinstance(raw, dict):
         raise TypeError("metadata 'tessera.config' is not a JSON object")
     vocab, dim = sd["tok_embeddings.weight"].shape
     n_layer = 1 + max(int(m.group(1)) for k in sd if (m := _LAYER.match(k)))
-    n_head = int(raw.get("n_head", LLAMAGEN_HEADS.get(dim, max(1, dim // 64))))
+    if "n_head" in raw:
+        n_head = int(raw["n_head"])
+    elif dim in LLAMAGEN_HEADS:
+        n_head = LLAMAGEN_HEADS[dim]
+    else:  # a guess (dim // 64) would load without error and generate noise
+        raise ValueError(
+            f"width {dim} is not one of LlamaGen's sizes ({', '.join(map(str, LLAMAGEN_HEADS))}), so the "
+            "head count cannot be inferred: set 'n_head' in the file's 'tessera.config' metadata"
+        )
     head_dim = dim // n_head
     qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
     n_kv_head = (qkv_rows - dim) // (2 * head_dim)

@@ -149,6 +149,17 @@ def detect_family(sd: dict[str, Tensor]) -> str:
     return "unknown model"
 
 
+def wrong_family(sd: dict[str, Tensor], path: str | Path, expected: str, *also: str) -> None:
+    """Refuse, naming both, a file that plainly holds another kind of model than the loader's."""
+    found = detect_family(sd)
+    if found not in (expected, "unknown model", *also):
+        raise CheckpointError(path, f"not {_a(expected)}: this file holds {_a(found)}")
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "AEIOUaeiou" else "a ") + noun
+
+
 def split_checkpoint(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """An all-in-one checkpoint's parts: 'model', 'vae' and one entry per text encoder
     ('clip_l', 't5xxl', ... from `text_encoders.<name>.`; 'clip' for SD's `cond_stage_model.`)."""

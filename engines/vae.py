@@ -21,9 +21,9 @@ from tessera.engines.checkpoint import (
     CheckpointError,
     assign_checked,
     metadata_config,
-    read_safetensors,
     require,
 )
+from tessera.engines.layouts import read_weights, wrong_family
 from torch import Tensor, nn
 
 # (scaling_factor, shift_factor) per family: z_normalised = (z - shift) * scale.
@@ -417,18 +417,41 @@ def _family(name: str, path: str | Path) -> tuple[float, float]:
     return FAMILIES[name]
 
 
-def load_vae(
-    path: str | Path,
+# diffusers `AutoencoderKL` config.json field -> VAEConfig field. Norm groups, scale and shift are
+# invisible in the shapes; the rest is passed on so a contradicting config.json fails by tensor name.
+_DIFFUSERS_VAE_FIELDS = {
+    "norm_num_groups": "norm_groups",
+    "scaling_factor": "scaling_factor",
+    "shift_factor": "shift_factor",
+    "latent_channels": "latent_channels",
+    "block_out_channels": "block_out_channels",
+    "layers_per_block": "layers_per_block",
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "mid_block_add_attention": "mid_attention",
+    "use_quant_conv": "use_quant_conv",
+    "use_post_quant_conv": "use_post_quant_conv",
+}
+
+
+def diffusers_vae_overrides(config_json: dict) -> dict:
+    """The VAEConfig fields a diffusers `vae/config.json` sets (`shift_factor: null` means no shift)."""
+    out = {ours: config_json[theirs] for theirs, ours in _DIFFUSERS_VAE_FIELDS.items() if theirs in config_json}
+    if "shift_factor" in out and out["shift_factor"] is None:
+        out["shift_factor"] = 0.0
+    return out
+
+
+def vae_from_state_dict(
+    sd: dict[str, Tensor],
+    overrides: dict,
+    path: str | Path = "<state dict>",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     family: str | None = None,
 ) -> AutoencoderKL:
-    """Load an AutoencoderKL from .safetensors in ldm or diffusers layout.
-
-    Scale/shift come from the latent-channel default family (4 → sd15, 16 → flux), overridden by
-    `tessera.config` metadata (`family` or `scaling_factor`/`shift_factor`), overridden by `family`.
-    """
-    sd, metadata = read_safetensors(path)
+    """An AutoencoderKL from an ldm- or diffusers-layout state dict (optionally under `vae.` /
+    `first_stage_model.`); `overrides` set what shapes cannot tell, `family` sets scale and shift."""
     if detect_vae_layout(sd) is None:
         for prefix in _PREFIXES:
             stripped = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -442,11 +465,29 @@ def load_vae(
             f"not an AutoencoderKL checkpoint (neither ldm '{_LDM_MARK}' nor diffusers '{_DIFFUSERS_MARK}' found)",
         )
     sd = convert_diffusers_vae(sd, path) if layout == "diffusers" else _ldm_attention_as_conv(sd)
-    config = infer_vae_config(sd, path, metadata_config(metadata, path), family)
+    config = infer_vae_config(sd, path, overrides, family)
     with torch.device("meta"):
         model = AutoencoderKL(config)
     assign_checked(model, sd, path, device, dtype)
     return model
+
+
+def load_vae(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    family: str | None = None,
+) -> AutoencoderKL:
+    """Load an AutoencoderKL in ldm or diffusers layout: a single file or a diffusers `vae/` folder.
+
+    Scale/shift come from the latent-channel default family (4 → sd15, 16 → flux), overridden by
+    a diffusers `config.json` beside the file (which also gives the norm groups), then by
+    `tessera.config` metadata (`family` or `scaling_factor`/`shift_factor`), then by `family`.
+    """
+    sd, metadata, where = read_weights(path)
+    wrong_family(sd, path, "AutoencoderKL VAE", "all-in-one checkpoint")
+    overrides = {**diffusers_vae_overrides(where.config), **metadata_config(metadata, path)}
+    return vae_from_state_dict(sd, overrides, path, device, dtype, family)
 
 
 def save_vae(model: AutoencoderKL, path: str | Path, card: str | None = None) -> None:

@@ -53,6 +53,10 @@ def test_class_model_in_llamagen_layout_loads_and_reproduces_config(tmp_path):
     sd = random_sd(llamagen_gpt_shapes(128, 3, 2, 2, 352, 50, num_classes=7))
     path = tmp_path / "c2i.safetensors"
     save_file(sd, str(path))
+    # width 128 is none of LlamaGen's sizes: the head count is refused by name, not guessed
+    with pytest.raises(CheckpointError, match=r"c2i\.safetensors.*width 128.*'n_head'"):
+        load_gpt(path)
+    save_file(sd, str(path), metadata={"tessera.config": json.dumps({"n_head": 2})})
     model = load_gpt(path)
     c = model.config
     assert (c.dim, c.n_layer, c.n_head, c.n_kv_head, c.ffn_hidden, c.vocab_size) == (128, 3, 2, 2, 352, 50)
@@ -71,7 +75,7 @@ def test_caption_model_with_gqa_loads_from_metadata_and_projects_text(tmp_path):
     save_file(sd, str(path), metadata={"tessera.config": json.dumps({"n_head": 6})})
     model = load_gpt(path)
     assert (model.config.n_head, model.config.n_kv_head, model.config.cls_token_num) == (6, 2, 5)
-    # without metadata the heads come from dim // 64 = 1 here: kv heads 2/6 of that does not fit
+    # without metadata the head count of a width outside LlamaGen's sizes is refused
     save_file(sd, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="plain.safetensors.*cannot size"):
         load_gpt(tmp_path / "plain.safetensors")
@@ -109,20 +113,22 @@ def test_head_count_follows_llamagen_sizes_by_width():
     assert infer_gpt_config(meta_sd(1536, 4096, 3 * 1536)).n_head == 24
     gqa = infer_gpt_config(meta_sd(1024, 2816, 1024 + 2 * 4 * 64))  # L: 16 heads of 64, 4 kv heads
     assert (gqa.n_head, gqa.n_kv_head) == (16, 4)
-    assert infer_gpt_config(meta_sd(512, 1536, 3 * 512)).n_head == 8  # unknown width: dim // 64
+    with pytest.raises(ValueError, match="width 512 .*'n_head'"):  # unknown width: refused, not dim // 64
+        infer_gpt_config(meta_sd(512, 1536, 3 * 512))
 
 
 def test_bad_gpt_files_name_file_and_key(tmp_path):
     shapes = llamagen_gpt_shapes(128, 2, 2, 2, 352, 50, num_classes=7)
     sd = random_sd(shapes)
+    heads = {"tessera.config": json.dumps({"n_head": 2})}  # width 128 is no LlamaGen size
     missing = dict(sd)
     del missing["layers.1.feed_forward.w3.weight"]
-    save_file(missing, str(tmp_path / "missing.safetensors"))
+    save_file(missing, str(tmp_path / "missing.safetensors"), metadata=heads)
     with pytest.raises(CheckpointError, match=r"missing.safetensors, key 'layers.1.feed_forward.w3.weight'"):
         load_gpt(tmp_path / "missing.safetensors")
 
     wrong = dict(sd, **{"layers.0.ffn_norm.weight": torch.ones(64)})
-    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    save_file(wrong, str(tmp_path / "wrong.safetensors"), metadata=heads)
     with pytest.raises(CheckpointError, match=r"wrong.safetensors, key 'layers.0.ffn_norm.weight'.*\(64,\)"):
         load_gpt(tmp_path / "wrong.safetensors")
 
@@ -137,7 +143,7 @@ def test_bad_gpt_files_name_file_and_key(tmp_path):
     extra = dict(
         sd, **{"layers.0.attention.kv_cache.k_cache": torch.zeros(1), "lm_head.bias": torch.zeros(3)}
     )
-    save_file(extra, str(tmp_path / "extra.safetensors"))
+    save_file(extra, str(tmp_path / "extra.safetensors"), metadata=heads)
     with pytest.raises(CheckpointError, match=r"extra.safetensors, key 'lm_head.bias'.*unexpected"):
         load_gpt(tmp_path / "extra.safetensors")
 
