@@ -267,12 +267,14 @@ class ControlledFlux(Flux):
         txt_mask: Tensor | None = None,
         controlnet_double: list[Tensor | None] | None = None,
         controlnet_single: list[Tensor | None] | None = None,
+        step_cache=None,
     ) -> Tensor:
         double, single = self.control_residuals(img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
         return super().forward_tokens(
             img, img_ids, txt, txt_ids, t, y, guidance, txt_mask,
             controlnet_double=_merge(controlnet_double, double),
             controlnet_single=_merge(controlnet_single, single),
+            step_cache=step_cache,  # unused while a control is active
         )  # fmt: skip
 
     def control_residuals(self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask):

@@ -429,15 +429,18 @@ class Flux(nn.Module):
 def check_conditioning(model: Flux, cond: Conditioning, who: str) -> None:
     """Fail early, naming the node input, when a text encoder's widths do not fit this DiT."""
     c = model.config
+    made_by = f" (made by {cond.source})" if cond.source else ""
     if cond.tokens.shape[-1] != c.context_dim:
         raise ValueError(
-            f"{who}: conditioning tokens are {cond.tokens.shape[-1]} wide but this DiT's text context "
-            f"(txt_in) expects {c.context_dim}; use the text encoder that matches the model"
+            f"{who}: conditioning tokens{made_by} are {cond.tokens.shape[-1]} wide but this DiT's text "
+            f"context (txt_in) expects {c.context_dim}; use the text encoder that matches the model "
+            "(Flux.1: T5-XXL tokens and CLIP-L pooled, from FluxTextEncode)"
         )
     if cond.pooled.shape[-1] != c.vec_dim:
         raise ValueError(
-            f"{who}: pooled conditioning is {cond.pooled.shape[-1]} wide but this DiT's vector input "
-            f"(vector_in) expects {c.vec_dim}; use the text encoder that matches the model"
+            f"{who}: pooled conditioning{made_by} is {cond.pooled.shape[-1]} wide but this DiT's vector "
+            f"input (vector_in) expects {c.vec_dim}; use the text encoder that matches the model "
+            "(Flux.1: T5-XXL tokens and CLIP-L pooled, from FluxTextEncode)"
         )
 
 
@@ -475,7 +478,8 @@ def guided_velocity(
 
     With a negative prompt and cfg ≠ 1 both predictions come from ONE forward over the doubled
     batch: v = v_neg + cfg·(v_pos − v_neg). `guidance` feeds the distilled-guidance embedding
-    of models that have one and is ignored otherwise. Output is fp32 for the sampler arithmetic.
+    of models that have one (a value carried by `positive`, set by FluxTextEncode, takes its place)
+    and is ignored otherwise. Output is fp32 for the sampler arithmetic.
     `step_cache` (one per sampling run) lets steps reuse the DiT's deeper blocks (`step_cache.py`).
     """
     check_conditioning(model, positive, who + " positive")
@@ -483,6 +487,8 @@ def guided_velocity(
     if use_cfg:
         check_conditioning(model, negative, who + " negative")
     dev, dt = model.device, model.dtype
+    if positive.guidance is not None:
+        guidance = positive.guidance
     positive = positive.to(dev, dt)
     negative = negative.to(dev, dt) if use_cfg else None
 

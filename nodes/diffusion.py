@@ -12,6 +12,7 @@ from tessera.engines.latent import denoise as run_denoise  # the nodes' `denoise
 from tessera.engines.preview import latent_preview, rgb_projection_for
 from tessera.engines.samplers import SAMPLERS
 from tessera.engines.schedules import SCHEDULES, sigmas_for
+from tessera.engines.step_cache import StepCache
 from tessera.engines.vae import FAMILIES, AutoencoderKL, load_vae, with_family
 
 from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
@@ -178,6 +179,7 @@ def _prepare(
     cfg: float,
     guidance: float,
     denoise_strength: float,
+    step_cache: StepCache | None = None,
 ):
     """Validate the inputs against the model and build the guided velocity and the sigmas."""
     name = node.type_name
@@ -209,7 +211,8 @@ def _prepare(
     h, w = latent.samples.shape[-2:]
     seq_len = (-(-h // p)) * (-(-w // p))
     sigmas = sigmas_for(schedule, steps, denoise_strength, seq_len)
-    return guided_velocity(model, positive, negative, cfg, guidance, who=name), sigmas
+    velocity = guided_velocity(model, positive, negative, cfg, guidance, who=name, step_cache=step_cache)
+    return velocity, sigmas
 
 
 def _progress(ctx: ExecutionContext, latent: Latent, total: int):
@@ -220,10 +223,18 @@ def _progress(ctx: ExecutionContext, latent: Latent, total: int):
 
 
 class DiTSampler(Node):
-    """Denoise a latent with a DiT: the whole sampler loop, with CFG, distilled guidance and img2img denoise."""
+    """Denoise a latent with a DiT: the whole sampler loop, with CFG, distilled guidance and img2img denoise.
+
+    `step_cache` > 0 lets a step reuse the deeper blocks' residual of the last full step while
+    the first block's output changes less than that fraction (First-Block Cache); 0 is exact.
+    """
 
     category = "sampling"
-    inputs = _DENOISE_INPUTS + _GUIDANCE_INPUTS
+    inputs = (
+        _DENOISE_INPUTS
+        + _GUIDANCE_INPUTS
+        + (Input("step_cache", "FLOAT", default=0.0, min=0.0, max=1.0, step=0.01, link="widget"),)
+    )
     outputs = (Output("latent", "LATENT"),)
 
     def execute(
@@ -240,9 +251,10 @@ class DiTSampler(Node):
         seed,
         denoise,
         negative=None,
+        step_cache=0.0,
     ):
         velocity, sigmas = _prepare(
-            self, model, positive, negative, latent, schedule, steps, cfg, guidance, denoise
+            self, model, positive, negative, latent, schedule, steps, cfg, guidance, denoise, StepCache(step_cache)
         )
         out = run_denoise(
             velocity,
