@@ -71,7 +71,9 @@ def test_nodes_catalogue(api):
     assert image["widget"] == "image_upload" and image["link"] == "widget"
     assert nodes["SaveImage"]["is_output"] is True and nodes["SolidColor"]["is_output"] is False
     assert nodes["SolidColor"]["outputs"] == [{"name": "image", "type": "IMAGE"}]
-    assert nodes["SolidColor"]["description"] == "An image of one colour: a canvas to draw on or a background to blend with."
+    # the description is the docstring's first line: the test pack's own Sleep node says what to expect
+    assert nodes["Sleep"]["description"] == "Sleep in short steps, reporting progress after each one."
+    assert all(info["description"] and "\n" not in info["description"] for info in nodes.values())
     schema = nodes["SaveImage"]["input_schema"]
     assert schema["type"] == "object" and schema["required"] == ["images"] and schema["additionalProperties"] is False
     assert {"IMAGE", "INT", "FLOAT", "STRING", "BOOLEAN", "MASK"} <= set(body["types"])
@@ -119,16 +121,10 @@ def test_system(api):
 
 def test_templates(api):
     body = api.get_json("/api/templates")
-    expected = set()
-    for path in sorted((ROOT / "workflows").glob("*.json")):
-        try:
-            json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue
-        expected.add(path.stem)
-    assert set(body["templates"]) == expected
-    for name, template in body["templates"].items():
-        assert template == json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    # every shipped workflow is valid JSON (json.loads raises otherwise) and is served as it is on disk
+    shipped = {p.stem: json.loads(p.read_text()) for p in (ROOT / "workflows").glob("*.json")}
+    assert {"text_to_image_diffusion", "text_to_image_autoregressive"} <= set(shipped)
+    assert body["templates"] == shipped
 
 
 DOCUMENTED_ROUTES = {

@@ -104,7 +104,7 @@ def test_save_new_and_open_a_workflow(editor: Page):
 def title_point(page: Page, node_id: int) -> tuple[float, float]:
     return tuple(page.evaluate(
         """(id) => { const app = window.tessera; const n = app.graph.getNodeById(id);
-            const [x, y] = app.canvas.ds.convertCanvasToOffset([n.pos[0] + 60, n.pos[1] - 15]);
+            const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + 60, n.pos[1] - 15]);
             const b = app.canvasEl.getBoundingClientRect(); return [b.left + x, b.top + y]; }""",
         node_id,
     ))
@@ -136,14 +136,14 @@ def test_undo_redo_delete_copy_paste(editor: Page):
 
 def test_templates_are_listed(editor: Page, editor_server):
     with urllib.request.urlopen(editor_server.url + "/api/templates") as r:
-        names = sorted(json.load(r)["templates"])
+        templates = json.load(r)["templates"]
+    names = sorted(templates)
+    assert "text_to_image_diffusion" in names  # the shipped workflows/ folder is served
     options = editor.locator('#sel-open optgroup[label="Templates"] option')
-    if names:
-        expect(options).to_have_count(len(names))
-        editor.locator("#sel-open").select_option(f"template:{names[0]}")
-        assert editor.evaluate("() => window.tessera.graph._nodes.length") > 0
-    else:
-        expect(options).to_have_text(["(none)"])
+    expect(options).to_have_count(len(names))
+    editor.locator("#sel-open").select_option("template:text_to_image_diffusion")
+    loaded = editor.evaluate("() => window.tessera.graph._nodes.length")
+    assert loaded == len(templates["text_to_image_diffusion"]["nodes"])
 
 
 def test_drop_a_tessera_png_restores_its_workflow(editor: Page, editor_server):
