@@ -99,12 +99,20 @@ def check_pixels(name: str, width: int, height: int) -> None:
         )
 
 
+def too_many_pixels(name: str, error: Image.DecompressionBombError) -> ValueError:
+    """Pillow's own guard fired (at twice our limit) while reading the header."""
+    return ValueError(f"{name}: over the limit of {LIMITS.max_pixels:,} pixels per image "
+                      f"(tessera serve --max-image-pixels): {error}")
+
+
 def image_header(path: Path) -> tuple[str, int, int]:
     """(format, width, height) from the file's header, without decoding; ValueError if unreadable."""
     try:
         with Image.open(path) as image:
             return image.format, *image.size
-    except (OSError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise too_many_pixels(path.name, e) from None
+    except OSError as e:
         raise ValueError(f"{path.name}: not a readable image ({e})") from None
 
 
@@ -117,5 +125,7 @@ def open_image(path: Path) -> Image.Image:
             check_pixels(path.name, *image.size)
             image.load()
             return image.copy()
-    except (OSError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise too_many_pixels(path.name, e) from None
+    except OSError as e:
         raise ValueError(f"{path.name}: not a readable image ({e})") from None

@@ -29,8 +29,9 @@ from PIL import Image
 import tessera
 from tessera.budgets import Budgets, OutputQuota, allocation_issues, node_count_issues
 from tessera.cache import OutputCache
+from tessera.compile import compile_info
 from tessera.executor import Executor
-from tessera.images import check_pixels, configure_image_limits
+from tessera.images import check_pixels, configure_image_limits, too_many_pixels
 from tessera.openapi import openapi_document
 from tessera.paths import (
     MODEL_FOLDERS,
@@ -469,6 +470,8 @@ class TesseraServer:
             with Image.open(io.BytesIO(data)) as picture:
                 fmt, size = picture.format, picture.size
                 picture.verify()
+        except Image.DecompressionBombError as e:
+            return error(str(too_many_pixels(field.filename or "upload", e)), 413)
         except Exception:
             return error("the upload is not a readable image")
         if fmt not in ("PNG", "JPEG", "WEBP"):
@@ -635,6 +638,7 @@ def system_info(executor: Executor) -> dict:
         free, total = torch.cuda.mem_get_info(executor.device)
         memory["vram_total"], memory["vram_free"] = total, free
     memory["cache"] = executor.cache.usage()
+    memory["models"] = executor.models.state()  # VRAM budget and where each loaded model is
     return {
         "versions": {"tessera": tessera.__version__, "python": sys.version.split()[0], "torch": torch.__version__, "aiohttp": aiohttp.__version__},
         "platform": platform.platform(),
@@ -642,4 +646,5 @@ def system_info(executor: Executor) -> dict:
         "dtype": str(executor.dtype).removeprefix("torch."),
         "memory": memory,
         "attention_backend": attention_backend(),
+        "compile": compile_info(),  # mode, compile seconds, one record per compiled shape
     }

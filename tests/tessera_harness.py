@@ -31,7 +31,7 @@ TERMINAL = ("success", "error", "interrupted", "cancelled")
 # steps, reporting progress (and optionally a preview) after each; it logs what it did in
 # output/sleep_log.txt so tests can see what really ran, in which order.
 TESTING_PACK = '''
-"""Test nodes: Sleep (progress, preview, interruption), Fail, PickVAE (model dropdown)."""
+"""Test nodes: Sleep (progress, preview, interruption), Fail, Gate (slow validation), PickVAE (model dropdown)."""
 import time
 
 from PIL import Image
@@ -81,6 +81,27 @@ class Fail(Node):
 
     def execute(self, ctx, reason):
         raise NodeError(reason, input="reason")
+
+
+class Gate(Node):
+    """An output node whose fingerprint (computed while the workflow is checked) waits until
+    the file named by `gate` exists in the input folder: a validation as slow as a test wants."""
+
+    category = "testing"
+    is_output = True
+    inputs = (Input("gate", "STRING", default="gate", link="widget"),)
+    outputs = ()
+
+    @classmethod
+    def fingerprint(cls, ctx, inputs):
+        path = ctx.input_dir / inputs["gate"]
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return inputs["gate"]
+
+    def execute(self, ctx, gate):
+        return Result(ui={"gate": [gate]})
 
 
 class PickVAE(Node):
