@@ -15,7 +15,7 @@ SLOT_JS = """([id, kind, name]) => {
   const index = slots.findIndex((s) => s.name === name);
   if (index < 0) throw new Error(`no ${kind} ${name} on node ${id}`);
   const p = kind === "input" ? node.getInputPos(index) : node.getOutputPos(index);
-  const [x, y] = app.canvas.ds.convertCanvasToOffset(p);
+  const [x, y] = app.canvas.ds.convertOffsetToCanvas(p);
   const box = app.canvasEl.getBoundingClientRect();
   return [box.left + x, box.top + y];
 }"""
@@ -117,7 +117,7 @@ WIDGET_JS = """([id, name]) => {
   const w = node.widgets.find((w) => w.name === name);
   if (!w) throw new Error(`no widget ${name} on node ${id}`);
   const h = (w.computedHeight ?? 24) - 4;
-  const [x, y] = app.canvas.ds.convertCanvasToOffset([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + h / 2]);
+  const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + h / 2]);
   const box = app.canvasEl.getBoundingClientRect();
   return [box.left + x, box.top + y];
 }"""

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tessera_harness import TESTING_PACK
 from tiny_models import write_tiny_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ class Server:
             sys.executable, "-m", "tessera", "serve", "--host", "127.0.0.1", "--port", str(self.port),
             "--models-dir", str(self.models), "--output-dir", str(self.output),
             "--input-dir", str(self.root / "in"), "--user-dir", str(self.root / "user"),
-            "--device", "cpu", "--custom-nodes-dir", str(self.root / "no_custom_nodes"),
+            "--device", "cpu", "--custom-nodes-dir", str(self.root / "custom_nodes"),
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
@@ -96,6 +97,9 @@ def editor_server(tmp_path_factory):
         pytest.fail(f"browser tests need: {_missing()}")
     root = tmp_path_factory.mktemp("tessera-browser")
     write_tiny_models(root / "models")
+    # the API tests' Sleep node: a run that lasts as long as a test needs (reload mid-run, queue)
+    (root / "custom_nodes").mkdir()
+    (root / "custom_nodes" / "testing_pack.py").write_text(TESTING_PACK)
     srv = Server(root)
     srv.start()
     yield srv

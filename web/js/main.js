@@ -84,7 +84,7 @@ class App {
     this.workflows = new Workflows({
       api: this.api,
       current: () => this.workflow(),
-      load: (workflow, name) => this.loadWorkflow(workflow, name),
+      load: (workflow, name, options) => this.loadWorkflow(workflow, name, options),
       select: $("sel-open"),
       nameLabel: $("workflow-name"),
       dialog: $("name-dialog"),
@@ -143,10 +143,10 @@ class App {
     this.canvas.setDirty(true, true);
   }
 
-  /** Client coordinates → graph coordinates. */
+  /** Client coordinates → graph coordinates (litegraph names this direction "canvas to offset"). */
   toGraph(clientX, clientY) {
     const box = this.canvasEl.getBoundingClientRect();
-    return this.canvas.ds.convertOffsetToCanvas([clientX - box.left, clientY - box.top]);
+    return this.canvas.ds.convertCanvasToOffset([clientX - box.left, clientY - box.top]);
   }
 
   addNode(type, clientX, clientY) {
@@ -232,7 +232,7 @@ class App {
   setMode(mode, node) {
     const nodes = new Set(Object.values(this.canvas.selected_nodes ?? {}));
     if (node) nodes.add(node);
-    for (const n of nodes) n.changeMode(mode);
+    for (const n of nodes) n.mode = mode; // (litegraph's changeMode refuses BYPASS)
     this.changed();
     this.drawNow();
   }
