@@ -78,12 +78,23 @@ class OutputCache:
             return  # larger than its whole budget: never cached
         self._drop(key)
         self.entries[key] = entry
-        self._account(entry, +1)
+        self._recount()
         while any(size > self._budget(d) for d, size in self._usage.items()):
             self._drop(next(iter(self.entries)))
+            self._recount()
 
     def usage(self) -> dict[str, int]:
+        self._recount()
         return {d: s for d, s in self._usage.items() if s}
+
+    def _recount(self) -> None:
+        """Bytes per pool over all entries, each tensor storage once and where it is now: a model
+        shared by a LoRA'd copy counts once, and one the model manager offloaded counts in RAM."""
+        seen: set[int] = set()
+        self._usage = {}
+        for entry in self.entries.values():
+            for device, size in memory_footprint(entry.outputs, seen).items():
+                self._usage[device] = self._usage.get(device, 0) + size
 
     def clear(self) -> None:
         self.entries.clear()
@@ -92,11 +103,5 @@ class OutputCache:
     def _budget(self, device: str) -> int:
         return self.budgets["cpu" if device == "cpu" else "cuda"]
 
-    def _account(self, entry: CacheEntry, sign: int) -> None:
-        for device, size in entry.sizes.items():
-            self._usage[device] = self._usage.get(device, 0) + sign * size
-
     def _drop(self, key: str) -> None:
-        entry = self.entries.pop(key, None)
-        if entry is not None:
-            self._account(entry, -1)
+        self.entries.pop(key, None)

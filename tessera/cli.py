@@ -17,6 +17,8 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("output"))
     parser.add_argument("--input-dir", type=Path, default=Path("input"))
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--compile", choices=("off", "default", "max"), default=None,
+                        help="torch.compile the DiT blocks and the AR decode step (default: off on CPU, default on CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--custom-nodes-dir", type=Path, default=Path("custom_nodes"))
     serve.add_argument("--cache-ram-gb", type=float, default=8.0, help="byte budget of cached outputs in RAM")
     serve.add_argument("--cache-vram-gb", type=float, default=16.0, help="byte budget of cached outputs on the GPU")
+    serve.add_argument("--vram-budget", metavar="SIZE", help="model weights kept on the GPU, e.g. 12GiB (default: free "
+                       "memory minus 2 GiB); least recently used models go to pinned RAM, larger ones stream their blocks")
     limits = serve.add_argument_group("budgets (a request over one is refused with a 4xx before any work starts)")
     limits.add_argument("--max-body-mb", type=float, default=4.0, help="largest JSON request body (413 beyond)")
     limits.add_argument("--max-nodes", type=int, default=10_000, help="nodes per workflow")
@@ -120,6 +124,15 @@ def _registry():
     return registry
 
 
+def _set_compile(mode: str | None, device) -> None:
+    from tessera.compile import set_compile_mode
+
+    chosen = set_compile_mode(mode, device)
+    if chosen != "off":
+        print(f"tessera: compiling DiT blocks and the AR decode step ({chosen}); each new shape compiles on "
+              "first use", file=sys.stderr)
+
+
 def cmd_run(args) -> int:
     from tessera.executor import Executor
     from tessera.progress import ProgressPrinter
@@ -127,6 +140,7 @@ def cmd_run(args) -> int:
     workflow = apply_overrides(load_workflow(args.workflow), args.set)
     out = args.out or args.output_dir
     executor = Executor(_registry(), args.models_dir, args.input_dir, out, args.device)
+    _set_compile(args.compile, executor.device)
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     result = executor.run(workflow, "cli", printer)
     printer.close()
@@ -179,6 +193,12 @@ def cmd_serve(args) -> int:
     from tessera.registry import default_registry
     from tessera.server import ServerConfig, TesseraServer
 
+    from tessera.model_manager import ModelManager, parse_bytes
+
+    try:
+        vram_budget = None if args.vram_budget is None else parse_bytes(args.vram_budget)
+    except ValueError as e:
+        raise SystemExit(f"tessera serve: --vram-budget: {e}") from None
     host = args.listen or args.host
     token = args.token
     if not is_loopback(host) and token is None:
@@ -198,6 +218,9 @@ def cmd_serve(args) -> int:
         ),
     )
     server = TesseraServer(config, registry)
+    _set_compile(args.compile, server.executor.device)
+    if vram_budget is not None:
+        server.executor.models = ModelManager(server.executor.device, vram_budget)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{args.port}/" + (f"?token={token}" if token else "")
     print(f"Tessera {server.executor.device} — open {url}", flush=True)

@@ -18,6 +18,7 @@ import torch
 
 from tessera.cache import OutputCache
 from tessera.device import compute_dtype, resolve_device
+from tessera.model_manager import ModelManager
 from tessera.node import ExecutionContext, Interrupted, NodeError, Result
 from tessera.paths import UnsafePathError, confined_path
 from tessera.plan import Plan, compile_plan
@@ -55,12 +56,14 @@ class Executor:
         output_dir: Path,
         device: str = "auto",
         cache: OutputCache | None = None,
+        models: ModelManager | None = None,
     ):
         self.registry = registry
         self.models_dir, self.input_dir, self.output_dir = Path(models_dir), Path(input_dir), Path(output_dir)
         self.device = resolve_device(device)
         self.dtype = compute_dtype(self.device)
         self.cache = cache or OutputCache()
+        self.models = models or ModelManager(self.device)  # puts a node's input models on the device
 
     def model_files(self, folder: str) -> list[str]:
         root = self.models_dir / folder
@@ -142,7 +145,9 @@ class Executor:
                     for name, (up, out) in step.links.items():
                         inputs[name] = values[up][self._output_index(plan, up, out)]
                     started = time.perf_counter()
+                    self.models.prepare(inputs.values(), ctx.progress)  # moves show as this node's progress
                     outputs, ui = self._call(step, ctx, inputs)
+                    self.models.adopt(outputs, f"{step.node_class.type_name} {step.node_id}")
                     result.timings[step.node_id] = time.perf_counter() - started
                     result.executed.append(step.node_id)
                     self.cache.put(step.cache_key, outputs, ui)

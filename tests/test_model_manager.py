@@ -1,0 +1,248 @@
+"""The model manager on the CPU with a simulated budget: accounting, LRU offload order, streaming."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from tessera.cache import OutputCache
+from tessera.engines.lora import copy_structure
+from tessera.executor import Executor
+from tessera.model_manager import ModelManager, ModelTooLarge, parse_bytes, stream_blocks
+from tessera.node import Input, Node, Output
+from tessera.registry import NodeRegistry
+from tessera.server import system_info
+
+KB = 1024
+
+
+def linear(kb: int) -> nn.Linear:
+    """A model of exactly `kb` KiB of fp32 weights (no bias)."""
+    return nn.Linear(16, kb * KB // 4 // 16, bias=False)
+
+
+class Stack(nn.Module):
+    """An embedding, blocks in a ModuleList, and a head: the shape of a DiT or a GPT."""
+
+    def __init__(self, n_blocks: int = 4, width: int = 32):
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(n_blocks)
+        )
+        self.out = nn.Linear(width, 8)
+        self.register_buffer("table", torch.ones(width), persistent=False)
+
+    def forward(self, x):
+        h = self.inp(x) * self.table
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+def nbytes(m: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def manager(budget_kb: int) -> ModelManager:
+    return ModelManager("cpu", budget=budget_kb * KB, reserve=0, simulate=True)
+
+
+def test_least_recently_used_model_is_offloaded_first():
+    mm = manager(3 * 64)
+    a, b, c, d, e = (linear(64) for _ in range(5))
+    for name, m in zip("abc", (a, b, c)):
+        mm.use(m, name)
+    assert mm.device_bytes() == 3 * 64 * KB and mm.moves == [
+        ("a", "device"),
+        ("b", "device"),
+        ("c", "device"),
+    ]
+    mm.use(d, "d")  # a is the least recently used
+    mm.use(b, "b")  # touching b makes c the oldest on the device
+    mm.use(e, "e")
+    assert mm.moves[3:] == [("a", "offloaded"), ("d", "device"), ("c", "offloaded"), ("e", "device")]
+    where = {m["name"]: m["where"] for m in mm.state()["models"]}
+    assert where == {"a": "offloaded", "b": "device", "c": "offloaded", "d": "device", "e": "device"}
+    assert mm.device_bytes() == 3 * 64 * KB <= mm.weight_budget
+    mm.use(a, "a")  # coming back evicts the oldest again (d)
+    assert mm.moves[-2:] == [("d", "offloaded"), ("a", "device")]
+
+
+def test_shared_weights_count_once_for_the_manager_and_the_cache():
+    base = linear(64)
+    adapted = copy_structure(base)  # what a LoRA node hands on: new modules, the same tensors
+    adapted.extra = nn.Parameter(torch.zeros(16 * KB // 4))  # plus 16 KiB of its own
+    mm = manager(64 + 16)
+    mm.use(base, "base")
+    mm.use(adapted, "adapted")
+    assert mm.device_bytes() == (64 + 16) * KB
+    assert ("base", "offloaded") not in mm.moves  # both fit: the shared 64 KiB are counted once
+    cache = OutputCache(cpu_bytes=100 * KB)
+    cache.put("base", (base,))
+    cache.put("adapted", (adapted,))
+    assert cache.usage() == {"cpu": (64 + 16) * KB}
+    assert cache.get("base") is not None and cache.get("adapted") is not None
+
+
+def test_a_model_larger_than_the_budget_streams_its_blocks_and_computes_the_same():
+    torch.manual_seed(0)
+    model = Stack(n_blocks=4).eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    blocks = stream_blocks(model)
+    block = nbytes(blocks[0])
+    resident = nbytes(model) - 4 * block
+    mm = ModelManager("cpu", budget=resident + 2 * block, reserve=0, simulate=True)
+    other = linear(1)
+    mm.use(other, "other")
+    mm.use(model, "big")
+    assert mm.moves[-2:] == [("other", "offloaded"), ("big", "streaming")]
+    state = {m["name"]: m for m in mm.state()["models"]}["big"]
+    assert state["streamed_blocks"] == 3  # one block kept on the device, one slot for the rest
+    assert state["device_bytes"] == resident + 2 * block <= mm.weight_budget
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert mm.block_loads == 3
+    mm.use(other, "other")  # another model needs room: the streaming one leaves, hooks removed
+    assert mm.moves[-2:] == [("big", "offloaded"), ("other", "device")]
+    with torch.no_grad():
+        model(x)
+    assert mm.block_loads == 3
+
+
+def test_a_model_that_cannot_even_stream_is_refused_by_name():
+    model = Stack(n_blocks=2, width=64)
+    mm = ModelManager("cpu", budget=nbytes(model.blocks[0]), reserve=0, simulate=True)
+    with pytest.raises(
+        ModelTooLarge, match=r"^flux-ish needs .* GiB .* raise --vram-budget or store it in fp8"
+    ):
+        mm.use(model, "flux-ish")
+
+
+def test_reserve_is_kept_for_activations_and_dead_models_leave_the_books():
+    mm = ModelManager("cpu", budget=200 * KB, reserve=100 * KB, simulate=True)
+    a, b = linear(64), linear(64)
+    mm.use(a, "a")
+    mm.use(b, "b")  # 128 KiB > 100 KiB of weight budget: a leaves
+    assert mm.moves[-2:] == [("a", "offloaded"), ("b", "device")]
+    del b
+    gc.collect()
+    assert [m["name"] for m in mm.state()["models"]] == ["a"] and mm.device_bytes() == 0
+
+
+def test_cpu_manager_without_simulation_is_inert():
+    mm = ModelManager("cpu")
+    m = linear(4)
+    assert mm.use(m) is m and not mm.active and mm.moves == [] and mm.state()["models"] == []
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("12GiB", 12 << 30),
+        ("24GB", 24 * 10**9),
+        ("800MiB", 800 << 20),
+        ("1.5g", 1_500_000_000),
+        ("4096", 4096),
+    ],
+)
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_refuses_garbage():
+    with pytest.raises(ValueError, match="not a size"):
+        parse_bytes("12 parsecs")
+
+
+class MakeModel(Node):
+    """A model of `kb` KiB."""
+
+    inputs = (Input("kb", "INT", default=64, min=1, max=1024), Input("seed", "INT", default=0))
+    outputs = (Output("model", "TEST_MODEL"),)
+
+    def execute(self, ctx, kb, seed):
+        return (linear(kb),)
+
+
+class UseModel(Node):
+    """Needs a model on the device."""
+
+    is_output = True
+    inputs = (Input("model", "TEST_MODEL"),)
+    outputs = ()
+
+    def execute(self, ctx, model):
+        return ()
+
+
+def test_executor_moves_input_models_as_progress_and_system_info_shows_them(tmp_path):
+    registry = NodeRegistry()
+    registry.register(MakeModel)
+    registry.register(UseModel)
+    mm = manager(100)
+    executor = Executor(registry, tmp_path, tmp_path, tmp_path, "cpu", models=mm)
+    workflow = {
+        "version": 1,
+        "nodes": {
+            "a": {"type": "MakeModel", "inputs": {"kb": 64, "seed": 1}},
+            "b": {"type": "MakeModel", "inputs": {"kb": 64, "seed": 2}},
+            "ua": {"type": "UseModel", "inputs": {"model": {"node": "a", "output": "model"}}},
+            "ub": {"type": "UseModel", "inputs": {"model": {"node": "b", "output": "model"}}},
+        },
+    }
+    events = []
+    result = executor.run(workflow, "p", lambda kind, data: events.append((kind, data)))
+    assert result.status == "success", result.errors
+    used_first = next(n for n in result.executed if n.startswith("u"))
+    used_second = "ub" if used_first == "ua" else "ua"
+    # Each model goes to the device when its user runs; the second pushes out the first.
+    first, second = f"MakeModel {used_first[1]}", f"MakeModel {used_second[1]}"
+    assert mm.moves == [(first, "device"), (first, "offloaded"), (second, "device")]
+    progress_nodes = {d["node"] for k, d in events if k == "progress"}
+    assert progress_nodes == {"ua", "ub"}
+    info = system_info(executor)["memory"]["models"]
+    assert info["budget"] == 100 * KB and info["device_bytes"] == 64 * KB
+    assert [(m["name"], m["where"]) for m in info["models"]] == [(second, "device"), (first, "offloaded")]
+
+
+class MetaManager(ModelManager):
+    def _to(self, t, device):
+        if t.device.type == "meta" and device.type == "cpu":
+            return torch.empty(t.shape, dtype=t.dtype)  # meta holds no data to copy back
+        return super()._to(t, device)
+
+
+def test_real_moves_with_meta_as_the_device():
+    """Without simulation tensors really move (here to `meta`, the only second device a CPU has)."""
+    torch.manual_seed(0)
+    model = Stack(n_blocks=4).eval()
+    block = nbytes(model.blocks[0])
+    resident = nbytes(model) - 4 * block
+    mm = MetaManager("meta", budget=resident + 2 * block, reserve=0, offload_device="cpu", pin=False)
+    streamed_before = [p.detach().clone() for b in model.blocks[1:] for p in b.parameters()]
+    mm.use(model, "big")
+    assert model.inp.weight.device.type == "meta" and model.table.device.type == "meta"
+    assert all(p.device.type == "meta" for p in model.blocks[0].parameters())  # kept on the device
+    assert all(p.device.type == "cpu" for b in model.blocks[1:] for p in b.parameters())
+    assert all(t.device.type == "meta" for b in model.blocks[1:] for t in b.buffers())
+    seen = []
+    hook = model.blocks[2][0].register_forward_pre_hook(lambda m, a: seen.append(m.weight.device.type))
+    with torch.no_grad():
+        out = model(torch.randn(2, 8, device="meta"))
+    hook.remove()
+    assert out.device.type == "meta" and seen == ["meta"] and mm.block_loads == 3
+    after = [p for b in model.blocks[1:] for p in b.parameters()]
+    assert all(p.device.type == "cpu" for p in after)
+    for a, b in zip(after, streamed_before):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the offloaded copies are the originals
+    small = linear(1)
+    mm.use(small, "small")
+    assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
+    assert small.weight.device.type == "meta"
