@@ -145,7 +145,8 @@ class CLIPTextModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_model.final_layer_norm.weight.dtype
 
-    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, ids: Tensor, eos_token_id: int | None = None) -> tuple[Tensor, Tensor]:
+        """`eos_token_id` (the tokenizer's end-of-text id) picks the pooled token; default: the config's."""
         c, tm = self.config, self.text_model
         n = ids.shape[1]
         if n > c.max_position_embeddings:
@@ -156,7 +157,8 @@ class CLIPTextModel(nn.Module):
         for layer in tm.encoder.layers:
             x = layer(x)
         x = tm.final_layer_norm(x)
-        return x, x[torch.arange(x.shape[0], device=x.device), eos_positions(ids, c.eos_token_id)]
+        eos = c.eos_token_id if eos_token_id is None else eos_token_id
+        return x, x[torch.arange(x.shape[0], device=x.device), eos_positions(ids, eos)]
 
 
 def eos_positions(ids: Tensor, eos_token_id: int) -> Tensor:
@@ -185,8 +187,6 @@ def clip_config_from_weights(sd: dict[str, Tensor], overrides: dict) -> CLIPText
         num_hidden_layers=len(layers),
         max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
     )
-    if vocab != 49408:  # not the real vocabulary: the special ids are the last two entries
-        inferred.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1)
     if width in KNOWN_WIDTHS:
         inferred["num_attention_heads"], inferred["hidden_act"] = KNOWN_WIDTHS[width]
     inferred.update({k: v for k, v in overrides.items() if k != "projection_dim"})

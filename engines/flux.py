@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tessera.engines.attention import attention
 from tessera.engines.checkpoint import (
     CheckpointError,
     assign_checked,
     metadata_config,
     require,
+    write_safetensors,
 )
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.layouts import read_weights, wrong_family
@@ -740,4 +740,4 @@ def save_dit(model: Flux, path: str | Path, card: str | None = None) -> None:
     metadata = {"tessera.config": json.dumps(asdict(model.config))}
     if card:
         metadata["tessera.card"] = card
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    write_safetensors(path, model.state_dict(), metadata)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from tessera.engines.checkpoint import CheckpointError
-from tessera.engines.flux import Flux, check_conditioning, guided_velocity, load_dit
+from tessera.engines.flux import Flux, check_conditioning, dit_from_state_dict, guided_velocity, load_dit
 from tessera.engines.fp8 import Fp8Unavailable, require_fp8, store_fp8
 from tessera.engines.latent import Latent
 from tessera.engines.latent import denoise as run_denoise  # the nodes' `denoise` input is the strength
@@ -13,9 +15,20 @@ from tessera.engines.preview import latent_preview, rgb_projection_for
 from tessera.engines.samplers import SAMPLERS
 from tessera.engines.schedules import SCHEDULES, sigmas_for
 from tessera.engines.step_cache import StepCache
-from tessera.engines.vae import FAMILIES, AutoencoderKL, load_vae, with_family
+from tessera.engines.layouts import (
+    detect_family,
+    family_of,
+    read_weights,
+    split_checkpoint,
+    text_encoder_from_state_dict,
+    tokenizer_for,
+)
+from tessera.engines.tokenization import TokenizerError
+from tessera.engines.vae import FAMILIES, AutoencoderKL, load_vae, vae_from_state_dict, with_family
 
+from tessera.compile import compile_dit
 from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
+from tessera.nodes.text import RealTextEncoder
 
 MAX_SIDE = 8192
 DTYPES = {"default": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +76,57 @@ class LoadVAE(Node):
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
         return (with_family(vae, family) if family != "auto" else vae,)
+
+
+class LoadCheckpoint(Node):
+    """Load an all-in-one checkpoint (ComfyUI's layout): the DiT, its VAE and its text encoders from one file.
+
+    The file's parts are told by their prefixes (`model.diffusion_model.`, `vae.` or
+    `first_stage_model.`, `text_encoders.<name>.transformer.`); each text encoder's kind (CLIP or
+    T5) by its tensors, and its tokenizer is looked for beside the file, then in models/tokenizers/.
+    """
+
+    category = "loaders"
+    inputs = (Input("file", "STRING", model_folder="checkpoints", link="widget"),)
+    outputs = (Output("model", "DIT_MODEL"), Output("vae", "VAE"), Output("text_encoder", "TEXT_ENCODER"))
+
+    def execute(self, ctx: ExecutionContext, file: str):
+        path = ctx.model_file("checkpoints", file)
+        try:
+            sd, _, where = read_weights(path)
+            parts = split_checkpoint(sd)
+            lacking = [name for name in ("model", "vae") if name not in parts]
+            if lacking:
+                raise NodeError(
+                    f"{self.type_name}: {path.name} is not an all-in-one checkpoint (no "
+                    f"{' or '.join(CHECKPOINT_PARTS[n] for n in lacking)} tensors; it holds {_a(detect_family(sd))}): "
+                    "load its parts with LoadDiffusionModel, LoadVAE and DualCLIPLoader",
+                    input="file",
+                )
+            model = dit_from_state_dict(parts.pop("model"), {}, path, ctx.device, ctx.dtype)
+            vae = vae_from_state_dict(parts.pop("vae"), {}, path, ctx.device, ctx.dtype)
+            encoders: dict = {}
+            for name, part in sorted(parts.items()):
+                encoder = text_encoder_from_state_dict(part, {}, f"{path.name} text_encoders.{name}", ctx.device, ctx.dtype)
+                family = family_of(encoder)
+                if family in encoders:
+                    raise NodeError(f"{self.type_name}: {path.name} holds two {family.upper()} text encoders", input="file")
+                encoders[family] = (encoder, tokenizer_for(encoder, where, Path(ctx.models_dir)))
+        except (CheckpointError, TokenizerError) as e:
+            raise NodeError(f"{self.type_name}: {e}", input="file") from None
+        if not encoders:
+            raise NodeError(
+                f"{self.type_name}: {path.name} has no text encoders (text_encoders.*); load them with DualCLIPLoader",
+                input="file",
+            )
+        return model, vae, RealTextEncoder(**encoders)
+
+
+CHECKPOINT_PARTS = {"model": "model.diffusion_model.*", "vae": "vae.* / first_stage_model.*"}
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "AEIOUaeiou" else "a ") + noun
 
 
 class EmptyLatent(Node):
@@ -211,6 +275,7 @@ def _prepare(
     h, w = latent.samples.shape[-2:]
     seq_len = (-(-h // p)) * (-(-w // p))
     sigmas = sigmas_for(schedule, steps, denoise_strength, seq_len)
+    compile_dit(model)  # a no-op unless --compile is on
     velocity = guided_velocity(model, positive, negative, cfg, guidance, who=name, step_cache=step_cache)
     return velocity, sigmas
 

@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import (
     Regex,
     SentencePieceUnigramTokenizer,
@@ -27,10 +28,11 @@ from tokenizers import (
 )
 
 from tessera.engines.clip import CLIPTextConfig, CLIPTextModel
-from tessera.engines.flux import FluxConfig
+from tessera.engines.flux import Flux, FluxConfig
+from tessera.engines.gpt import GPT, GPTConfig, gpt_config_metadata
 from tessera.engines.t5 import T5Config, T5Encoder
-from tessera.engines.vae import VAEConfig
-from tessera.engines.vq import VQConfig
+from tessera.engines.vae import AutoencoderKL, VAEConfig
+from tessera.engines.vq import VQConfig, VQModel, vq_config_metadata
 
 WORDS = (
     "a photo of the cat dog red green blue apple on table under tree sky sunset city night street "
@@ -159,5 +161,112 @@ def clip_state(seed: int = 0, config: CLIPTextConfig = CLIP) -> dict[str, torch.
 
 def t5_state(seed: int = 1, config: T5Config = T5) -> dict[str, torch.Tensor]:
     sd = random_state(T5Encoder(config), seed)
-    sd["encoder.embed_tokens.weight"] = sd["shared.weight"]
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"].clone()  # the tied copy real files carry
     return sd
+
+
+# ---------------------------------------------------------------- files, as the catalogue lays them out
+
+DIT_SCHNELL = FluxConfig(
+    in_channels=16,
+    out_channels=16,
+    hidden_size=32,
+    num_heads=2,
+    depth=1,
+    depth_single=1,
+    context_dim=T5.d_model,
+    vec_dim=CLIP.hidden_size,
+    axes_dim=(2, 6, 8),
+    guidance_embed=False,
+)
+DIT_DEV = FluxConfig(**{**DIT_SCHNELL.__dict__, "guidance_embed": True})
+# 32 channels: the ldm single file cannot tell the norm groups, and 32 is what the real files use
+AE = VAEConfig(latent_channels=16, block_out_channels=(32, 32), layers_per_block=1)
+GPT_C2I = GPTConfig(
+    dim=32,
+    n_layer=1,
+    n_head=2,
+    n_kv_head=2,
+    ffn_hidden=64,
+    vocab_size=VQ.codebook_size,
+    num_classes=1000,
+    cls_token_num=1,
+    grid_size=4,
+)
+GPT_T2I = GPTConfig(
+    dim=32,
+    n_layer=1,
+    n_head=2,
+    n_kv_head=2,
+    ffn_hidden=64,
+    vocab_size=VQ.codebook_size,
+    num_classes=0,
+    caption_dim=FLAN.d_model,
+    cls_token_num=120,
+    grid_size=4,
+)
+
+
+def save(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
+def save_sharded(sd: dict[str, torch.Tensor], folder: Path, stem: str, shards: int = 2) -> list[Path]:
+    """`{stem}-0000i-of-0000n.safetensors` plus `{stem}.safetensors.index.json`, as `save_pretrained` shards."""
+    keys = sorted(sd)
+    names = [f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    weight_map = {k: names[min(shards - 1, i * shards // len(keys))] for i, k in enumerate(keys)}
+    paths = []
+    for name in names:
+        paths.append(save({k: sd[k] for k in keys if weight_map[k] == name}, folder / name, {"format": "pt"}))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def write_tokenizers(models: Path) -> None:
+    """models/tokenizers/<name>/, where `tessera models pull` puts the tokenizers of ComfyUI's single files."""
+    write_clip_tokenizer(models / "tokenizers" / "clip-vit-large-patch14")
+    write_t5_tokenizer(models / "tokenizers" / "t5-v1_1-xxl")
+
+
+def write_flux(models: Path, dev: bool = False) -> None:
+    """flux1-schnell/dev.safetensors (BFL), ae.safetensors (ldm), clip_l + t5xxl_fp16 (ComfyUI) and tokenizers."""
+    write_tokenizers(models)
+    save(clip_state(), models / "text_encoders" / "clip_l.safetensors")
+    save({k: v.half() for k, v in t5_state().items()}, models / "text_encoders" / "t5xxl_fp16.safetensors")
+    save(random_state(AutoencoderKL(AE), 2), models / "vae" / "ae.safetensors")
+    name = "flux1-dev.safetensors" if dev else "flux1-schnell.safetensors"
+    save(random_state(Flux(DIT_DEV if dev else DIT_SCHNELL), 3), models / "diffusion_models" / name)
+
+
+def write_llamagen(models: Path, kind: str) -> None:
+    """LlamaGen as `tessera models pull` leaves it: converted GPT and VQ files (their config in the
+    metadata, as `tessera convert` writes it) and, for t2i, FLAN-T5-XL as a sharded HF folder."""
+    vq = random_state(VQModel(VQ), 4)
+    save(vq, models / "vq_models" / f"llamagen_vq_ds16_{kind}.safetensors", vq_config_metadata(VQ))
+    if kind == "c2i":
+        cfg, name = GPT_C2I, "llamagen_c2i_XL_384.safetensors"
+    else:
+        cfg, name = GPT_T2I, "llamagen_t2i_XL_stage2_512.safetensors"
+        folder = models / "text_encoders" / "flan-t5-xl"
+        save_sharded(t5_state(5, FLAN), folder, "model")
+        config = {
+            "architectures": ["T5ForConditionalGeneration"],
+            "model_type": "t5",
+            "d_model": FLAN.d_model,
+            "d_kv": FLAN.d_kv,
+            "d_ff": FLAN.d_ff,
+            "num_layers": FLAN.num_layers,
+            "num_heads": FLAN.num_heads,
+            "feed_forward_proj": "gated-gelu",
+            "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128,
+            "vocab_size": FLAN.vocab_size,
+        }
+        (folder / "config.json").write_text(json.dumps(config))
+        write_t5_tokenizer(folder)
+    save(random_state(GPT(cfg), 6), models / "ar_models" / name, gpt_config_metadata(cfg))
