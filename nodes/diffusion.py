@@ -36,7 +36,11 @@ FP8 = "fp8_e4m3fn"  # Linear weights stored in fp8, upcast per layer to the comp
 
 
 class LoadDiffusionModel(Node):
-    """Load a Flux-architecture DiT (BFL or diffusers layout) from the diffusion_models folder."""
+    """Load a Flux-architecture DiT (BFL or diffusers layout) from the diffusion_models folder.
+
+    It loads into RAM; the model manager (tessera/model_manager.py) moves it to the GPU when a
+    node needs it, within the VRAM budget, streaming its blocks if it is larger than that.
+    """
 
     category = "loaders"
     inputs = (
@@ -54,8 +58,8 @@ class LoadDiffusionModel(Node):
                 except Fp8Unavailable as e:
                     raise NodeError(str(e), input="weight_dtype") from None
                 # Keep the file's own dtypes while loading (an fp8 file stays 8-bit), then quantise.
-                return (store_fp8(load_dit(path, "cpu", None), ctx.dtype).to(ctx.device),)
-            return (load_dit(path, ctx.device, DTYPES[weight_dtype] or ctx.dtype),)
+                return (store_fp8(load_dit(path, "cpu", None), ctx.dtype),)
+            return (load_dit(path, "cpu", DTYPES[weight_dtype] or ctx.dtype),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 
