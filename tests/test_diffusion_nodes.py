@@ -19,7 +19,13 @@ from tessera.registry import NodeRegistry
 CONTEXT, POOLED = 8, 6
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than the maths, badly so on a shared CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class FakeTextEncode(Node):
