@@ -25,15 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.engines import scorers, synthetic
-from tessera.engines.adapter_training import (
-    CONCEPT,
-    _only_file,
-    concept_rate,
-    edge_iou,
-    edge_map,
-    giant_caption,
-)
 from tessera.engines.ar_decoding import condition_prefix, generate
 from tessera.engines.controlnet import (
     ARControlNet,
@@ -51,6 +42,15 @@ from tessera.engines.schedules import sigmas_for
 from tessera.engines.text_encoder import load_text_encoder
 from tessera.engines.vae import load_vae
 from tessera.engines.vq import load_vq
+from tessera.lab import scorers, synthetic
+from tessera.lab.adapter_training import (
+    CONCEPT,
+    _only_file,
+    concept_rate,
+    edge_iou,
+    edge_map,
+    giant_caption,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,14 +1,14 @@
 """Diffusion vs autoregressive, head to head on the shipped tiny models, claim by claim.
 
-`tessera bench paradigms` generates images from held-out captions (engines.training.heldout_scenes:
+`tessera bench paradigms` generates images from held-out captions (lab.training.heldout_scenes:
 attribute combinations neither generator saw in training) with fixed seeds, once with the
 Flux-architecture DiT (tessera-dit-tiny, VAE f8) and once with the LlamaGen-architecture GPT
 (tessera-ar-tiny, VQ f8), and measures:
 
-- prompt adherence with engines.scorers: word exact match (text rendering), single-object attribute
+- prompt adherence with lab.scorers: word exact match (text rendering), single-object attribute
   accuracy, the two-object relation scenes' all-correct rate (multi-clause), texture-scene accuracy;
 - a texture/realism score: the Fréchet distance between the penultimate features of a small scene
-  classifier (engines.scene_features, trained on synthetic renders) of the generated images and of
+  classifier (lab.scene_features, trained on synthetic renders) of the generated images and of
   real renders of the same held-out scenes (lower is better; `fd_floor` is what real renders of
   those scenes score against them with the same number of images: a perfect generator's value);
 - diversity: per caption, the mean pairwise distance between the images of several seeds
@@ -55,19 +55,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.engines import scene_features, synthetic
 from tessera.engines.ar_decoding import condition_prefix, generate
 from tessera.engines.flux import guided_velocity, load_dit
 from tessera.engines.gpt import load_gpt
 from tessera.engines.latent import seeded_noise
 from tessera.engines.samplers import SAMPLERS
 from tessera.engines.schedules import sigmas_for
-from tessera.engines.scorers import score
 from tessera.engines.text_encoder import load_text_encoder
 from tessera.engines.tokens import TokenGrid
-from tessera.engines.training import DEFAULT_FILES, heldout_scenes
 from tessera.engines.vae import load_vae
 from tessera.engines.vq import load_vq
+from tessera.lab import scene_features, synthetic
+from tessera.lab.scorers import score
+from tessera.lab.training import DEFAULT_FILES, heldout_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER_FILE = "classifiers/tessera-scene-features.safetensors"
@@ -154,7 +154,7 @@ def _sync(device: torch.device) -> None:
 
 
 class DiTEngine:
-    """engines.training.sample_dit's loop (same noise per image index, same schedule) with the
+    """lab.training.sample_dit's loop (same noise per image index, same schedule) with the
     device placement, an optional corruption of one latent cell at a chosen step, and counters."""
 
     name, label = "dit", "diffusion (DiT)"
@@ -221,7 +221,7 @@ class DiTEngine:
     def sample(
         self, captions: list[str], seed: int, cfg: float | None = None, batch: int = 32, corrupt=None
     ) -> torch.Tensor:
-        """IMAGE [B, 64, 64, 3] in 0..1 (CPU), as engines.training.sample_dit makes them."""
+        """IMAGE [B, 64, 64, 3] in 0..1 (CPU), as lab.training.sample_dit makes them."""
         return self.decode(self.sample_latents(captions, seed, cfg, batch, corrupt))
 
     @torch.no_grad()
@@ -248,7 +248,7 @@ class DiTEngine:
 
 
 class AREngine:
-    """engines.training.sample_ar's loop (one generator per batch seeded seed + i) with the device
+    """lab.training.sample_ar's loop (one generator per batch seeded seed + i) with the device
     placement, forced tokens and counters; returns token grids too."""
 
     name, label = "ar", "autoregressive (GPT)"

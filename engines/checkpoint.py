@@ -1,17 +1,22 @@
-"""Reading model files safely: safetensors only, with errors that name the file and key.
+"""Model files, read and written safely: safetensors only, with errors that name the file and key.
 
 Every engine loader goes through `read_safetensors`, so a truncated, malformed or
-non-safetensors file fails the same clear way everywhere, and nothing is unpickled.
+non-safetensors file fails the same clear way everywhere, and nothing is unpickled. Every
+saver (model files, adapters, training state) goes through `write_safetensors`, which writes
+a temporary file beside the target and renames it into place, so a crash or a full disk never
+leaves a half-written file under the real name.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 class CheckpointError(ValueError):
@@ -68,6 +73,28 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> tu
     except Exception as e:  # the parser's own errors carry no file name
         raise CheckpointError(path, f"cannot read safetensors file ({e})") from None
     return tensors, metadata
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (made contiguous, on the CPU) and string `metadata` to `path` atomically.
+
+    The bytes go to a hidden temporary file in the same folder, are flushed to disk, and the file
+    is renamed over `path` (`os.replace`, atomic on one file system); on any failure the
+    temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    try:
+        save_file(flat, str(tmp), metadata=metadata)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def require(state_dict: dict[str, torch.Tensor], key: str, path: str | Path, shape: tuple | None = None) -> torch.Tensor:

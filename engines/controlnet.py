@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, assign_checked, metadata_config, read_safetensors
+from .checkpoint import CheckpointError, assign_checked, metadata_config, read_safetensors, write_safetensors
 from .flux import (
     DoubleStreamBlock,
     Flux,
@@ -450,7 +449,7 @@ def save_controlnet(net: FluxControlNet, path: str | Path, card: str | None = No
     metadata = {"tessera.config": json.dumps(asdict(net.config))}
     if card:
         metadata["tessera.card"] = card
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=metadata)
+    write_safetensors(path, net.state_dict(), metadata)
 
 
 def controlnet_from_dit(
@@ -582,7 +581,7 @@ def save_ar_controlnet(net: ARControlNet, path: str | Path, card: str | None = N
     metadata = {"tessera.config": json.dumps({"kind": "ar", **asdict(net.config)})}
     if card:
         metadata["tessera.card"] = card
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=metadata)
+    write_safetensors(path, net.state_dict(), metadata)
 
 
 def load_any_controlnet(

@@ -114,6 +114,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
+    if torch.compiler.is_compiling():  # inductor fuses this anyway, and `out=` views break its graph
+        rotated = (torch.mul(x0, cos).addcmul_(x1, sin, value=-1), torch.mul(x0, sin).addcmul_(x1, cos))
+        return torch.stack(rotated, -1).flatten(-2).to(x.dtype)
     out = torch.empty(pairs.shape, dtype=torch.float32, device=x.device)
     torch.mul(x0, cos, out=out[..., 0]).addcmul_(x1, sin, value=-1)
     torch.mul(x0, sin, out=out[..., 1]).addcmul_(x1, cos)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, assign_checked, read_safetensors
+from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
 from .conditioning import Conditioning
 
 # LlamaGen's sizes by width (gpt.py GPT_models): dim -> heads. Shapes give dim but not heads.
@@ -428,3 +428,11 @@ def load_gpt(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
 
 def gpt_config_metadata(cfg: GPTConfig) -> dict[str, str]:
     return {"tessera.config": json.dumps(asdict(cfg))}
+
+
+def save_gpt(model: GPT, path: str | Path, card: str | None = None) -> None:
+    """Write a GPT in the LlamaGen layout with its config in `tessera.config` (and a model card)."""
+    metadata = gpt_config_metadata(model.config)
+    if card:
+        metadata["tessera.card"] = card
+    write_safetensors(path, model.state_dict(), metadata)

@@ -12,7 +12,7 @@ and the GPT are trained on top of it. One frozen encoder is what lets a single
 tie the encoder to it. `pretrain_text_encoder` combines masked-character
 reconstruction on the token features (they must keep spelling and context) with
 predicting the scene's attributes from the pooled vector (it must carry the meaning);
-`engines.synthetic.caption_batches` supplies both. The model is a plain `nn.Module`
+`lab.synthetic.caption_batches` supplies both. The model is a plain `nn.Module`
 and `encode` is differentiable, so fine-tuning it inside a generator's loop also works.
 """
 
@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import CheckpointError, assign_checked, metadata_config, read_safetensors
+from .checkpoint import CheckpointError, assign_checked, metadata_config, read_safetensors, write_safetensors
 from .conditioning import Conditioning
 
 PAD, BOS, MASK = 0, 1, 2
@@ -152,8 +151,7 @@ def save_text_encoder(model: TextEncoder, path: str | Path, card: str | Mapping 
     metadata = {CONFIG_KEY: json.dumps(asdict(model.config))}
     if card:
         metadata[CARD_KEY] = card if isinstance(card, str) else json.dumps(card)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
+    write_safetensors(path, model.state_dict(), metadata)
 
 
 def load_text_encoder(
@@ -252,7 +250,7 @@ def pretrain_text_encoder(
     """Train `model` in place on (captions, attribute labels) batches; returns the heads for evaluation.
 
     Labels are class indices per attribute field with -100 where a caption lacks the field
-    (`engines.synthetic.caption_batches` and `ATTRIBUTE_CLASSES` give both).
+    (`lab.synthetic.caption_batches` and `ATTRIBUTE_CLASSES` give both).
     """
     heads = PretrainingHeads(model.config, attribute_classes).to(model.device)
     model.train().requires_grad_(True)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tessera.engines.attention import attention
 from tessera.engines.checkpoint import (
     CheckpointError,
     assign_checked,
     metadata_config,
     require,
+    write_safetensors,
 )
 from tessera.engines.layouts import read_weights, wrong_family
 from torch import Tensor, nn
@@ -495,7 +495,7 @@ def save_vae(model: AutoencoderKL, path: str | Path, card: str | None = None) ->
     metadata = {"tessera.config": json.dumps(asdict(model.config))}
     if card:
         metadata["tessera.card"] = card
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    write_safetensors(path, model.state_dict(), metadata)
 
 
 def with_family(model: AutoencoderKL, family: str) -> AutoencoderKL:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, assign_checked, read_safetensors
+from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
 
 
 @dataclass
@@ -338,3 +338,11 @@ def load_vq(
 def vq_config_metadata(cfg: VQConfig) -> dict[str, str]:
     """Metadata that pins a config when saving (`tessera.config`)."""
     return {"tessera.config": json.dumps(asdict(cfg))}
+
+
+def save_vq(model: VQModel, path: str | Path, card: str | None = None) -> None:
+    """Write a VQ tokenizer in the LlamaGen layout with its config in `tessera.config` (and a model card)."""
+    metadata = vq_config_metadata(model.config)
+    if card:
+        metadata["tessera.card"] = card
+    write_safetensors(path, model.state_dict(), metadata)

@@ -1,7 +1,7 @@
 """Training adapters on the built-in models: `tessera train lora …` and `tessera train controlnet …`.
 
 - LoRA on the DiT or the GPT teaches a concept the base never saw: a new size word ("giant"),
-  drawn as synthetic shape scenes (engines/synthetic.py) with a 40–48 px object, mixed with ordinary scenes
+  drawn as synthetic shape scenes (lab/synthetic.py) with a 40–48 px object, mixed with ordinary scenes
   so the rest of what the model knows stays put. The DiT learns with the flow-matching loss
   (velocity ε − x₀ at σ ~ logit-normal), the GPT with next-token cross-entropy over VQ tokens;
   both with 10% caption dropout so classifier-free guidance keeps working. Only the low-rank
@@ -29,13 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from . import synthetic
-from .checkpoint import read_safetensors
-from .conditioning import Conditioning
-from .controlnet import (
+from tessera.engines.checkpoint import read_safetensors, write_safetensors
+from tessera.engines.conditioning import Conditioning
+from tessera.engines.controlnet import (
     ARControlConfig,
     ARControlNet,
     ControlHint,
@@ -47,14 +45,16 @@ from .controlnet import (
     with_ar_control,
     with_control,
 )
-from .flux import Flux, load_dit
-from .gpt import GPT, load_gpt
-from .lora import Lora, Update, load_lora, with_loras
-from .preprocess import canny_image, component_labels
-from .text_encoder import TextEncoder, load_text_encoder
+from tessera.engines.flux import Flux, load_dit
+from tessera.engines.gpt import GPT, load_gpt
+from tessera.engines.lora import Lora, Update, load_lora, with_loras
+from tessera.engines.preprocess import canny_image, component_labels
+from tessera.engines.text_encoder import TextEncoder, load_text_encoder
+from tessera.engines.vae import AutoencoderKL, load_vae
+from tessera.engines.vq import VQModel, load_vq
+
+from . import synthetic
 from .training import _trainable_flux, gpt_training_logits, hardware, pace_to_deadline
-from .vae import AutoencoderKL, load_vae
-from .vq import VQModel, load_vq
 
 # A size word the built-in models never saw: every object they were shown is 17–22 px wide.
 # (A new colour word was tried first and dropped: the built-in VAE and VQ, trained on eight
@@ -213,7 +213,7 @@ def save_lora(lora: Lora, path: str | Path, style: str, card: str = "", config: 
             tensors[f"base_model.model.{module}.lora_A.weight"] = down
             tensors[f"base_model.model.{module}.lora_B.weight"] = (up * u.scale).contiguous()
     metadata = {"tessera.card": card, "tessera.config": json.dumps(config or {})}
-    save_file(tensors, str(path), metadata=metadata)
+    write_safetensors(path, tensors, metadata)
 
 
 # DiT: attention (fused qkv and output projection) and MLP linears of every block
@@ -484,7 +484,7 @@ def _common(parser: argparse.ArgumentParser, defaults: TrainSettings) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     parser.add_argument("--out", type=Path, help="output .safetensors")
-    from tessera.training import _device_arguments
+    from .cli import _device_arguments
 
     _device_arguments(parser)
 

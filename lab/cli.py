@@ -1,4 +1,4 @@
-"""`tessera train KIND …`: command-line dispatch to the training recipes in `tessera.engines.training`.
+"""`tessera train KIND …`: command-line dispatch to the training recipes in `tessera.lab.training`.
 
 The whole recipe is one command with a wall-clock budget (see models/README.md):
 
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--vae", type=Path, default=None)
         if kind == "ar":
             p.add_argument("--vq", type=Path, default=None)
-    ev = sub.add_parser("eval", help="score the shipped generators on held-out captions (engines.scorers)")
+    ev = sub.add_parser("eval", help="score the shipped generators on held-out captions (lab.scorers)")
     ev.add_argument("--models-dir", type=Path, default=default_models_dir())
     ev.add_argument("--n", type=int, default=48, help="held-out captions per scene kind")
     ev.add_argument("--which", default="dit,ar")
@@ -163,7 +163,7 @@ def train_defaults(args: argparse.Namespace) -> None:
     import shutil
     import time
 
-    from tessera.engines.training import DEFAULT_FILES
+    from tessera.lab.training import DEFAULT_FILES
 
     target, work = args.models_dir, Path("artifacts") / "train"
     models = target.with_name(target.name + ".training")
@@ -274,13 +274,13 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-ADAPTER_KINDS = ("lora", "controlnet")  # trained on the built-in models by engines.adapter_training
+ADAPTER_KINDS = ("lora", "controlnet")  # trained on the built-in models by lab.adapter_training
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ADAPTER_KINDS:
-        from tessera.engines import adapter_training
+        from tessera.lab import adapter_training
 
         entry = adapter_training.main_lora if argv[0] == "lora" else adapter_training.main_controlnet
         entry(argv[1:])
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from tessera.engines import training as T
+    from tessera.lab import training as T
 
     if args.kind == "defaults":
         train_defaults(args)

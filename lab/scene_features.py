@@ -1,6 +1,6 @@
 """A small scene classifier whose penultimate features measure how real a generated image looks.
 
-`SceneNet` is a four-stage CNN (about 0.3M parameters) trained on rendered `engines.synthetic`
+`SceneNet` is a four-stage CNN (about 0.3M parameters) trained on rendered `lab.synthetic`
 scenes (train split) to predict every attribute the caption states (`synthetic.ATTRIBUTE_CLASSES`:
 kind, shape, colours, position, relation, word, texture, orientation). Its 64-dim penultimate
 features play the role Inception features play in FID: `frechet_distance` between the feature
@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from tessera.engines.checkpoint import write_safetensors
 
 from . import synthetic
 
@@ -133,7 +135,7 @@ def train_scene_net(
     card = {
         "name": "tessera-scene-features",
         "kind": "scene attribute classifier (feature extractor for a Fréchet distance)",
-        "data": f"engines.synthetic train split, all kinds, stream seed {seed}",
+        "data": f"lab.synthetic train split, all kinds, stream seed {seed}",
         "steps": steps,
         "batch": batch,
         "examples_seen": steps * batch,
@@ -168,9 +170,7 @@ def save_scene_net(
     meta = {CONFIG_KEY: json.dumps(asdict(net.config))}
     if card:
         meta[CARD_KEY] = json.dumps(card)
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_safetensors(path, tensors, meta)
 
 
 def load_scene_net(path: str | Path) -> SceneNet:

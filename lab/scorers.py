@@ -3,7 +3,7 @@
 `score(image, attributes)` answers one yes/no per stated attribute (background colour,
 object colour, shape, position, relation, word, texture…), so prompt adherence of a
 model is measured by rendering nothing: it reads the image the way the synthetic
-renderer (`engines/synthetic.py`) wrote it. Colours are matched to the nearest palette
+renderer (`lab/synthetic.py`) wrote it. Colours are matched to the nearest palette
 colour; objects are segmented by projecting pixels onto the background→colour line
 (which also recovers anti-aliased edges as partial coverage); shapes and words are
 matched against the renderer's own templates after normalising for size and place.

@@ -1,7 +1,7 @@
 """Synthetic captioned scenes for training and testing the built-in models.
 
 Every scene is described by a flat attribute dict; the caption and the 64×64 image are
-both derived from it, so a scorer (`engines/scorers.py`) can check a generated image
+both derived from it, so a scorer (`lab/scorers.py`) can check a generated image
 against the same dict. Everything is a pure function of a seed, so any sample of any
 batch can be regenerated, and a hash of the attribute combination decides once and for
 all whether it belongs to the training or the held-out split.

@@ -1,6 +1,6 @@
 """Training recipes for the built-in default models, one function per model kind.
 
-All five models learn from `engines.synthetic` scenes (train split only; held-out attribute
+All five models learn from `lab.synthetic` scenes (train split only; held-out attribute
 combinations are never seen): a character-level text encoder, an f8 KL autoencoder and an f8
 VQ tokenizer first, then a Flux-architecture DiT on the VAE's latents and a LlamaGen-architecture
 GPT on the VQ tokens. Both generators read the same frozen text encoder, see the same images
@@ -33,24 +33,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import synthetic
-from .checkpoint import CheckpointError, read_safetensors
-from .flux import Flux, FluxConfig, default_axes_dim, guided_velocity, load_dit, save_dit
-from .gpt import GPT, GPTConfig, gpt_config_metadata, load_gpt, rope_2d
-from .samplers import SAMPLERS
-from .schedules import sigmas_for
-from .text_encoder import (
+from tessera.engines.checkpoint import CheckpointError, read_safetensors, write_safetensors
+from tessera.engines.flux import Flux, FluxConfig, default_axes_dim, guided_velocity, load_dit, save_dit
+from tessera.engines.gpt import GPT, GPTConfig, load_gpt, rope_2d, save_gpt
+from tessera.engines.samplers import SAMPLERS
+from tessera.engines.schedules import sigmas_for
+from tessera.engines.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
     load_text_encoder,
     pretrain_text_encoder,
     save_text_encoder,
 )
-from .vae import AutoencoderKL, VAEConfig, load_vae, save_vae
-from .vq import VQConfig, VQModel, load_vq, vq_config_metadata
+from tessera.engines.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
+from tessera.engines.vq import VQConfig, VQModel, load_vq, save_vq
+
+from . import synthetic
 
 STATE_KEY = "tessera.train_state"  # metadata of a resumable training state file
 
@@ -279,7 +279,7 @@ def _card(kind: str, options: RunOptions, log: TrainLog, model: nn.Module, step:
         "name": options.out.name,
         "kind": kind,
         "data": (
-            "engines.synthetic 64x64 captioned scenes, train split only (held-out attribute combinations "
+            "lab.synthetic 64x64 captioned scenes, train split only (held-out attribute combinations "
             f"never seen), kinds drawn with weights { {k: TRAIN_KINDS.count(k) for k in synthetic.KINDS} }, "
             f"stream seed {options.seed}"
         ),
@@ -353,9 +353,7 @@ def _save_state(
         "param_groups": optimizer["param_groups"],
         "scalars": scalars,
     }
-    tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(info)})
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, {STATE_KEY: json.dumps(info)})
 
 
 def _load_state(
@@ -589,7 +587,7 @@ def train_text_encoder(options: RunOptions, config: TextEncoderConfig = TEXT_ENC
         heads = pretrain_text_encoder(
             model, batches, classes, options.steps, lr=lr, seed=options.seed, callback=on_step
         )
-    from .text_encoder import attribute_accuracy
+    from tessera.engines.text_encoder import attribute_accuracy
 
     heldout = synthetic.caption_batches(256, seed=options.seed + 1, split="heldout")
     accuracy = attribute_accuracy(model, heads, heldout, steps=4)
@@ -880,9 +878,7 @@ def train_vq(
         f"every {reinit_every} steps",
         tokens=f"8x8 grid of {config.codebook_size} codes for 64x64x3 (f8)",
     )
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in _stored(model).state_dict().items()}
-    save_file(tensors, str(options.out), metadata={**vq_config_metadata(config), "tessera.card": card})
+    save_vq(_stored(model), options.out, card)
     log.close()
     return json.loads(card)
 
@@ -1049,7 +1045,7 @@ def _rope_with_autograd(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 @contextlib.contextmanager
 def _trainable_flux():
     """Swap in the autograd-friendly RoPE while a DiT trains (the inference one writes into out= buffers)."""
-    from . import flux
+    from tessera.engines import flux
 
     original = flux.apply_rope
     flux.apply_rope = _rope_with_autograd
@@ -1187,9 +1183,7 @@ def train_ar(
         **_generator_card_fields(text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv, vq.quantize),
         **_continued(init_from),
     )
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in _stored(final).state_dict().items()}
-    save_file(tensors, str(options.out), metadata={**gpt_config_metadata(config), "tessera.card": card})
+    save_gpt(_stored(final), options.out, card)
     log.close()
     return json.loads(card)
 
@@ -1230,7 +1224,7 @@ def sample_dit(
 ) -> Tensor:
     """Images [B, 64, 64, 3] in 0..1 (on the CPU) for `captions`, CFG against the empty caption,
     on the models' device."""
-    from .latent import seeded_noise
+    from tessera.engines.latent import seeded_noise
 
     images = []
     negative = te.encode([""])
@@ -1260,7 +1254,7 @@ def sample_ar(
     top_p: float = 1.0,
     batch: int = 32,
 ) -> Tensor:
-    from .ar_decoding import condition_prefix, generate
+    from tessera.engines.ar_decoding import condition_prefix, generate
 
     images = []
     grid = model.config.grid_size
@@ -1284,7 +1278,7 @@ def sample_ar(
 
 
 def score_images(images: Tensor, scenes: list[dict]) -> dict[str, dict[str, float]]:
-    """Per-kind attribute pass rates (engines.scorers) plus the mean per-attribute accuracy."""
+    """Per-kind attribute pass rates (lab.scorers) plus the mean per-attribute accuracy."""
     from .scorers import aggregate, score
 
     by_kind: dict[str, list[dict]] = {}
@@ -1310,7 +1304,7 @@ def evaluate(
     files: dict | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Held-out prompt adherence of the shipped generators, scored by engines.scorers."""
+    """Held-out prompt adherence of the shipped generators, scored by lab.scorers."""
     files = {**DEFAULT_FILES, **(files or {})}
     models_dir = Path(models_dir)
     te = load_text_encoder(models_dir / files["text_encoder"], device, torch.float32).eval()

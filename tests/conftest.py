@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from tessera_harness import NEEDED_BY, SERVERS, EventRecorder, Server, ready_server, write_custom_nodes
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -29,6 +30,17 @@ def _no_unhandled_server_errors(request):
         blocks = new.split("Error handling request")[1:]
         failed = [b for b in blocks if f"{os.sep}tessera{os.sep}" in b]
         assert not failed, f"server {s.root.name} failed a request:\n{failed[0][-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): its
+    tensors are tiny, and OpenMP threads waiting on each other make CPU-bound tests many times
+    slower when another process keeps a core busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -30,12 +30,7 @@ CONTEXT, POOLED = 8, 6
 CAPTURED: dict[str, object] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class FakeTextEncode(Node):

@@ -1,6 +1,6 @@
 """`tessera bench paradigms --quick` on the shipped models: a complete report, sane values, verdicts
 with numbers, a real PNG, forward-pass counts that match the settings, and early-error runs that
-really change the generation. Plus the bench's generators against engines.training's samplers,
+really change the generation. Plus the bench's generators against lab.training's samplers,
 and the verdict and Fréchet arithmetic on made-up numbers."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tessera.engines import scene_features, synthetic
-from tessera.engines import training as T
+from tessera.lab import scene_features, synthetic
+from tessera.lab import training as T
 from tessera.engines.text_encoder import load_text_encoder
 from tessera.engines.tokens import TokenGrid
 from tessera.paths import SOURCE_ROOT
@@ -38,14 +38,7 @@ def _load_bench():
 bench = _load_bench()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in this module: when another process keeps a core busy, OpenMP threads that
-    wait for each other make these CPU-bound runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -260,7 +260,7 @@ def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompu
 def test_a_fresh_pixel_hint_controlnet_changes_nothing_yet_learns_to_read_its_hint(base):
     """Zeroed heads make a fresh net a no-op; its hint encoder must still get a gradient (if both the
     encoder's last convolution and `controlnet_x_embedder` started at zero, neither would ever train)."""
-    from tessera.engines.training import _trainable_flux
+    from tessera.lab.training import _trainable_flux
 
     _, dit = base
     torch.manual_seed(6)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tessera.engines import synthetic
+from tessera.lab import synthetic
 from tessera.engines.checkpoint import read_safetensors
-from tessera.engines.scorers import score
+from tessera.lab.scorers import score
 from tessera.executor import Executor
 from tessera.paths import SOURCE_ROOT
 from tessera.registry import default_registry

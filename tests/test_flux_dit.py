@@ -16,13 +16,7 @@ from tessera.engines.conditioning import Conditioning
 from tessera.engines.flux import FluxConfig, guided_velocity, load_dit, save_dit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths, badly so on a shared CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # head_dim 16 with axes (2, 6, 8): what the loader infers when no metadata says otherwise.

@@ -379,8 +379,8 @@ def test_unmatched_keys_are_reported_and_a_file_matching_nothing_names_itself(di
 
 
 def test_giant_scenes_are_drawn_big_and_detected_only_when_big_and_the_asked_colour():
-    from tessera.engines import synthetic
-    from tessera.engines.adapter_training import (
+    from tessera.lab import synthetic
+    from tessera.lab.adapter_training import (
         GIANT_EXTENT,
         GIANT_SIZES,
         concept_batch,
@@ -414,7 +414,7 @@ def test_giant_scenes_are_drawn_big_and_detected_only_when_big_and_the_asked_col
 def test_train_commands_write_adapters_the_loaders_read(tmp_path):
     """`tessera train lora|controlnet` end to end on tiny stand-ins of the built-in models (2 steps)."""
     from safetensors.torch import save_file as save
-    from tessera.engines.adapter_training import main_controlnet, main_lora
+    from tessera.lab.adapter_training import main_controlnet, main_lora
     from tessera.engines.controlnet import ARControlNet, FluxControlNet, load_any_controlnet
     from tessera.engines.flux import save_dit
     from tessera.engines.gpt import gpt_config_metadata
@@ -500,7 +500,7 @@ def test_train_commands_write_adapters_the_loaders_read(tmp_path):
 @pytest.mark.parametrize("style", ["kohya", "peft"])
 def test_continuing_a_saved_lora_starts_from_its_exact_factors(gpt, tmp_path, style):
     """`tessera train lora --init-from`: the trainable factors equal the file's (scale folded in)."""
-    from tessera.engines.adapter_training import GPT_TARGETS, continue_lora, save_lora, trainable_lora
+    from tessera.lab.adapter_training import GPT_TARGETS, continue_lora, save_lora, trainable_lora
 
     def targets(n):
         return bool(GPT_TARGETS.match(n))
@@ -526,7 +526,7 @@ def test_continuing_a_dit_controlnet_starts_from_the_file(tmp_path):
     from safetensors.torch import load_file
 
     from tessera.paths import default_models_dir
-    from tessera.training import main as train
+    from tessera.lab.cli import main as train
 
     shipped = default_models_dir() / "controlnet" / "dit_canny_controlnet.safetensors"
     out = tmp_path / "continued.safetensors"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
-from tessera.engines import scorers as R
-from tessera.engines import synthetic as S
+from tessera.lab import scorers as R
+from tessera.lab import synthetic as S
 
 
 def _degrade(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tessera.engines import synthetic as S
+from tessera.lab import synthetic as S
 from tessera.engines import text_encoder as T
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import threading
+import time
 
 import pytest
 from safetensors import safe_open
 
-from tessera.engines import training
+from tessera.lab import training
 from tessera.engines.flux import Flux, load_dit
 from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.vae import load_vae
 from tessera.engines.vq import load_vq
-from tessera.training import main as train
+from tessera.lab.cli import main as train
 
 TINY = ["--steps", "2", "--batch", "2", "--threads", "1", "--log-every", "1", "--ckpt-every", "1"]
 
@@ -69,35 +72,55 @@ def test_dit_and_gpt_recipes_are_matched_in_size():
     assert abs(n_dit - n_gpt) / n_dit <= 0.10, (n_dit, n_gpt)
 
 
-def _paced_run(pace_dir, kind: str, seconds_per_step: float, deadline: float) -> training.RunOptions:
-    """A stand-in training loop: one step takes `seconds_per_step`."""
-    import time
+class VirtualClock:
+    """`time` for the pacer: each run's clock advances only by its own simulated steps, and now is
+    the furthest run's clock (runs in lockstep wait for the slower one); waiting costs nothing."""
 
+    def __init__(self):
+        self.start, self.spent, self.lock = 1_000_000.0, {}, threading.Lock()
+
+    def advance(self, kind: str, seconds: float) -> None:
+        with self.lock:
+            self.spent[kind] = self.spent.get(kind, 0.0) + seconds
+
+    def time(self) -> float:
+        with self.lock:
+            return self.start + max(self.spent.values(), default=0.0)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:  # the pacer's polling for peers: real, but not counted
+        time.sleep(seconds)
+
+
+def _paced_run(pace_dir, clock: VirtualClock, kind: str, seconds_per_step: float) -> training.RunOptions:
+    """A stand-in training loop: one step takes `seconds_per_step` of simulated time."""
     options = training.RunOptions(out=pace_dir / f"{kind}.safetensors", steps=100_000, batch=1,
-                                  deadline=deadline, pace_dir=pace_dir, pace_peers=2)
-    clock: dict = {}
+                                  deadline=clock.start + 4, pace_dir=pace_dir, pace_peers=2)
+    state: dict = {}
     step = 0
-    while training.pace_to_deadline(options, kind, step, clock):
-        time.sleep(seconds_per_step)
+    while training.pace_to_deadline(options, kind, step, state):
+        clock.advance(kind, seconds_per_step)
         step += 1
     assert step == options.steps  # the card's count is the steps really run
     return options
 
 
-def test_paired_runs_take_the_same_steps_at_the_slower_pace(tmp_path):
-    """The DiT and the GPT must see the same examples: they go in lockstep and agree on one count."""
-    import time
+def test_paired_runs_take_the_same_steps_at_the_slower_pace(tmp_path, monkeypatch):
+    """The DiT and the GPT must see the same examples: they go in lockstep and agree on one count,
+    the one the slower run can finish by the deadline."""
     from concurrent.futures import ThreadPoolExecutor
 
-    deadline = time.time() + 4
+    clock = VirtualClock()
+    monkeypatch.setattr(training, "time", clock)
     with ThreadPoolExecutor(2) as pool:
-        fast = pool.submit(_paced_run, tmp_path, "dit", 0.002, deadline)
-        slow = pool.submit(_paced_run, tmp_path, "ar", 0.02, deadline)
+        fast = pool.submit(_paced_run, tmp_path, clock, "dit", 0.002)
+        slow = pool.submit(_paced_run, tmp_path, clock, "ar", 0.02)
         fast, slow = fast.result(), slow.result()
-    assert time.time() < deadline + 1
     assert fast.steps == slow.steps
-    # at most 50 steps/s for 4 s (the slower one's pace); the fast one alone would do ~2,000
-    assert 20 < fast.steps <= 200
+    # 4 simulated seconds at the slower one's 50 steps/s, less the pacer's margins; the fast one
+    # alone would take ~2,000
+    assert 0.8 * 200 <= fast.steps <= 200
+    assert clock.time() <= clock.start + 4
 
 
 def test_a_run_past_its_deadline_stops_there():
@@ -122,16 +145,18 @@ def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
     """`tessera train defaults`: all stages as parallel processes, files in the models layout,
     the DiT and the GPT with the same number of examples."""
     import json
-    import time
 
     from tessera.paths import default_models_dir
 
     monkeypatch.chdir(tmp_path)
     models = tmp_path / "models"
     shipped_te = default_models_dir() / training.DEFAULT_FILES["text_encoder"]
-    started = time.time()
     assert train(["defaults", "--minutes", "0.8", "--models-dir", str(models), "--text-encoder", str(shipped_te)]) == 0
-    assert time.time() - started < 0.8 * 60 + 60  # the budget plus saving and process start-up
+    # every run was stopped by its stage's deadline (its step cap is a million), not by the cap
+    logs = sorted((tmp_path / "artifacts" / "train").glob("*.out"))
+    assert [p.stem for p in logs] == sorted(["vae", "vq", "dit", "ar", "lora-dit", "lora-gpt",
+                                            "controlnet-dit", "controlnet-gpt"])
+    assert all(re.search(r"paced to \d+ steps|deadline reached: stopping at step", p.read_text()) for p in logs)
     cards = {}
     for key in ("vae", "vq", "dit", "ar"):
         with safe_open(str(models / training.DEFAULT_FILES[key]), "pt") as f:
@@ -156,7 +181,7 @@ def test_a_failed_recipe_leaves_the_models_folder_as_it_was(tmp_path, monkeypatc
     # a stage failing mid-recipe (a one-stage recipe whose VAE run is given batch 0 and exits 1)
     from tessera.paths import default_models_dir
 
-    monkeypatch.setattr("tessera.training.RECIPE", (((("vae", "vae"),), (0, 0), 1.0),))
+    monkeypatch.setattr("tessera.lab.cli.RECIPE", (((("vae", "vae"),), (0, 0), 1.0),))
     with pytest.raises(SystemExit) as failure:
         train(["defaults", "--minutes", "0.2", "--models-dir", str(models), "--text-encoder",
                str(default_models_dir() / training.DEFAULT_FILES["text_encoder"])])

@@ -16,13 +16,7 @@ from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.vae import FAMILIES, load_vae, save_vae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths, badly so on a shared CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def reference(latent_channels: int, quant: bool, seed: int = 0) -> DiffusersVAE:
