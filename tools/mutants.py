@@ -3,8 +3,9 @@
 Why: line coverage says a line ran, not that any test would notice it breaking. Each mutant
 below is a plausible one-line regression (a swapped SwiGLU branch, a cache key without the
 link's output name, an executor that never frees, …). The script exports the committed tree
-(`git archive`, default HEAD) into a temporary folder, never touching the working tree, makes
-the copy importable as `tessera` ahead of any editable install, checks that each test
+(`git archive`, default HEAD; `--ref worktree` copies the working tree's files instead) into
+a temporary folder, never mutating the checkout itself, makes the copy importable as
+`tessera` ahead of any editable install, checks that each test
 selection passes unmutated, then applies one mutant at a time, runs its tests with one thread
 and restores the file. A mutant is caught when its tests fail (or hang past the timeout).
 
@@ -20,6 +21,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -344,10 +346,24 @@ MUTANTS: tuple[Mutant, ...] = (
 
 
 def export(ref: str, dest: Path) -> None:
-    """The tree at `ref`, made importable as `tessera` with its mapped sub-packages linked in."""
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(dest, filter="data")
+    """The tree at `ref` (or the working tree's tracked and unignored files for "worktree"),
+    made importable as `tessera` with its mapped sub-packages linked in."""
+    if ref == "worktree":
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
+        for name in filter(None, listed.split("\0")):
+            source = ROOT / name
+            if source.is_file() and not source.is_symlink():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest / name)
+    else:
+        archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
     mapping = tomllib.loads((dest / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     for package, folder in mapping.items():
         if package.startswith("tessera.") and not (dest / "tessera" / package.split(".", 1)[1]).exists():
@@ -381,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", default="", help="comma-separated mutant names")
-    parser.add_argument("--ref", default="HEAD", help="the git revision to mutate (default HEAD)")
+    parser.add_argument(
+        "--ref",
+        default="HEAD",
+        help="the git revision to mutate (default HEAD), or 'worktree' for a copy of the working tree",
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per test run")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
     parser.add_argument("--json-out", type=Path, help="also write the JSON record here")
