@@ -273,12 +273,13 @@ class ModelManager:
         self.moves.append((rec.name, "offloaded"))
 
     def _to(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
-        if self.simulate or t.device == device:
+        """`t` on `device`: pinned when it is the CPU (so it returns asynchronously), as is when already there."""
+        if self.simulate:
             return t
         if device.type == "cpu":
-            out = t.to(device)
-            return out.pin_memory() if self.pin else out
-        return t.to(device, non_blocking=t.is_pinned())
+            out = t if t.device == device else t.to(device)
+            return out.pin_memory() if self.pin and not out.is_pinned() else out
+        return t if t.device == device else t.to(device, non_blocking=t.is_pinned())
 
     def _move(self, tables: list[dict], device: torch.device, progress: Progress | None = None) -> None:
         """Move every tensor in `tables` (modules' _parameters/_buffers) to `device`, reporting progress."""

@@ -246,3 +246,42 @@ def test_real_moves_with_meta_as_the_device():
     mm.use(small, "small")
     assert all(t.device.type == "cpu" for t in list(model.parameters()) + list(model.buffers()))
     assert small.weight.device.type == "meta"
+
+
+def test_bench_tiny_mode_places_streams_and_refuses_within_budget():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "model_manager.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        check=True,
+    )
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = record["rows"]
+    assert {r["format"] for r in rows} == {"float32", "fp8"}
+    placements = [(r["format"], r["placement"]) for r in rows]
+    assert placements == [
+        ("float32", "device"),
+        ("float32", "device"),
+        ("float32", "streaming"),
+        ("float32", "refused"),
+        ("fp8", "device"),
+        ("fp8", "device"),
+        ("fp8", "device"),
+        ("fp8", "streaming"),
+    ]
+    for r in rows:
+        assert r["within_budget"] and (r["budget_bytes"] is None or r["peak_bytes"] <= r["budget_bytes"])
+        if r["placement"] != "refused":
+            assert r["max_abs_diff_vs_all_in_vram"] == 0 and r["s_per_step"] > 0
+    fp8_bytes = next(r["weights_bytes"] for r in rows if r["format"] == "fp8")
+    assert fp8_bytes < 0.35 * rows[0]["weights_bytes"]  # fp8 matrices are a quarter of fp32
