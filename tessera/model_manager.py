@@ -14,6 +14,7 @@ base) are counted once. On the CPU there is no separate device memory and nothin
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import threading
 import weakref
@@ -77,6 +78,31 @@ def storage_sizes(module: nn.Module) -> dict[int, int]:
     return out
 
 
+def models_in(values: Iterable[object], depth: int = 4) -> list[nn.Module]:
+    """The modules inside socket values: bare, or in tuples, lists, dicts and dataclasses (a TEXT_ENCODER
+    holding CLIP and T5 with their tokenizers), each once, outermost first."""
+    found: dict[int, nn.Module] = {}
+
+    def walk(v: object, d: int) -> None:
+        if isinstance(v, nn.Module):
+            found.setdefault(id(v), v)
+        elif d == 0 or isinstance(v, (torch.Tensor, str, bytes, int, float)):
+            return
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item, d - 1)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                walk(item, d - 1)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            for f in dataclasses.fields(v):
+                walk(getattr(v, f.name), d - 1)
+
+    for v in values:
+        walk(v, depth)
+    return list(found.values())
+
+
 def stream_blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks a too-large model streams: entries of its outermost ModuleLists, in order."""
     blocks, taken = [], []
@@ -124,6 +150,7 @@ class ModelManager:
         )
         self.pin = pin if pin is not None else (self.device.type == "cuda" and not simulate)
         self._records: dict[int, _Record] = {}
+        self._protected: set[int] = set()
         self._clock = 0
         self._lock = threading.RLock()
         self.moves: list[tuple[str, str]] = []  # (model name, "device" | "offloaded" | "streaming"), in order
@@ -137,18 +164,24 @@ class ModelManager:
 
     def prepare(self, values: Iterable[object], progress: Progress | None = None) -> None:
         """Make every model among a node's input values ready on the device (called before it runs)."""
-        for v in values:
-            if isinstance(v, nn.Module):
-                self.use(v, progress=progress)
+        models = models_in(values)
+        with self._lock:
+            self._protected = {id(m) for m in models}  # a node's models never evict each other
+            try:
+                for model in models:
+                    self.use(model, progress=progress)
+            finally:
+                self._protected = set()
 
     def adopt(self, values: Iterable[object], name: str) -> None:
         """Register the models a node produced (called after it runs), making room if they arrived on the device."""
-        for v in values:
-            if isinstance(v, nn.Module) and self.active:
-                with self._lock:
-                    rec = self._record(v, name)
-                    if rec.where == "device":
-                        self._make_room(rec, lambda: 0)
+        if not self.active:
+            return
+        for model in models_in(values):
+            with self._lock:
+                rec = self._record(model, name)
+                if rec.where == "device":
+                    self._make_room(rec, lambda: 0)
 
     def use(self, model: nn.Module, name: str | None = None, progress: Progress | None = None) -> nn.Module:
         """`model`, with its weights on the device (or streaming through it); offloads others as needed."""
@@ -256,8 +289,11 @@ class ModelManager:
         while self.device_bytes() + need() > self.weight_budget:
             victims = [
                 r
-                for r in self._records.values()
-                if r is not rec and r.ref() is not None and r.where != "offloaded"
+                for key, r in self._records.items()
+                if r is not rec
+                and r.ref() is not None
+                and r.where != "offloaded"
+                and key not in self._protected
             ]
             if not victims:
                 return

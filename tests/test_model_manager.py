@@ -285,3 +285,28 @@ def test_bench_tiny_mode_places_streams_and_refuses_within_budget():
             assert r["max_abs_diff_vs_all_in_vram"] == 0 and r["s_per_step"] > 0
     fp8_bytes = next(r["weights_bytes"] for r in rows if r["format"] == "fp8")
     assert fp8_bytes < 0.35 * rows[0]["weights_bytes"]  # fp8 matrices are a quarter of fp32
+
+
+def test_a_nodes_models_are_found_in_containers_and_never_evict_each_other():
+    from dataclasses import dataclass
+
+    @dataclass
+    class TwoEncoders:  # the shape of a TEXT_ENCODER: (model, tokenizer) pairs in a dataclass
+        clip: tuple
+        t5: tuple
+
+    mm = manager(2 * 64)
+    old, clip, t5 = linear(64), linear(64), linear(64)
+    mm.use(old, "old")
+    mm.adopt([TwoEncoders((clip, "tokenizer"), (t5, "tokenizer"))], "encoders")  # made in RAM: nothing moves
+    assert mm.moves == [("old", "device")]
+    mm.use(t5)  # t5 was used more recently than clip...
+    mm.use(old)
+    mm.prepare([TwoEncoders((clip, "tokenizer"), (t5, "tokenizer")), 3, "text"])
+    # ...yet bringing clip for this node evicts `old`, not t5, which the same node needs.
+    assert mm.moves[-2:] == [("old", "offloaded"), ("encoders", "device")]
+    assert sorted(m["where"] for m in mm.state()["models"]) == ["device", "device", "offloaded"]
+    assert mm.device_bytes() == 2 * 64 * KB
+    # Three models for one node when two fit: nothing it needs is evicted; the budget is exceeded instead.
+    mm.prepare([(clip, t5, old)])
+    assert mm.device_bytes() == 3 * 64 * KB and all(m["where"] == "device" for m in mm.state()["models"])
