@@ -117,42 +117,36 @@ def unwrap_state_dict(
 def detect_family(
     sd: dict[str, torch.Tensor], path: str | Path = "<checkpoint>", overrides: dict | None = None
 ) -> tuple[str | None, dict | None]:
-    """(family, config) read off the tensors; config is None when the family has none to record.
+    """(family, config) read off the tensors (family names as `engines.layouts` gives them); config
+    is None when the family's loaders read everything from the shapes and config files.
 
     A setting the shapes cannot tell and no known size table gives is refused with its name
     (supply it with `--config`), never guessed.
     """
     from tessera.engines.checkpoint import CheckpointError
+    from tessera.engines.flux import detect_dit_layout, infer_dit_config
+    from tessera.engines.layouts import detect_family as family_name
+    from tessera.engines.vae import detect_vae_layout, infer_vae_config
 
-    overrides = dict(overrides or {})
+    family, config, overrides = family_name(sd), None, dict(overrides or {})
     try:
-        if "tok_embeddings.weight" in sd and "layers.0.attention.wqkv.weight" in sd:
-            return "llamagen-gpt", _gpt_config(sd, path, overrides)
-        if "quantize.embedding.weight" in sd and "encoder.conv_in.weight" in sd:
+        if family == "LlamaGen GPT" and "layers.0.attention.wqkv.weight" in sd:
+            config = _gpt_config(sd, path, overrides)
+        elif family == "VQ tokenizer" and "encoder.conv_in.weight" in sd:
             from tessera.engines.vq import VQModel, infer_vq_config
 
             cfg = infer_vq_config(sd, {"tessera.config": json.dumps(overrides)})
             _check_shapes(lambda: VQModel(cfg), sd, path)
-            return "llamagen-vq", asdict(cfg)
-        from tessera.engines.flux import detect_dit_layout, infer_dit_config
-
-        layout = detect_dit_layout(sd)
-        if layout == "bfl":
-            return "flux-dit", asdict(infer_dit_config(sd, path, overrides))
-        if layout == "diffusers":
-            return "flux-dit-diffusers", None
-        from tessera.engines.vae import detect_vae_layout, infer_vae_config
-
-        layout = detect_vae_layout(sd)
-        if layout == "ldm":
-            return "vae", asdict(infer_vae_config(sd, path, overrides))
-        if layout == "diffusers":
-            return "vae-diffusers", None
+            config = asdict(cfg)
+        elif family == "Flux DiT" and detect_dit_layout(sd) == "bfl":
+            config = asdict(infer_dit_config(sd, path, overrides))
+        elif family == "AutoencoderKL VAE" and detect_vae_layout(sd) == "ldm":
+            config = asdict(infer_vae_config(sd, path, overrides))
     except CheckpointError as e:
         raise ConvertError(path, str(e).split(": ", 1)[-1], e.key) from None
     except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
         raise ConvertError(path, f"the tensors do not describe a consistent model ({e})") from None
-    return None, None
+    return (None if family == "unknown model" else family), config
 
 
 def _gpt_config(sd: dict[str, torch.Tensor], path: str | Path, overrides: dict) -> dict:

@@ -86,7 +86,7 @@ def test_llamagen_training_checkpoint_is_unwrapped_and_loads_identically(tmp_pat
     assert "under 'model'" in capsys.readouterr().out
     with safe_open(str(out), "pt") as f:
         meta = f.metadata()
-    assert meta["tessera.family"] == "llamagen-gpt"
+    assert meta["tessera.family"] == "LlamaGen GPT"
     assert json.loads(meta["tessera.config"])["n_layer"] == 2
     loaded = load_gpt(out)
     for k, v in gpt.state_dict().items():
@@ -109,7 +109,7 @@ def test_vq_under_nested_wrappers_and_ddp_prefix(tmp_path):
     wrapped = {"state_dict": {"module": {f"module.{k}": v for k, v in vq.state_dict().items()}}, "epoch": 3}
     torch.save(wrapped, tmp_path / "vq.pth")
     summary = convert(tmp_path / "vq.pth", tmp_path / "vq.safetensors", {"norm_groups": 4})
-    assert summary["family"] == "llamagen-vq" and summary["wrapper"] == "state_dict.module"
+    assert summary["family"] == "VQ tokenizer" and summary["wrapper"] == "state_dict.module"
     loaded = load_vq(tmp_path / "vq.safetensors")
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     with torch.no_grad():
@@ -169,3 +169,15 @@ def test_existing_output_kept_unless_forced_and_bad_names_refused(tmp_path):
         convert(tmp_path / "junk.pt", tmp_path / "junk.safetensors")
     with pytest.raises(ConvertError, match="expected a PyTorch pickle"):
         convert(out, tmp_path / "b.safetensors")
+
+
+def test_a_hugging_face_t5_bin_is_named_but_gets_no_config(tmp_path):
+    sd = {
+        "shared.weight": torch.randn(10, 4),
+        "encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(4, 4),
+    }
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    summary = convert(tmp_path / "pytorch_model.bin", tmp_path / "model.safetensors")
+    assert summary["family"] == "T5 text encoder" and summary["config"] is None
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tessera.family"] == "T5 text encoder" and "tessera.config" not in f.metadata()

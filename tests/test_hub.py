@@ -221,7 +221,7 @@ def test_llamagen_pickle_is_pulled_then_converted(fake_hub, monkeypatch, tmp_pat
     hub.pull("llamagen-vq-c2i", tmp_path / "models")
     out = tmp_path / "models" / real.files[0].target
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["tessera.family"] == "llamagen-vq"
+        assert f.metadata()["tessera.family"] == "VQ tokenizer"
         torch.testing.assert_close(
             f.get_tensor("quantize.embedding.weight"), vq.state_dict()["quantize.embedding.weight"]
         )
