@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.flux import Flux, check_conditioning, dit_from_state_dict, guided_velocity, load_dit
 from tessera.engines.fp8 import Fp8Unavailable, require_fp8, store_fp8
@@ -18,6 +21,8 @@ from tessera.engines.step_cache import StepCache
 from tessera.engines.layouts import (
     detect_family,
     family_of,
+    load_text_encoder,
+    locate,
     read_weights,
     split_checkpoint,
     text_encoder_from_state_dict,
@@ -27,7 +32,7 @@ from tessera.engines.tokenization import TokenizerError
 from tessera.engines.vae import FAMILIES, AutoencoderKL, load_vae, vae_from_state_dict, with_family
 
 from tessera.compile import compile_dit
-from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
+from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output, Result
 from tessera.nodes.text import RealTextEncoder
 
 MAX_SIDE = 8192
@@ -75,11 +80,14 @@ class LoadVAE(Node):
     outputs = (Output("vae", "VAE"),)
 
     def execute(self, ctx: ExecutionContext, file: str, family: str = "auto"):
+        path = ctx.model_file("vae", file)
         try:
-            vae = load_vae(ctx.model_file("vae", file), ctx.device, ctx.dtype)
+            vae = load_vae(path, ctx.device, ctx.dtype)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
-        return (with_family(vae, family) if family != "auto" else vae,)
+        vae = with_family(vae, family) if family != "auto" else vae
+        vae.native_resolution = native_resolution(path)  # EmptyLatent's size when its width/height are 0
+        return (vae,)
 
 
 class LoadCheckpoint(Node):
@@ -126,6 +134,48 @@ class LoadCheckpoint(Node):
         return model, vae, RealTextEncoder(**encoders)
 
 
+class LoadDiffusersPipeline(Node):
+    """Load a diffusers pipeline folder (e.g. FLUX.1-schnell as cloned from the Hub): DiT, VAE, text encoders.
+
+    Pick any `.safetensors` file inside the pipeline folder (the one holding `model_index.json`);
+    `transformer/`, `vae/`, `text_encoder/` + `tokenizer/` and `text_encoder_2/` + `tokenizer_2/`
+    load from it, sharded or not, every component's `config.json` honoured.
+    """
+
+    category = "loaders"
+    inputs = (Input("file", "STRING", model_folder="diffusion_models", link="widget"),)
+    outputs = (Output("model", "DIT_MODEL"), Output("vae", "VAE"), Output("text_encoder", "TEXT_ENCODER"))
+
+    def execute(self, ctx: ExecutionContext, file: str):
+        path = ctx.model_file("diffusion_models", file)
+        try:
+            pipeline = locate(path).pipeline
+            if pipeline is None:
+                raise NodeError(
+                    f"{self.type_name}: {path.name} is not inside a diffusers pipeline folder (no model_index.json "
+                    "in the folder above it); load a single file with LoadDiffusionModel",
+                    input="file",
+                )
+            model = load_dit(self._component(pipeline, "transformer"), ctx.device, ctx.dtype)
+            vae = load_vae(self._component(pipeline, "vae"), ctx.device, ctx.dtype)
+            encoders: dict = {}
+            for name in ("text_encoder", "text_encoder_2"):
+                if (pipeline / name).is_dir():
+                    encoder, where = load_text_encoder(self._component(pipeline, name), ctx.device, ctx.dtype)
+                    encoders[family_of(encoder)] = (encoder, tokenizer_for(encoder, where, Path(ctx.models_dir)))
+        except (CheckpointError, TokenizerError) as e:
+            raise NodeError(f"{self.type_name}: {e}", input="file") from None
+        return model, vae, RealTextEncoder(**encoders)
+
+    def _component(self, pipeline: Path, name: str) -> Path:
+        files = sorted((pipeline / name).glob("*.safetensors"))
+        if not files:
+            raise NodeError(
+                f"{self.type_name}: the pipeline folder {pipeline.name} has no {name}/*.safetensors", input="file"
+            )
+        return files[0]
+
+
 CHECKPOINT_PARTS = {"model": "model.diffusion_model.*", "vae": "vae.* / first_stage_model.*"}
 
 
@@ -133,29 +183,58 @@ def _a(noun: str) -> str:
     return ("an " if noun[0] in "AEIOUaeiou" else "a ") + noun
 
 
+def native_resolution(path: Path) -> int | None:
+    """The side in pixels a model file was trained at, from its model card: `resolution`, else
+    the `NxN` its data description names (the built-in models' cards: "64x64 ... scenes")."""
+    try:
+        with safe_open(str(path), "pt") as f:  # the JSON header only, no tensor is read
+            card = json.loads((f.metadata() or {}).get("tessera.card") or "{}")
+    except (OSError, ValueError, SafetensorError):
+        return None
+    if isinstance(card.get("resolution"), int):
+        return card["resolution"]
+    found = re.search(r"\b(\d{2,5})x\1\b", str(card.get("data", "")))
+    return int(found.group(1)) if found else None
+
+
+AUTO_SIDE = 1024  # an "auto" size with no model card to tell: Flux's native resolution
+
+
 class EmptyLatent(Node):
-    """A zero latent of a pixel size: channels and scale from a connected VAE, else from `channels`."""
+    """A zero latent of a pixel size: channels and scale from a connected VAE, else from `channels`.
+
+    A width or height of 0 means the connected VAE's native resolution (from its model card),
+    else 1024; a size far above the native one runs, with a warning shown in the editor.
+    """
 
     category = "latent"
+    version = 3  # 2: `batch` is `batch_size`, as in every node; 3: 0 = the VAE's native size
     inputs = (
-        Input("width", "INT", default=1024, min=16, max=MAX_SIDE, step=16),
-        Input("height", "INT", default=1024, min=16, max=MAX_SIDE, step=16),
-        Input("batch", "INT", default=1, min=1, max=64),
+        Input("width", "INT", default=0, min=0, max=MAX_SIDE, step=16),
+        Input("height", "INT", default=0, min=0, max=MAX_SIDE, step=16),
+        Input("batch_size", "INT", default=1, min=1, max=64),
         Input("channels", "INT", default=16, min=1, max=128),
         Input("vae", "VAE", optional=True),
     )
     outputs = (Output("latent", "LATENT"),)
 
     def execute(
-        self, ctx: ExecutionContext, width, height, batch, channels, vae: AutoencoderKL | None = None
+        self, ctx: ExecutionContext, width, height, batch_size, channels, vae: AutoencoderKL | None = None
     ):
         f = vae.config.downscale if vae is not None else 8
         c = vae.config.latent_channels if vae is not None else channels
+        native = getattr(vae, "native_resolution", None)
+        width, height = width or native or AUTO_SIDE, height or native or AUTO_SIDE
         h, w = height // f, width // f
         if h < 1 or w < 1:
             raise NodeError(f"{width}x{height} is smaller than one {f}x{f} latent cell", input="width")
         projection = rgb_projection_for(vae) if vae is not None else None
-        return (Latent(torch.zeros(batch, c, h, w), rgb_projection=projection),)
+        latent = Latent(torch.zeros(batch_size, c, h, w), rgb_projection=projection)
+        if native and max(width, height) > 2 * native:
+            warning = (f"{width}x{height} is far above the VAE's native {native}x{native}: sampling will be slow "
+                       "and may not look right (set width and height to 0 for the native size)")
+            return Result(outputs=(latent,), ui={"warnings": [warning]})
+        return (latent,)
 
 
 class VAEEncode(Node):
@@ -284,6 +363,18 @@ def _prepare(
     return velocity, sigmas
 
 
+def _guidance_problems(node: type[Node], constants: dict, linked: frozenset[str]) -> list[NodeError]:
+    """cfg other than 1 needs a negative: refused when the workflow is checked, not after sampling."""
+    cfg = constants.get("cfg")
+    if "negative" not in linked and "cfg" not in linked and cfg != 1.0:
+        return [NodeError(
+            f"{node.type_name}: cfg {cfg} needs a negative conditioning: connect one (a TextEncode of the "
+            "empty prompt is the usual choice), or set cfg to 1",
+            input="negative",
+        )]
+    return []
+
+
 def _progress(ctx: ExecutionContext, latent: Latent, total: int):
     def callback(info: dict) -> None:
         ctx.progress(info["i"] + 1, total, latent_preview(info["denoised"], latent.rgb_projection))
@@ -305,6 +396,10 @@ class DiTSampler(Node):
         + (Input("step_cache", "FLOAT", default=0.0, min=0.0, max=1.0, step=0.01, link="widget"),)
     )
     outputs = (Output("latent", "LATENT"),)
+
+    @classmethod
+    def check(cls, constants: dict, linked: frozenset[str]) -> list[NodeError]:
+        return _guidance_problems(cls, constants, linked)
 
     def execute(
         self,
@@ -347,6 +442,16 @@ class DiTDenoiseStep(Node):
     category = "sampling"
     inputs = _DENOISE_INPUTS + (Input("step", "INT", default=0, min=0, max=199),) + _GUIDANCE_INPUTS
     outputs = (Output("latent", "LATENT"),)
+
+    @classmethod
+    def check(cls, constants: dict, linked: frozenset[str]) -> list[NodeError]:
+        problems = _guidance_problems(cls, constants, linked)
+        step, steps = constants.get("step"), constants.get("steps")
+        if "step" not in linked and "steps" not in linked and step >= steps:
+            problems.append(NodeError(
+                f"step {step} is past the last step ({steps - 1}) of a {steps}-step schedule", input="step"
+            ))
+        return problems
 
     def execute(
         self,
