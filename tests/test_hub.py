@@ -42,14 +42,18 @@ class FakeHub:
             return web.Response(
                 status=404, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT}
             )
-        sha = hashlib.sha256(data).hexdigest()
-        headers = {
-            "X-Repo-Commit": COMMIT,
-            "ETag": f'"{sha}"',
-            "X-Linked-Etag": f'"{sha}"',
-            "X-Linked-Size": str(len(data)),
-            "Accept-Ranges": "bytes",
-        }
+        if path.endswith(".json"):  # small files are plain git blobs: their ETag is the git sha1
+            sha = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{sha}"', "Content-Length": str(len(data))}
+        else:  # LFS files: the ETag is the sha256 of the content
+            sha = hashlib.sha256(data).hexdigest()
+            headers = {
+                "X-Repo-Commit": COMMIT,
+                "ETag": f'"{sha}"',
+                "X-Linked-Etag": f'"{sha}"',
+                "X-Linked-Size": str(len(data)),
+                "Accept-Ranges": "bytes",
+            }
         if request.method == "HEAD":
             return web.Response(status=200, headers=headers)
         if self.corrupt.get(path, 0) > 0:
@@ -61,6 +65,7 @@ class FakeHub:
             status = 206
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         body = data[start:]
+        headers.pop("Content-Length", None)
         response = web.StreamResponse(status=status, headers={**headers, "Content-Length": str(len(body))})
         await response.prepare(request)
         cut = self.drop_after.pop(path, None)
@@ -251,3 +256,18 @@ def test_catalogue_covers_the_issue_and_lists_install_state(tmp_path):
     lines = dict(line.split(maxsplit=1) for line in hub.list_lines(tmp_path))
     assert "installed" in lines["flux-vae"] and "1/7 files" in lines["flux1-schnell"]
     assert "gated" in lines["flux1-dev"] and "gated" not in lines["flux1-schnell"]
+
+
+def test_small_files_are_checked_against_their_git_sha1(fake_hub, monkeypatch, tmp_path):
+    config = b'{"d_model": 2048}'
+    fake_hub.files[("org/enc", "config.json")] = config
+    catalogue(
+        monkeypatch,
+        hub.CatalogueEntry(
+            "c", "t", (hub.HubFile("org/enc", "config.json", "text_encoders/enc/config.json", 1),)
+        ),
+    )
+    fake_hub.corrupt["config.json"] = 1
+    hub.pull("c", tmp_path)
+    assert (tmp_path / "text_encoders/enc/config.json").read_bytes() == config
+    assert [m for m, p, _ in fake_hub.log if m == "GET"] == ["GET", "GET"]  # the corrupt copy was refused
