@@ -15,6 +15,7 @@ from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
 
+from tessera.compile import compiled_decode_step
 from tessera.images import tensor_to_pil
 from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
 
@@ -25,28 +26,30 @@ class LoadARModel(Node):
     """Load an autoregressive image GPT (LlamaGen layout, class- or caption-conditioned)."""
 
     category = "autoregressive"
-    inputs = (Input("model_name", "STRING", model_folder="ar_models", link="widget"),)
+    version = 2  # 2: the file input is `file`, as in every loader (was `model_name`)
+    inputs = (Input("file", "STRING", model_folder="ar_models", link="widget"),)
     outputs = (Output("model", "AR_MODEL"),)
 
-    def execute(self, ctx: ExecutionContext, model_name: str):
+    def execute(self, ctx: ExecutionContext, file: str):
         try:
-            return (load_gpt(ctx.model_file("ar_models", model_name, "model_name"), ctx.device, ctx.dtype),)
+            return (load_gpt(ctx.model_file("ar_models", file, "file"), ctx.device, ctx.dtype),)
         except CheckpointError as e:
-            raise NodeError(str(e), input="model_name") from None
+            raise NodeError(str(e), input="file") from None
 
 
 class LoadVQModel(Node):
     """Load a VQ image tokenizer (LlamaGen layout) that maps images to token grids and back."""
 
     category = "autoregressive"
-    inputs = (Input("model_name", "STRING", model_folder="vq_models", link="widget"),)
+    version = 2  # 2: the file input is `file`, as in every loader (was `model_name`)
+    inputs = (Input("file", "STRING", model_folder="vq_models", link="widget"),)
     outputs = (Output("vq", "VQ_MODEL"),)
 
-    def execute(self, ctx: ExecutionContext, model_name: str):
+    def execute(self, ctx: ExecutionContext, file: str):
         try:
-            return (load_vq(ctx.model_file("vq_models", model_name, "model_name"), ctx.device, ctx.dtype),)
+            return (load_vq(ctx.model_file("vq_models", file, "file"), ctx.device, ctx.dtype),)
         except CheckpointError as e:
-            raise NodeError(str(e), input="model_name") from None
+            raise NodeError(str(e), input="file") from None
 
 
 class VQTokenize(Node):
@@ -95,7 +98,7 @@ class ARGenerateTokens(Node):
     """
 
     category = "autoregressive"
-    version = 2
+    version = 3  # 3: top_k defaults to the engine's 0 (no cut; was 1000)
     inputs = (
         Input("model", "AR_MODEL"),
         Input("positive", "CONDITIONING", optional=True),
@@ -107,7 +110,7 @@ class ARGenerateTokens(Node):
         Input("cfg", "FLOAT", default=4.0, min=0.0, max=50.0, step=0.1),
         Input("guidance_schedule", "STRING", default="constant", choices=tuple(SCHEDULES)),
         Input("temperature", "FLOAT", default=1.0, min=0.0, max=5.0, step=0.05),
-        Input("top_k", "INT", default=1000, min=0, max=1_000_000),
+        Input("top_k", "INT", default=0, min=0, max=1_000_000),
         Input("top_p", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01),
         Input("seed", "INT", default=0, min=0, max=MAX_SEED, widget="seed"),
         Input("fixed", "TOKENS", optional=True),
@@ -173,6 +176,8 @@ class ARGenerateTokens(Node):
                 preview = _preview(vq, info["tokens"][:1], height, width)
             ctx.progress(done, total, preview)
 
+        step = compiled_decode_step(ctx.device)  # None unless --compile is on
+        compiled = {"decode_fn": step, "keep_caches": True} if step is not None else {}
         ids = generate(
             model,
             prefix,
@@ -188,6 +193,7 @@ class ARGenerateTokens(Node):
             callback=on_token,
             decoding=decoding,
             jacobi_window=jacobi_window,
+            **compiled,
         )
         return (TokenGrid(ids.cpu()),)
 
