@@ -91,14 +91,14 @@ class ARGenerateTokens(Node):
     Classifier-free guidance mixes cond and uncond logits (the uncond side is the
     negative prompt if given, else the model's learned null condition). Positions that
     `fixed` marks are kept, not sampled. A VQ model, if linked, gives live previews.
-    Image k of a batch is the image seed + k gives alone, on any device (version 2: older
-    versions drew one device generator for the whole batch, so old seeds give new images).
+    Image k of a batch is the image seed + k gives alone, on any device (since version 2;
+    version 1 drew one device generator for the whole batch, so old seeds give new images).
     `decoding` "jacobi" verifies `jacobi_window` drafted tokens per forward: the same tokens
     at temperature 0, the same distribution above it, in fewer forwards.
     """
 
     category = "autoregressive"
-    version = 3  # 3: top_k defaults to the engine's 0 (no cut; was 1000)
+    version = 3  # 2: per-image device-independent seeds; 3: top_k defaults to the engine's 0 (was 1000)
     inputs = (
         Input("model", "AR_MODEL"),
         Input("positive", "CONDITIONING", optional=True),
