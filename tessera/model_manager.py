@@ -68,14 +68,21 @@ def _tensors(module: nn.Module) -> Iterable[torch.Tensor]:
     yield from module.buffers()
 
 
-def storage_sizes(module: nn.Module) -> dict[int, int]:
-    """{storage pointer: bytes} of a module's parameters and buffers (each storage once)."""
-    out = {}
-    for t in _tensors(module):
-        s = t.untyped_storage()
-        if s.nbytes():
-            out[s.data_ptr()] = s.nbytes()
-    return out
+def storage_key(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's storage: device and address (meta tensors have none: the tensor itself)."""
+    ptr = t.untyped_storage().data_ptr()
+    return (str(t.device), ptr) if ptr else ("tensor", id(t))
+
+
+def storage_sizes(
+    module: nn.Module, where: Callable[[torch.Tensor], bool] = lambda t: True
+) -> dict[tuple, int]:
+    """{storage key: bytes} of a module's parameters and buffers for which `where` holds, each storage once."""
+    return {
+        storage_key(t): t.untyped_storage().nbytes()
+        for t in _tensors(module)
+        if where(t) and t.untyped_storage().nbytes()
+    }
 
 
 def models_in(values: Iterable[object], depth: int = 4) -> list[nn.Module]:
@@ -178,9 +185,17 @@ class ModelManager:
         if not self.active:
             return
         for model in models_in(values):
-            with self._lock:
+            with self._lock, torch.no_grad():
                 rec = self._record(model, name)
-                if rec.where == "device":
+                if rec.where != "device":
+                    continue
+                if self.weight_budget is not None and rec.bytes > self.weight_budget:
+                    rec.where, rec.device_bytes = (
+                        "offloaded",
+                        0,
+                    )  # loaded onto the device whole: stream it instead
+                    self._stream(model, rec, None)
+                else:
                     self._make_room(rec, lambda: 0)
 
     def use(self, model: nn.Module, name: str | None = None, progress: Progress | None = None) -> nn.Module:
@@ -212,7 +227,7 @@ class ModelManager:
     def device_bytes(self) -> int:
         """Weight bytes the managed models hold on the device, shared storages once."""
         with self._lock:
-            seen: dict[int, int] = {}
+            seen: dict[tuple, int] = {}
             streaming = 0
             for rec in self._records.values():
                 model = rec.ref()
@@ -266,16 +281,12 @@ class ModelManager:
         # A model sharing weights with one that was offloaded may have lost some of them.
         return self.simulate or all(t.device == self.device for t in _tensors(model))
 
-    def _device_storages(self, model: nn.Module) -> dict[int, int]:
-        return {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in _tensors(model)
-            if self.simulate or t.device == self.device
-        }
+    def _device_storages(self, model: nn.Module) -> dict[tuple, int]:
+        return storage_sizes(model, lambda t: self.simulate or t.device == self.device)
 
     def _missing_bytes(self, model: nn.Module) -> int:
         """Bytes `model` would add to the device: its storages not already there for another model."""
-        there: set[int] = set()
+        there: set[tuple] = set()
         for rec in self._records.values():
             other = rec.ref()
             if other is not None and other is not model and rec.where == "device":

@@ -310,3 +310,15 @@ def test_a_nodes_models_are_found_in_containers_and_never_evict_each_other():
     # Three models for one node when two fit: nothing it needs is evicted; the budget is exceeded instead.
     mm.prepare([(clip, t5, old)])
     assert mm.device_bytes() == 3 * 64 * KB and all(m["where"] == "device" for m in mm.state()["models"])
+
+
+def test_a_model_loaded_onto_the_device_whole_is_streamed_when_larger_than_the_budget():
+    with torch.device("meta"):
+        model = Stack(n_blocks=4)
+    block = nbytes(model.blocks[0])
+    resident = nbytes(model) - 4 * block
+    mm = MetaManager("meta", budget=resident + 2 * block, reserve=0, offload_device="cpu", pin=False)
+    mm.adopt([model], "LoadDiffusionModel 1")
+    assert mm.moves == [("LoadDiffusionModel 1", "streaming")]
+    assert [p.device.type for b in model.blocks for p in b.parameters()][::2] == ["meta", "cpu", "cpu", "cpu"]
+    assert mm.device_bytes() == resident + 2 * block
