@@ -66,6 +66,11 @@ class SaveImage(Node):
     )
     outputs = ()
 
+    @classmethod
+    def check(cls, constants: dict, linked: frozenset[str]) -> list[NodeError]:
+        problem = prefix_problem(constants["filename_prefix"])
+        return [NodeError(problem, input="filename_prefix")] if problem else []
+
     def execute(self, ctx: ExecutionContext, images: torch.Tensor, filename_prefix: str):
         return Result(ui={"images": write_images(ctx, images, filename_prefix, "")})
 
@@ -82,9 +87,28 @@ class PreviewImage(Node):
         return Result(ui={"images": write_images(ctx, images, "preview", "preview")})
 
 
+PREFIX_ALLOWED = "letters, digits, '_', '-', '.', spaces and '/' between folder names"
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """What is wrong with a filename prefix (`folder/stem`, at most 4 parts), naming the culprit."""
+    bad = next((c for c in prefix if not re.fullmatch(r"[A-Za-z0-9_\-. /]", c)), None)
+    if bad is not None:
+        return f"filename prefix {prefix!r} contains {bad!r}, which is not allowed (use {PREFIX_ALLOWED})"
+    parts = prefix.split("/")
+    if any(not p.strip() for p in parts):
+        return f"filename prefix {prefix!r} has an empty folder or file name (around a '/')"
+    if ".." in prefix:
+        return f"filename prefix {prefix!r} contains '..'"
+    if len(parts) > 4 or any(len(p) > 80 for p in parts):
+        return f"filename prefix {prefix!r} is too deep or too long (at most 4 parts of 80 characters)"
+    return None
+
+
 def write_images(ctx: ExecutionContext, images: torch.Tensor, prefix: str, subfolder: str) -> list[dict]:
-    if not re.fullmatch(r"[A-Za-z0-9_\-. ]{1,80}(/[A-Za-z0-9_\-. ]{1,80}){0,3}", prefix) or ".." in prefix:
-        raise NodeError(f"filename prefix {prefix!r} may use letters, digits, '_', '-', '.', spaces and '/'", input="filename_prefix")
+    problem = prefix_problem(prefix)
+    if problem:
+        raise NodeError(problem, input="filename_prefix")
     folder_part, _, stem = prefix.rpartition("/")
     subfolder = "/".join(p for p in (subfolder, folder_part) if p)
     refs = []
@@ -118,18 +142,19 @@ class SolidColor(Node):
     """An image of one colour: a canvas to draw on or a background to blend with."""
 
     category = "image"
+    version = 2  # 2: `batch` is `batch_size`, as in every node
     inputs = (
         Input("width", "INT", default=64, min=1, max=MAX_SIDE),
         Input("height", "INT", default=64, min=1, max=MAX_SIDE),
         Input("red", "FLOAT", default=0.5, min=0.0, max=1.0, step=0.01),
         Input("green", "FLOAT", default=0.5, min=0.0, max=1.0, step=0.01),
         Input("blue", "FLOAT", default=0.5, min=0.0, max=1.0, step=0.01),
-        Input("batch", "INT", default=1, min=1, max=64),
+        Input("batch_size", "INT", default=1, min=1, max=64),
     )
     outputs = (Output("image", "IMAGE"),)
 
-    def execute(self, ctx, width, height, red, green, blue, batch):
-        return (torch.tensor([red, green, blue], dtype=torch.float32).expand(batch, height, width, 3).clone(),)
+    def execute(self, ctx, width, height, red, green, blue, batch_size):
+        return (torch.tensor([red, green, blue], dtype=torch.float32).expand(batch_size, height, width, 3).clone(),)
 
 
 class ImageScale(Node):

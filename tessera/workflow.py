@@ -19,10 +19,35 @@ import jsonschema
 from tessera.node import Input
 from tessera.registry import NodeRegistry
 
-CURRENT_VERSION = 1
+CURRENT_VERSION = 2
+
+# Inputs renamed in version 2 (node type -> {old: new}): every loader's file input is `file`,
+# every batch input `batch_size`.
+RENAMED_IN_V2 = {
+    "LoadARModel": {"model_name": "file"},
+    "LoadVQModel": {"model_name": "file"},
+    "EmptyLatent": {"batch": "batch_size"},
+    "SolidColor": {"batch": "batch_size"},
+}
+
+
+def _upgrade_v1(workflow: dict) -> dict:
+    """Version 1 -> 2: the renamed inputs (RENAMED_IN_V2) move to their new names, and an
+    ARGenerateTokens that relied on the old top_k default (1000, now the engine's 0) keeps 1000."""
+    for node in workflow.get("nodes", {}).values():
+        if not isinstance(node, dict) or not isinstance(node.get("inputs", {}), dict):
+            continue
+        inputs = node.get("inputs", {})
+        for old, new in RENAMED_IN_V2.get(node.get("type"), {}).items():
+            if old in inputs and new not in inputs:
+                inputs[new] = inputs.pop(old)
+        if node.get("type") == "ARGenerateTokens" and "top_k" not in inputs:
+            node["inputs"] = {**inputs, "top_k": 1000}
+    return workflow
+
 
 # version -> function upgrading a workflow of that version by one version.
-MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {1: _upgrade_v1}
 
 
 @dataclass(frozen=True)
@@ -144,6 +169,10 @@ def _node_issues(node_id, node, nodes, registry, model_files) -> list[WorkflowIs
             choices = model_files(spec.model_folder) if (spec.model_folder and model_files) else None
             for error in _value_validator(json.dumps(spec.value_schema(choices), sort_keys=True)).iter_errors(value):
                 issues.append(WorkflowIssue(node_id, spec.name, _value_reason(error, value)))
+    if not issues:  # the node's own checks see only values that passed the schema
+        linked = frozenset(name for name, value in given.items() if is_link(value))
+        constants = {i.name: given.get(i.name, i.default) for i in cls.inputs if i.name not in linked}
+        issues.extend(WorkflowIssue(node_id, e.input, str(e)) for e in cls.check(constants, linked))
     return issues
 
 

@@ -221,7 +221,7 @@ def test_node_errors_name_the_input(executor):
     result = executor.run(wf)
     assert result.status == "error"
     err = result.errors[0]
-    assert err["node"] == "gpt" and err["input"] == "model_name" and "broken.safetensors" in err["message"]
+    assert err["node"] == "gpt" and err["input"] == "file" and "broken.safetensors" in err["message"]
 
 
 def test_interrupt_stops_generation_between_tokens(executor):

@@ -26,9 +26,9 @@ INPUTS = WORKFLOWS / "inputs"
 SHIPPED = {
     "text_encoders/tessera-text-encoder.safetensors": ("LoadTextEncoder", "file"),
     "vae/tessera-vae-f8.safetensors": ("LoadVAE", "file"),
-    "vq_models/tessera-vq-f8.safetensors": ("LoadVQModel", "model_name"),
+    "vq_models/tessera-vq-f8.safetensors": ("LoadVQModel", "file"),
     "diffusion_models/tessera-dit-tiny.safetensors": ("LoadDiffusionModel", "file"),
-    "ar_models/tessera-ar-tiny.safetensors": ("LoadARModel", "model_name"),
+    "ar_models/tessera-ar-tiny.safetensors": ("LoadARModel", "file"),
 }
 DEFAULT_WORKFLOWS = (
     "text_to_image_diffusion",
@@ -145,7 +145,7 @@ def test_heldout_caption_gets_its_background_colour(executor, paradigm):
         attributes
     )
     if paradigm == "diffusion":
-        next(n for n in nodes.values() if n["type"] == "EmptyLatent")["inputs"]["batch"] = 4
+        next(n for n in nodes.values() if n["type"] == "EmptyLatent")["inputs"]["batch_size"] = 4
     else:
         next(n for n in nodes.values() if n["type"] == "ARGenerateTokens")["inputs"]["batch_size"] = 4
     paths = _run(executor, workflow)

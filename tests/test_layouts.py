@@ -93,6 +93,20 @@ def test_comfyui_single_files_load_with_tokenizers_from_models_tokenizers(execut
     assert locate(models / "text_encoders" / "clip_l.safetensors").layout == "single file"
 
 
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="this torch has no fp8 dtype")
+def test_fp8_stored_t5_loads_upcast_to_the_compute_dtype(executor, models):
+    """ComfyUI's t5xxl_fp8_e4m3fn.safetensors: fp8 weights, upcast when loaded (fp32 on the CPU)."""
+    sd = t5_state()
+    fp8 = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in sd.items()}
+    save(fp8, models / "text_encoders" / "t5xxl_fp8_e4m3fn.safetensors")
+    (enc,) = run(executor, CLIPLoader, file="t5xxl_fp8_e4m3fn.safetensors")
+    weight = enc.t5[0].encoder.block[0].layer[0].SelfAttention.q.weight
+    expected = fp8["encoder.block.0.layer.0.SelfAttention.q.weight"].float()
+    assert weight.dtype == torch.float32 and torch.equal(weight, expected)
+    feats, _ = enc.t5_encode(["a cat"], 8, masked=True)
+    assert torch.isfinite(feats).all()
+
+
 def test_sharded_hf_folder_loads_from_any_shard_with_its_own_tokenizer(executor, models):
     folder = models / "text_encoders" / "flan-t5-xl"
     where = locate(folder / "model-00002-of-00002.safetensors")
