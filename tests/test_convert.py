@@ -181,3 +181,15 @@ def test_a_hugging_face_t5_bin_is_named_but_gets_no_config(tmp_path):
     assert summary["family"] == "T5 text encoder" and summary["config"] is None
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert f.metadata()["tessera.family"] == "T5 text encoder" and "tessera.config" not in f.metadata()
+
+
+def test_legacy_format_pickle_converts_and_is_still_weights_only(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    torch.save({"w": torch.arange(6.0)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert convert(tmp_path / "old.pt", tmp_path / "old.safetensors")["tensors"] == 1
+    with safe_open(str(tmp_path / "old.safetensors"), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("w"), torch.arange(6.0))
+    torch.save({"w": Payload(marker)}, tmp_path / "old_evil.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(ConvertError, match="refused"):
+        convert(tmp_path / "old_evil.pt", tmp_path / "old_evil.safetensors")
+    assert not marker.exists()
