@@ -406,3 +406,11 @@ def test_primitive_nodes_feed_their_constants_through_links(tmp_path):
     assert result.status == "success", result.errors
     assert result.outputs["r1"] == {"values": [7, 0.25, "a red cube", True]}
     assert result.outputs["r2"] == {"values": [2**63 + 5, 0.0, "", False]}
+
+
+def test_interrupt_between_nodes_runs_no_further_node(executor):
+    """Encode reports no progress, so only the executor's own check before each node can stop
+    the run there; the sampler must never start."""
+    result = executor.run(two_branch_workflow(), "p", is_interrupted=lambda: CALLS["LoadModel"] >= 1)
+    assert result.status == "interrupted"
+    assert result.executed == ["model"] and CALLS == Counter(LoadModel=1)
