@@ -50,13 +50,17 @@ def _f(repo: str, path: str, target: str, gb: float) -> HubFile:
 
 BFL_SCHNELL, BFL_DEV = "black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev"
 COMFY_TE, LLAMAGEN = "comfyanonymous/flux_text_encoders", "FoundationVision/LlamaGen"
-CLIP_TOK, T5_TOK = "tokenizers/clip-vit-large-patch14", "tokenizers/t5-v1_1-xxl"  # engines/tokenization.py
+LLAMAGEN_T2I, FLAN_T5 = "peizesun/llamagen_t2i", "google/flan-t5-xl"
+# Where engines/tokenization.py looks for tokenizers. T5 v1.1 and FLAN-T5 share one sentencepiece
+# vocabulary, so T5-XXL's tokenizer.json comes from the open FLAN-T5 repository.
+CLIP_TOK, T5_TOK = "tokenizers/clip-vit-large-patch14", "tokenizers/t5-v1_1-xxl"
 
 _ENTRIES = (
     CatalogueEntry(
         "flux-vae",
         "Flux.1 autoencoder (16 latent channels)",
         (_f(BFL_SCHNELL, "ae.safetensors", "vae/ae.safetensors", 0.34),),
+        gated=True,
         licence="apache-2.0",
     ),
     CatalogueEntry(
@@ -74,7 +78,7 @@ _ENTRIES = (
         "T5 v1.1 XXL encoder in fp16 (ComfyUI single file) and its tokenizer",
         (
             _f(COMFY_TE, "t5xxl_fp16.safetensors", "text_encoders/t5xxl_fp16.safetensors", 9.79),
-            _f(BFL_SCHNELL, "tokenizer_2/tokenizer.json", f"{T5_TOK}/tokenizer.json", 0.0024),
+            _f(FLAN_T5, "tokenizer.json", f"{T5_TOK}/tokenizer.json", 0.0024),
         ),
         licence="apache-2.0",
     ),
@@ -83,7 +87,7 @@ _ENTRIES = (
         "T5 v1.1 XXL encoder stored in fp8 e4m3fn (half the memory) and its tokenizer",
         (
             _f(COMFY_TE, "t5xxl_fp8_e4m3fn.safetensors", "text_encoders/t5xxl_fp8_e4m3fn.safetensors", 4.89),
-            _f(BFL_SCHNELL, "tokenizer_2/tokenizer.json", f"{T5_TOK}/tokenizer.json", 0.0024),
+            _f(FLAN_T5, "tokenizer.json", f"{T5_TOK}/tokenizer.json", 0.0024),
         ),
         licence="apache-2.0",
     ),
@@ -92,6 +96,7 @@ _ENTRIES = (
         "Flux.1-schnell 12B DiT (4 steps) with its VAE, CLIP-L and T5-XXL",
         (_f(BFL_SCHNELL, "flux1-schnell.safetensors", "diffusion_models/flux1-schnell.safetensors", 23.8),),
         includes=("flux-vae", "clip-l", "t5xxl-fp16"),
+        gated=True,
         licence="apache-2.0",
     ),
     CatalogueEntry(
@@ -119,7 +124,7 @@ _ENTRIES = (
         "flan-t5-xl",
         "FLAN-T5-XL (Hugging Face folder), LlamaGen t2i's caption encoder",
         tuple(
-            _f("google/flan-t5-xl", p, f"text_encoders/flan-t5-xl/{p}", gb)
+            _f(FLAN_T5, p, f"text_encoders/flan-t5-xl/{p}", gb)
             for p, gb in (
                 ("config.json", 0.000002),
                 ("model.safetensors.index.json", 0.00005),
@@ -137,8 +142,8 @@ _ENTRIES = (
         "llamagen-t2i",
         "LlamaGen-XL text-to-image GPT (775M, 512 px) with its VQ and FLAN-T5-XL",
         (
-            _f(LLAMAGEN, "t2i_XL_stage2_512.pt", "ar_models/llamagen_t2i_XL_stage2_512.safetensors", 3.1),
-            _f(LLAMAGEN, "vq_ds16_t2i.pt", "vq_models/llamagen_vq_ds16_t2i.safetensors", 0.29),
+            _f(LLAMAGEN_T2I, "t2i_XL_stage2_512.pt", "ar_models/llamagen_t2i_XL_stage2_512.safetensors", 3.1),
+            _f(LLAMAGEN_T2I, "vq_ds16_t2i.pt", "vq_models/llamagen_vq_ds16_t2i.safetensors", 0.29),
         ),
         includes=("flan-t5-xl",),
         licence="mit",

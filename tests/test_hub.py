@@ -255,7 +255,8 @@ def test_catalogue_covers_the_issue_and_lists_install_state(tmp_path):
     (tmp_path / "vae/ae.safetensors").write_bytes(b"x")
     lines = dict(line.split(maxsplit=1) for line in hub.list_lines(tmp_path))
     assert "installed" in lines["flux-vae"] and "1/7 files" in lines["flux1-schnell"]
-    assert "gated" in lines["flux1-dev"] and "gated" not in lines["flux1-schnell"]
+    assert "gated" in lines["flux1-dev"] and "gated" in lines["flux1-schnell"]  # BFL asks users to accept
+    assert "gated" not in lines["llamagen-t2i"] and "gated" not in lines["t5xxl-fp8"]
 
 
 def test_small_files_are_checked_against_their_git_sha1(fake_hub, monkeypatch, tmp_path):
