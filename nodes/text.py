@@ -47,8 +47,10 @@ class LoadTextEncoder(Node):
 class TextEncode(Node):
     """Encode a prompt into CONDITIONING for a DiT or an autoregressive model.
 
-    Prompts are lower-cased and read character by character; characters past the
-    encoder's max_length are dropped.
+    With the character-level encoder, prompts are lower-cased and read character by character
+    (characters past its max_length are dropped). With real encoders it gives CLIP's hidden
+    states and pooled vector, T5's masked features, or for CLIP + T5 Flux's 512-token recipe;
+    FluxTextEncode and LlamaGenTextEncode give each family's exact input.
     """
 
     category = "conditioning"
@@ -122,9 +124,14 @@ def flux_conditioning(
 
 
 def llamagen_conditioning(enc: RealTextEncoder, texts: list[str], tokens: int) -> Conditioning:
-    """LlamaGen t2i's caption input: FLAN-T5 features over `tokens` positions under the padding
-    mask, then each row rotated so the padding comes first (left padding) with the mask flipped."""
-    feats, mask = enc.t5_encode(texts, tokens, masked=True)
+    """LlamaGen t2i's caption input: the lower-cased caption's FLAN-T5 features over `tokens`
+    positions under the padding mask, then each row rotated so the padding comes first (left
+    padding) with the mask flipped.
+
+    LlamaGen lower-cases every caption (T5's vocabulary is cased); its further PixArt caption
+    clean-up (URLs, HTML, CJK and punctuation rules) is not repeated here: write plain prompts.
+    """
+    feats, mask = enc.t5_encode([t.lower().strip() for t in texts], tokens, masked=True)
     rows = []
     for f, m in zip(feats, mask):
         valid = int(m.sum())

@@ -253,10 +253,10 @@ def test_diffusers_pipeline_honours_every_config_and_matches_diffusers(executor,
 # ---------------------------------------------------------------- conditioning per family
 
 
-def test_llamagen_caption_is_left_padded_with_the_mask_flipped(executor, models):
+def test_llamagen_caption_is_lower_cased_and_left_padded_with_the_mask_flipped(executor, models):
     (enc,) = run(executor, CLIPLoader, file="flan-t5-xl/model-00001-of-00002.safetensors")
     (cond,) = run(
-        executor, LlamaGenTextEncode, text_encoder=enc, text="a red fox in the snow", max_tokens=120
+        executor, LlamaGenTextEncode, text_encoder=enc, text=" A Red Fox in the SNOW ", max_tokens=120
     )
     feats, mask = enc.t5_encode(["a red fox in the snow"], 120, masked=True)
     n = int(mask.sum())
