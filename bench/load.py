@@ -113,7 +113,7 @@ async def verify(client: Client, session: aiohttp.ClientSession, url: str, outpu
             continue
         images = entry["outputs"].get("2", {}).get("images", [])
         folder, _, stem = info["prefix"].rpartition("/")
-        right = (entry["workflow"] == info["workflow"] and len(images) == 1
+        right = (entry["workflow"]["nodes"] == info["workflow"]["nodes"] and len(images) == 1
                  and images[0]["subfolder"] == folder and images[0]["filename"].startswith(stem + "_"))
         if right and output_dir is not None:
             right = (output_dir / folder / images[0]["filename"]).is_file()

@@ -17,6 +17,7 @@ from tessera.workflow import WorkflowIssue
 
 BYTES_PER_PIXEL = 3 * 4  # an IMAGE is float32 RGB
 WORKING_COPIES = 2  # a node's output and the tensor it is made from are alive at once
+SMALL_ALLOCATION = 256 << 20  # below this an allocation is never refused: free memory is only a snapshot
 SIZED_OUTPUTS = ("IMAGE", "LATENT", "MASK")  # nodes with width/height inputs and such outputs allocate images
 
 
@@ -80,8 +81,7 @@ def allocation_issues(workflow: dict, registry: NodeRegistry, budgets: Budgets, 
             where = "batch" if cls.input("batch") is not None else "batch_size"
             issues.append(WorkflowIssue(node_id, where, f"{batch} × {pixels:,} pixels is over the limit of "
                                                         f"{budgets.max_batch_pixels:,} per batch (--max-batch-pixels)"))
-        elif free is not None and pixels * batch * BYTES_PER_PIXEL * WORKING_COPIES > free:
-            need = pixels * batch * BYTES_PER_PIXEL * WORKING_COPIES
+        elif free is not None and (need := pixels * batch * BYTES_PER_PIXEL * WORKING_COPIES) > max(free, SMALL_ALLOCATION):
             issues.append(WorkflowIssue(node_id, "width", f"{batch} image(s) of {sizes['width']}×{sizes['height']} need about "
                                                           f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of free memory"))
     return issues

@@ -60,6 +60,8 @@ MULTIPART_OVERHEAD = 1 << 16  # boundaries and part headers around a file of up 
 MAX_JSON_DEPTH = 64  # a workflow is a few levels deep; deeper bodies are refused before anything walks them
 MAX_INT_DIGITS = 40  # seeds fit in 20 digits; a 5,000-digit integer is refused, not converted
 MAX_CLIENT_ID = 200
+GIL_SWITCH_SECONDS = 0.0005
+OFF_LOOP_BYTES = 64 << 10  # larger bodies are parsed on the check pool, not the event loop
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 WORKFLOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 UPLOAD_NAME = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -184,10 +186,6 @@ def _first_line(e: BaseException) -> str:
     return " ".join(lines[:2]) or type(e).__name__
 
 
-async def read_json(request: web.Request, limit: int) -> object:
-    return parse_json(await read_body(request, limit))
-
-
 @dataclass
 class Listener:
     """One WebSocket: the client it belongs to, and whether it asked for every prompt's events."""
@@ -310,6 +308,9 @@ class TesseraServer:
         return app
 
     async def _on_startup(self, app) -> None:
+        # While a check thread validates a large graph it holds the GIL; the event loop gets
+        # it back within this interval (Python's default, 5 ms, is paid several times per request).
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         self.loop = asyncio.get_running_loop()
         self.worker.start()
 
@@ -322,6 +323,10 @@ class TesseraServer:
 
     async def _off_loop(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.checks, function, *args)
+
+    async def _read_json(self, request: web.Request) -> object:
+        raw = await read_body(request, self.budgets.max_body_bytes)
+        return parse_json(raw) if len(raw) < OFF_LOOP_BYTES else await self._off_loop(parse_json, raw)
 
     # -- handlers -------------------------------------------------------------------------
     async def index(self, request):
@@ -352,7 +357,7 @@ class TesseraServer:
         return workflow
 
     async def validate(self, request):
-        body = await read_json(request, self.budgets.max_body_bytes)
+        body = await self._read_json(request)
         try:
             await self._off_loop(self._checked, body)
         except InvalidWorkflow as e:
@@ -360,7 +365,7 @@ class TesseraServer:
         return json_response({"valid": True})
 
     async def prompt(self, request):
-        body = await read_json(request, self.budgets.max_body_bytes)
+        body = await self._read_json(request)
         client_id = body.get("client_id") if isinstance(body, dict) else None
         if client_id is not None and (not isinstance(client_id, str) or len(client_id) > MAX_CLIENT_ID):
             return error(f"client_id must be a string of at most {MAX_CLIENT_ID} characters")
@@ -410,7 +415,7 @@ class TesseraServer:
         return json_response({"cancelled": cancelled})
 
     async def interrupt(self, request):
-        body = await read_json(request, self.budgets.max_body_bytes) if request.can_read_body else {}
+        body = await self._read_json(request) if request.can_read_body else {}
         prompt_id = body.get("prompt_id") if isinstance(body, dict) else None
         if prompt_id is not None and not isinstance(prompt_id, str):
             return error("prompt_id must be a string")
@@ -534,7 +539,7 @@ class TesseraServer:
 
     async def workflow_put(self, request):
         path = self._workflow_path(request)
-        body = await read_json(request, self.budgets.max_body_bytes)
+        body = await self._read_json(request)
         issues = await self._off_loop(schema_issues, body)
         if issues:  # a work in progress may fail graph checks, but must be a workflow document
             return error("not a workflow document", 400, errors=[i.to_json() for i in issues])
