@@ -13,17 +13,18 @@ from dataclasses import dataclass, field
 import torch
 
 
-def memory_footprint(value: object, seen: set[int] | None = None) -> dict[str, int]:
-    """Bytes held by tensors inside `value`, per device ('cpu', 'cuda:0', …)."""
+def memory_footprint(value: object, seen: set | None = None) -> dict[str, int]:
+    """Bytes held by tensors inside `value`, per device ('cpu', 'cuda:0', …), each storage once."""
     seen = set() if seen is None else seen
     sizes: dict[str, int] = {}
 
     def add(tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() == 0:
-            return
-        seen.add(storage.data_ptr())
         device = str(tensor.device)
+        key = (device, storage.data_ptr()) if storage.data_ptr() else id(tensor)  # meta tensors have no address
+        if key in seen or storage.nbytes() == 0:
+            return
+        seen.add(key)
         sizes[device] = sizes.get(device, 0) + storage.nbytes()
 
     def walk(v: object) -> None:

@@ -322,3 +322,13 @@ def test_a_model_loaded_onto_the_device_whole_is_streamed_when_larger_than_the_b
     assert mm.moves == [("LoadDiffusionModel 1", "streaming")]
     assert [p.device.type for b in model.blocks for p in b.parameters()][::2] == ["meta", "cpu", "cpu", "cpu"]
     assert mm.device_bytes() == resident + 2 * block
+
+
+def test_the_cache_counts_a_model_where_the_manager_moved_it():
+    model = Stack(n_blocks=2)
+    size = nbytes(model)
+    cache = OutputCache(cpu_bytes=10 * size, cuda_bytes=10 * size)
+    cache.put("loader", (model,))
+    assert cache.usage() == {"cpu": size}
+    MetaManager("meta", budget=10 * size, reserve=0, offload_device="cpu", pin=False).use(model, "m")
+    assert cache.usage() == {"meta": size}  # moved, not duplicated
