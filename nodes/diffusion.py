@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.flux import Flux, check_conditioning, dit_from_state_dict, guided_velocity, load_dit
+from tessera.engines.generation import diffusion_sigmas, latent_to_image
 from tessera.engines.fp8 import Fp8Unavailable, require_fp8, store_fp8
 from tessera.engines.latent import Latent
 from tessera.engines.latent import denoise as run_denoise  # the nodes' `denoise` input is the strength
 from tessera.engines.preview import latent_preview, rgb_projection_for
 from tessera.engines.samplers import SAMPLERS
-from tessera.engines.schedules import SCHEDULES, sigmas_for
+from tessera.engines.schedules import SCHEDULES
 from tessera.engines.step_cache import StepCache
 from tessera.engines.layouts import (
     detect_family,
@@ -273,10 +274,7 @@ class VAEDecode(Node):
                 f"latent has {latent.channels} channels but this VAE decodes {vae.config.latent_channels}",
                 input="latent",
             )
-        tile = tile_size // vae.config.downscale
-        z = latent.samples.to(ctx.device)
-        pixels = vae.decode_tiled(z, tile, max(1, tile // 4)) if tile > 0 else vae.decode(z)
-        return (((pixels.float().cpu() + 1) / 2).clamp(0, 1).movedim(1, -1),)
+        return (latent_to_image(vae, latent.samples.to(ctx.device), tile_size),)
 
 
 class SetLatentMask(Node):
@@ -354,10 +352,7 @@ def _prepare(
             f"{name}: cfg {cfg} needs a negative conditioning (connect one, or set cfg to 1)",
             input="negative",
         )
-    p = c.patch_size
-    h, w = latent.samples.shape[-2:]
-    seq_len = (-(-h // p)) * (-(-w // p))
-    sigmas = sigmas_for(schedule, steps, denoise_strength, seq_len)
+    sigmas = diffusion_sigmas(model, schedule, steps, denoise_strength, tuple(latent.samples.shape[-2:]))
     compile_dit(model)  # a no-op unless --compile is on
     velocity = guided_velocity(model, positive, negative, cfg, guidance, who=name, step_cache=step_cache)
     return velocity, sigmas

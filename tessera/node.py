@@ -207,6 +207,13 @@ class Node:
         """Extra cache-key material for inputs whose meaning lives outside the graph."""
         return None
 
+    @classmethod
+    def check(cls, constants: dict, linked: frozenset[str]) -> list[NodeError]:
+        """Problems the node can tell from its constant inputs alone (a file name's characters,
+        inputs that depend on each other); `linked` names the inputs fed by links. Run when the
+        workflow is validated, so a bad value is refused before anything executes."""
+        return []
+
     def execute(self, ctx: ExecutionContext, **inputs) -> tuple | Result:
         raise NotImplementedError(f"{self.type_name} does not implement execute()")
 
