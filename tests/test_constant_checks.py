@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
 
 import tessera.nodes.diffusion as dn
+from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
 from tessera.executor import Executor
 from tessera.node import Result
 from tessera.registry import default_registry
