@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input (JSON value or text)")
     run.add_argument("--out", type=Path, help="output folder (default: output/)")
     run.add_argument("--quiet", action="store_true")
+    run.add_argument("--vram-budget", metavar="SIZE", help="model weights kept on the GPU, e.g. 12GiB (as for serve)")
     _dirs(run)
 
     validate = sub.add_parser("validate", help="check a workflow without running it")
@@ -137,9 +138,17 @@ def cmd_run(args) -> int:
     from tessera.executor import Executor
     from tessera.progress import ProgressPrinter
 
+    from tessera.model_manager import ModelManager, parse_bytes
+
+    try:
+        vram_budget = None if args.vram_budget is None else parse_bytes(args.vram_budget)
+    except ValueError as e:
+        raise SystemExit(f"tessera run: --vram-budget: {e}") from None
     workflow = apply_overrides(load_workflow(args.workflow), args.set)
     out = args.out or args.output_dir
     executor = Executor(_registry(), args.models_dir, args.input_dir, out, args.device)
+    if vram_budget is not None:
+        executor.models = ModelManager(executor.device, vram_budget)
     _set_compile(args.compile, executor.device)
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     result = executor.run(workflow, "cli", printer)
