@@ -157,6 +157,7 @@ class ModelManager:
         )
         self.pin = pin if pin is not None else (self.device.type == "cuda" and not simulate)
         self._records: dict[int, _Record] = {}
+        self._dead: list[int] = []  # keys of garbage-collected models, appended by weakref callbacks
         self._protected: set[int] = set()
         self._clock = 0
         self._lock = threading.RLock()
@@ -190,10 +191,8 @@ class ModelManager:
                 if rec.where != "device":
                     continue
                 if self.weight_budget is not None and rec.bytes > self.weight_budget:
-                    rec.where, rec.device_bytes = (
-                        "offloaded",
-                        0,
-                    )  # loaded onto the device whole: stream it instead
+                    # Loaded onto the device whole, but larger than the budget: stream it instead.
+                    rec.where, rec.device_bytes = "offloaded", 0
                     self._stream(model, rec, None)
                 else:
                     self._make_room(rec, lambda: 0)
@@ -229,7 +228,8 @@ class ModelManager:
         with self._lock:
             seen: dict[tuple, int] = {}
             streaming = 0
-            for rec in self._records.values():
+            self._purge()
+            for rec in list(self._records.values()):
                 model = rec.ref()
                 if model is None:
                     continue
@@ -251,7 +251,7 @@ class ModelManager:
                     "last_used": r.last_used,
                     **({"streamed_blocks": r.streamed} if r.where == "streaming" else {}),
                 }
-                for r in sorted(self._records.values(), key=lambda r: -r.last_used)
+                for r in sorted(list(self._records.values()), key=lambda r: -r.last_used)
                 if r.ref() is not None
             ]
             return {
@@ -266,16 +266,25 @@ class ModelManager:
     # ---------------------------------------------------------------- internals
 
     def _record(self, model: nn.Module, name: str) -> _Record:
+        self._purge()
         key = id(model)
         rec = self._records.get(key)
-        if rec is None:
-            ref = weakref.ref(model, lambda _, k=key: self._records.pop(k, None))
+        if rec is None or rec.ref() is not model:
+            # A dead model's key is only noted here; its record goes at the next purge, under the lock.
+            ref = weakref.ref(model, lambda _, k=key: self._dead.append(k))
             on_device = not self.simulate and any(t.device == self.device for t in _tensors(model))
             rec = _Record(ref, name, sum(storage_sizes(model).values()))
             if on_device:
                 rec.where, rec.device_bytes = "device", rec.bytes
             self._records[key] = rec
         return rec
+
+    def _purge(self) -> None:
+        while self._dead:
+            key = self._dead.pop()
+            rec = self._records.get(key)
+            if rec is not None and rec.ref() is None:
+                del self._records[key]
 
     def _physically_there(self, model: nn.Module) -> bool:
         # A model sharing weights with one that was offloaded may have lost some of them.
@@ -287,7 +296,7 @@ class ModelManager:
     def _missing_bytes(self, model: nn.Module) -> int:
         """Bytes `model` would add to the device: its storages not already there for another model."""
         there: set[tuple] = set()
-        for rec in self._records.values():
+        for rec in list(self._records.values()):
             other = rec.ref()
             if other is not None and other is not model and rec.where == "device":
                 there |= set(self._device_storages(other))
@@ -300,7 +309,7 @@ class ModelManager:
         while self.device_bytes() + need() > self.weight_budget:
             victims = [
                 r
-                for key, r in self._records.items()
+                for key, r in list(self._records.items())
                 if r is not rec
                 and r.ref() is not None
                 and r.where != "offloaded"
