@@ -20,12 +20,13 @@ from tessera.cache import OutputCache
 from tessera.device import compute_dtype, resolve_device
 from tessera.model_manager import ModelManager
 from tessera.node import ExecutionContext, Interrupted, NodeError, Result
-from tessera.paths import UnsafePathError, confined_path
+from tessera.paths import UnsafePathError, confined_path, example_inputs_dir
 from tessera.plan import Plan, compile_plan
 from tessera.registry import NodeRegistry
 from tessera.workflow import InvalidWorkflow, WorkflowIssue, validate
 
 Emit = Callable[[str, dict], None]
+INPUT_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def _loadable(root: Path, name: str) -> bool:
@@ -70,6 +71,15 @@ class Executor:
         if not root.is_dir():
             return []
         return sorted(name for p in root.rglob("*.safetensors") if p.is_file() and _loadable(root, name := p.relative_to(root).as_posix()))
+
+    def input_images(self) -> list[str]:
+        """The images LoadImage can pick: the input folder's, then the shipped examples'."""
+        names = set()
+        for root in (self.input_dir, example_inputs_dir()):
+            if root.is_dir():
+                names.update(p.relative_to(root).as_posix() for p in root.rglob("*")
+                             if p.is_file() and p.suffix.lower() in INPUT_IMAGE_SUFFIXES)
+        return sorted(names)
 
     def validate(self, workflow: object) -> dict:
         return validate(workflow, self.registry, self.model_files)

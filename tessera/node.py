@@ -237,8 +237,10 @@ class Node:
         }
 
     @classmethod
-    def info(cls, model_files: Callable[[str], list[str]] | None = None) -> dict:
-        """The catalogue entry served to the editor."""
+    def info(
+        cls, model_files: Callable[[str], list[str]] | None = None, input_images: Callable[[], list[str]] | None = None
+    ) -> dict:
+        """The catalogue entry served to the editor (`input_images` lists an image_upload input's choices)."""
         inputs = []
         for spec in cls.inputs:
             entry: dict = {"name": spec.name, "type": spec.type, "optional": spec.optional, "link": spec.link_mode}
@@ -249,6 +251,8 @@ class Node:
                 entry["multiline"] = True
             if spec.model_folder and model_files:
                 entry["choices"] = model_files(spec.model_folder)
+            elif spec.widget == "image_upload" and input_images:
+                entry["choices"] = input_images()
             elif spec.choices is not None:
                 entry["choices"] = list(spec.choices)
             inputs.append(entry)

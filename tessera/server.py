@@ -207,7 +207,12 @@ async def refusals(request: web.Request, handler):
             response.force_close()
         return response
     except web.HTTPMethodNotAllowed as e:
-        allowed = ", ".join(sorted(e.allowed_methods))
+        # the editor's static files live under "/" and would add their GET/HEAD to every path
+        routed = set()
+        for resource in request.app.router.resources():
+            if not isinstance(resource, web.StaticResource):
+                routed |= (await resource.resolve(request))[1]
+        allowed = ", ".join(sorted(routed or e.allowed_methods))
         return json_response({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405, headers={"Allow": allowed})
     except web.HTTPNotFound:
         if request.path.startswith("/api/"):
@@ -337,7 +342,8 @@ class TesseraServer:
 
     async def nodes(self, request):
         files = self.executor.model_files
-        catalogue = {name: cls.info(files) for name, cls in sorted(self.registry.nodes.items())}
+        images = self.executor.input_images
+        catalogue = {name: cls.info(files, images) for name, cls in sorted(self.registry.nodes.items())}
         types = sorted({i["type"] for n in catalogue.values() for i in n["inputs"]} | {o["type"] for n in catalogue.values() for o in n["outputs"]})
         return json_response({"nodes": catalogue, "types": types, "failed_packs": self.registry.failed_packs})
 

@@ -149,3 +149,14 @@ def test_the_warning_reaches_the_run_result(executor):
     assert result.status == "success", result.errors
     assert "160x160 is far above" in result.outputs["empty"]["warnings"][0]
     assert any(kind == "executed" and data["node"] == "empty" for kind, data in events)
+
+
+def test_load_image_lists_the_input_folder_and_the_shipped_examples(executor):
+    (executor.input_dir / "sub").mkdir(parents=True, exist_ok=True)
+    (executor.input_dir / "mine.png").write_bytes(b"png")
+    (executor.input_dir / "sub" / "deep.webp").write_bytes(b"webp")
+    (executor.input_dir / "notes.txt").write_text("not an image")
+    names = executor.input_images()
+    assert {"mine.png", "sub/deep.webp", "example.png"} <= set(names) and "notes.txt" not in names
+    info = executor.registry.get("LoadImage").info(executor.model_files, executor.input_images)
+    assert info["inputs"][0]["choices"] == names

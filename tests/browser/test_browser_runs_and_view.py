@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from canvas_driver import canvas_point, drag_from_palette, widget_point
+from canvas_driver import canvas_point, drag_from_palette, set_widget, widget_point
 from PIL import Image
 from playwright.sync_api import Page, expect
 from test_browser_editor import build_solid_to_save, title_point
@@ -255,3 +255,86 @@ def test_queue_panel_cancels_and_clears_and_run_times_n(editor: Page, screens):
     expect(page.locator(".queue-list-empty, #queue-list")).to_contain_text("Queue is empty")
     statuses = page.evaluate("() => window.tessera.runState.results.slice(-4).map((r) => r.status).sort()")
     assert statuses == ["cancelled", "cancelled", "cancelled", "interrupted"]
+
+
+def open_search(page: Page):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    box = page.locator(".litesearchbox input")
+    for _ in range(3):  # litegraph times the two clicks itself
+        page.mouse.dblclick(*canvas_point(page, 0.5, 0.5))
+        try:
+            box.wait_for(state="visible", timeout=3_000)
+            return box
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError("the search box did not open")
+
+
+def test_search_ranks_exact_then_prefix_and_shows_each_node_once(editor: Page):
+    page = editor
+    box = open_search(page)
+    box.press_sequentially("TextEncode")
+    items = page.locator(".litesearchbox .lite-search-item")
+    expect(items.first).to_have_attribute("data-type", "TextEncode")
+    types = items.evaluate_all("(els) => els.map((e) => decodeURIComponent(e.dataset.type))")
+    assert types.index("TextEncode") < types.index("LoadTextEncoder")
+    first = items.first.evaluate("(e) => [e.childNodes[0].textContent, e.querySelector('.lite-search-item-type').textContent]")
+    assert first == ["TextEncode", "conditioning"]
+    box.press("Enter")
+    assert page.evaluate("() => window.tessera.graph._nodes.map((n) => n.type)") == ["TextEncode"]
+
+
+def test_load_image_lists_the_example_inputs_with_a_preview(editor: Page):
+    page = editor
+    node = drag_from_palette(page, "LoadImage", *canvas_point(page, 0.4, 0.3))
+    choices = page.evaluate(f"() => window.tessera.graph.getNodeById({node}).uploadTarget.info.choices")
+    assert "example.png" in choices
+    page.mouse.click(*widget_point(page, node, "image"))
+    page.locator(".litecontextmenu .litemenu-entry", has_text="example.png").first.click()
+    page.wait_for_function(
+        f"() => (window.tessera.graph.getNodeById({node}).images ?? []).some((i) => i.complete && i.naturalWidth > 0)"
+    )
+
+
+def test_bad_constants_are_refused_at_submit_naming_the_problem(editor: Page, console_errors):
+    page = editor
+    console_errors.allow("/api/prompt", "400")
+    load(page, {"version": 1, "nodes": {
+        "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8}, "ui": {"pos": [40, 60]}},
+        "2": {"type": "SaveImage", "inputs": {"images": link("1", "image"), "filename_prefix": "day:1"},
+              "ui": {"pos": [340, 60]}},
+    }})
+    before = page.evaluate("async () => (await window.tessera.api.history(1)).items.length")
+    page.locator("#btn-run").click()
+    expect(page.locator(".toast.error").last).to_contain_text("contains ':'")
+    assert page.evaluate("() => window.tessera.graph.getNodeById(2).errors[0].input") == "filename_prefix"
+    after = page.evaluate("async () => (await window.tessera.api.history(1)).items.length")
+    assert after == before  # nothing was queued, nothing ran
+
+
+def test_history_thumbnail_opens_a_pixelated_lightbox_with_arrow_keys(editor: Page, screens):
+    page = editor
+    solid, _ = build_solid_to_save(page)
+    for red in (0.9, 0.1):  # two different outputs (the same inputs would be served from the cache)
+        set_widget(page, solid, "red", red)
+        before = results(page)
+        page.locator("#btn-run").click()
+        wait_results(page, before + 1)
+    page.locator("#btn-history-refresh").click()
+    thumbs = page.locator(".history-item .thumbs img")
+    expect(thumbs.nth(1)).to_be_visible()
+    thumbs.first.click()
+    box = page.locator("#lightbox")
+    expect(box).to_be_visible()
+    img = box.locator("img")
+    page.wait_for_function("() => document.querySelector('#lightbox img').naturalWidth > 0")
+    assert "pixelated" in img.get_attribute("class")
+    assert img.bounding_box()["width"] >= 64 * 4  # a 64 px output shown at least 4x
+    first = img.get_attribute("src")
+    page.keyboard.press("ArrowRight")
+    expect(img).not_to_have_attribute("src", first)
+    expect(box.locator("figcaption")).to_contain_text("2 /")
+    page.screenshot(path=str(screens / "lightbox.png"))
+    page.keyboard.press("Escape")
+    expect(box).to_be_hidden()

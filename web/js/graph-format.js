@@ -1,9 +1,9 @@
 // Converts between the litegraph graph and the one workflow JSON format (docs/API.md).
 
 import { LGraphGroup, LGraphNode, LiteGraph } from "litegraph";
-import { nodeInfo } from "./node-types.js";
+import { nodeInfo, OUTPUT_COLOUR } from "./node-types.js";
 
-export const WORKFLOW_VERSION = 1;
+export const WORKFLOW_VERSION = 2; // tessera/workflow.py CURRENT_VERSION
 const round = (v) => Math.round(v * 10) / 10;
 
 /** The workflow JSON of the graph; `canvas` adds the viewport to the top-level ui. */
@@ -60,7 +60,7 @@ function nodeUi(node) {
     title: node.title,
   };
   if (node.flags?.collapsed) ui.collapsed = true;
-  if (node.color) ui.color = node.color;
+  if (node.color && node.color !== (nodeInfo(node)?.is_output ? OUTPUT_COLOUR : undefined)) ui.color = node.color;
   if (node.bgcolor) ui.bgcolor = node.bgcolor;
   return ui;
 }

@@ -1,5 +1,6 @@
 // The history panel: the latest prompts (GET /api/history) with their output images.
 
+import { openLightbox } from "./lightbox.js";
 import { toast } from "./toast.js";
 
 function when(value) {
@@ -40,6 +41,12 @@ export class HistoryPanel {
     }
   }
 
+  /** The lightbox over every image in the panel, newest first, starting at `src`. */
+  openGallery(src) {
+    const items = [...this.list.querySelectorAll(".thumbs img")].map((img) => ({ src: img.src, title: img.title }));
+    openLightbox(items, Math.max(0, items.findIndex((item) => item.src === src)));
+  }
+
   item(entry) {
     const el = document.createElement("div");
     el.className = "history-item";
@@ -67,7 +74,7 @@ export class HistoryPanel {
         img.loading = "lazy";
         // small generated images (tiny models, token grids) stay crisp when enlarged
         img.addEventListener("load", () => img.classList.toggle("pixelated", img.naturalWidth < 160), { once: true });
-        img.addEventListener("click", () => window.open(img.src, "_blank", "noopener"));
+        img.addEventListener("click", () => this.openGallery(img.src));
         thumbs.append(img);
       }
       el.append(thumbs);

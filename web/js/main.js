@@ -7,7 +7,7 @@ import { HistoryPanel } from "./history.js";
 import { allowLink, installLinkCheck } from "./link-check.js";
 import { clearErrors, describeErrors, showErrors } from "./node-errors.js";
 import { linkColours, registerNodeTypes } from "./node-types.js";
-import { createPalette } from "./palette.js";
+import { createPalette, rankTypes } from "./palette.js";
 import { QueuePanel } from "./queue-panel.js";
 import { RunState } from "./run-state.js";
 import { parse, stringify } from "./json-big.js";
@@ -60,6 +60,7 @@ class App {
     this.canvas.default_connection_color_byType = linkColours();
     this.canvas.show_info = false;
     this.canvas.low_quality_zoom_threshold = 0.35; // titles and widget text stay drawn down to 35% zoom
+    this.canvas.onSearchBox = (helper, text) => this.searchNodes(helper, text);
     this.fitCanvas();
     new ResizeObserver(() => this.fitCanvas()).observe($("canvas-wrap"));
     installLinkCheck(this.canvas);
@@ -204,6 +205,24 @@ class App {
       // storage disabled: runs still stay on their graph until a reload
     }
     return this.graphKey;
+  }
+
+  /**
+   * The double-click search: ranked by rankTypes, each node shown once with its category
+   * (litegraph would show the name twice, as title and as type).
+   */
+  searchNodes(helper, text) {
+    const types = rankTypes(Object.values(this.nodeInfos ?? {}), text).slice(0, 30);
+    queueMicrotask(() => {
+      for (const el of helper.querySelectorAll(".lite-search-item")) {
+        const type = decodeURIComponent(el.dataset.type);
+        const category = Object.assign(document.createElement("span"), {
+          className: "litegraph lite-search-item-type", textContent: this.nodeInfos[type]?.category ?? "",
+        });
+        el.replaceChildren(type, category);
+      }
+    });
+    return types;
   }
 
   /** Zooms and pans so every node and group is in view, at most at 100%. */

@@ -57,6 +57,9 @@ function refreshInfo(target, fresh) {
   }
 }
 
+/** Output nodes' title colour; graph-format saves only colours a user chose. */
+export const OUTPUT_COLOUR = "#335533";
+
 function buildNode(node, info, ctx) {
   node.serialize_widgets = true;
   node.runState = null; // queued | running | cached | done | error
@@ -72,7 +75,7 @@ function buildNode(node, info, ctx) {
     }
   }
   for (const output of info.outputs) node.addOutput(output.name, output.type, { label: output.name });
-  if (info.is_output) node.color = "#335533";
+  if (info.is_output) node.color = OUTPUT_COLOUR;
   node.strokeStyles.runState = runStateStroke;
   node.onDrawForeground = function (c) {
     drawNodeOverlay(this, c);

@@ -3,6 +3,27 @@
 const DRAG_THRESHOLD_PX = 4;
 
 /**
+ * The node types that match `query`, best first: the exact name, then names that start with
+ * it, then names that contain it, then types whose category or description mention it.
+ */
+export function rankTypes(infos, query) {
+  const q = query.trim().toLowerCase();
+  const ranked = [];
+  for (const info of infos) {
+    const name = info.type.toLowerCase();
+    let rank;
+    if (!q) rank = 3;
+    else if (name === q) rank = 0;
+    else if (name.startsWith(q)) rank = 1;
+    else if (name.includes(q)) rank = 2;
+    else if (`${info.category ?? ""} ${info.description ?? ""}`.toLowerCase().includes(q)) rank = 3;
+    else continue;
+    ranked.push([rank, info.type]);
+  }
+  return ranked.sort((a, b) => a[0] - b[0] || a[1].localeCompare(b[1])).map(([, type]) => type);
+}
+
+/**
  * Fills `list` with the catalogue (type → NodeInfo) and wires `search`.
  * `onDrop(type, clientX, clientY)` adds a node where it was dropped on `dropTarget`;
  * a plain click calls `onDrop(type)` without a position (centre of the view).

@@ -252,6 +252,7 @@ export class RunState extends EventTarget {
   onExecuted(data) {
     if (!this.isOurs(data)) return;
     if (this.isHere(data)) this.showOutput(this.node(data.node), data.output);
+    for (const warning of data.output?.warnings ?? []) toast(`${this.node(data.node)?.title ?? data.node}: ${warning}`, "warn");
     this.dispatchEvent(new CustomEvent("output", { detail: data }));
   }
 
