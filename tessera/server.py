@@ -194,10 +194,28 @@ class Listener:
     everything: bool = False
 
 
+async def _routed_methods(request: web.Request) -> set[str]:
+    """Methods the API routes take at this path (the editor's static files under "/" would
+    otherwise add their GET and HEAD to every path)."""
+    methods: set[str] = set()
+    for resource in request.app.router.resources():
+        if not isinstance(resource, web.StaticResource):
+            methods |= (await resource.resolve(request))[1]
+    return methods
+
+
+def _not_allowed(request: web.Request, methods: set[str]) -> web.Response:
+    allowed = ", ".join(sorted(methods))
+    return json_response({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405, headers={"Allow": allowed})
+
+
 @web.middleware
 async def refusals(request: web.Request, handler):
     """`Refused` becomes its JSON answer; the router's own 404/405 under /api answer JSON too."""
     if request.path.startswith("/api/") and isinstance(request.match_info.route.resource, web.StaticResource):
+        routed = await _routed_methods(request)  # an API path, asked with a method it lacks
+        if routed:
+            return _not_allowed(request, routed)
         return error(f"no route {request.path}", 404)  # not an editor file either
     try:
         response = await handler(request)
@@ -207,13 +225,7 @@ async def refusals(request: web.Request, handler):
             response.force_close()
         return response
     except web.HTTPMethodNotAllowed as e:
-        # the editor's static files live under "/" and would add their GET/HEAD to every path
-        routed = set()
-        for resource in request.app.router.resources():
-            if not isinstance(resource, web.StaticResource):
-                routed |= (await resource.resolve(request))[1]
-        allowed = ", ".join(sorted(routed or e.allowed_methods))
-        return json_response({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405, headers={"Allow": allowed})
+        return _not_allowed(request, await _routed_methods(request) or e.allowed_methods)
     except web.HTTPNotFound:
         if request.path.startswith("/api/"):
             return error(f"no route {request.path}", 404)
