@@ -332,3 +332,65 @@ def test_the_cache_counts_a_model_where_the_manager_moved_it():
     assert cache.usage() == {"cpu": size}
     MetaManager("meta", budget=10 * size, reserve=0, offload_device="cpu", pin=False).use(model, "m")
     assert cache.usage() == {"meta": size}  # moved, not duplicated
+
+
+def _stream_on_meta(model: nn.Module) -> MetaManager:
+    blocks = stream_blocks(model)
+    slot = max(nbytes(b) for b in blocks)
+    resident = nbytes(model) - sum(nbytes(b) for b in blocks)
+    mm = MetaManager("meta", budget=resident + 2 * slot, reserve=0, offload_device="cpu", pin=False)
+    mm.use(model, type(model).__name__)
+    assert mm.state()["models"][0]["where"] == "streaming"
+    return mm
+
+
+def test_flux_and_the_gpt_touch_streamed_weights_only_inside_their_blocks():
+    """On meta, any op mixing a CPU-resident (offloaded) weight with device tensors raises."""
+    from tessera.engines.flux import Flux, FluxConfig
+    from tessera.engines.gpt import GPT, GPTConfig
+
+    flux = Flux(
+        FluxConfig(
+            in_channels=4,
+            out_channels=4,
+            hidden_size=64,
+            num_heads=4,
+            depth=2,
+            depth_single=4,
+            context_dim=32,
+            vec_dim=16,
+            axes_dim=(4, 6, 6),
+        )
+    ).eval()
+    mm = _stream_on_meta(flux)
+    streamed = mm.state()["models"][0]["streamed_blocks"]
+    with torch.inference_mode():
+        out = flux(
+            torch.randn(1, 4, 8, 8, device="meta"),
+            torch.tensor([0.5], device="meta"),
+            torch.randn(1, 5, 32, device="meta"),
+            torch.randn(1, 16, device="meta"),
+            torch.tensor([3.5], device="meta"),
+        )
+    assert out.shape == (1, 4, 8, 8) and mm.block_loads == streamed > 0
+
+    gpt = GPT(
+        GPTConfig(
+            dim=64,
+            n_layer=4,
+            n_head=4,
+            n_kv_head=4,
+            ffn_hidden=128,
+            vocab_size=32,
+            num_classes=10,
+            grid_size=2,
+        )
+    ).eval()
+    mm = _stream_on_meta(gpt)
+    streamed = mm.state()["models"][0]["streamed_blocks"]
+    with torch.inference_mode():
+        gpt.setup_caches(1, 2, 2)  # KV caches land on the device, beside the resident weights
+        prefix = gpt.cls_embedding.embedding_table(torch.tensor([3], device="meta")).unsqueeze(1)
+        logits = gpt(prefix, torch.arange(1, device="meta"))
+        step = gpt(gpt.embed_tokens(torch.tensor([[5]], device="meta")), torch.tensor([1], device="meta"))
+    assert logits.shape == (1, 1, 32) and step.shape == (1, 1, 32) and mm.block_loads == 2 * streamed > 0
