@@ -247,7 +247,7 @@ def test_export_and_restore_from_history(editor: Page):
     with page.expect_download() as download:
         page.locator("#btn-export").click()
     exported = json.loads(download.value.path().read_text())
-    assert exported["version"] == 1
+    assert exported["version"] == 2  # tessera.workflow.CURRENT_VERSION
     assert exported["nodes"][str(save)]["inputs"]["images"] == {"node": str(solid), "output": "image"}
     assert exported["nodes"][str(solid)]["ui"]["title"] == "SolidColor"
     assert "viewport" in exported["ui"]
