@@ -123,6 +123,38 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str], W
     return sd, metadata, where
 
 
+def stored_keys(path: str | Path) -> dict[str, None]:
+    """The tensor names of the model `path` belongs to, from the safetensors headers (or the shard
+    index) alone: enough to tell its family before any tensor is read."""
+    where = locate(path)
+    found = _shard_index(where.path) if where.layout.endswith("sharded") else None
+    if found is not None:
+        return dict.fromkeys(found[1])
+    p = where.path
+    try:
+        with p.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size <= min(100_000_000, p.stat().st_size - 8):
+                raise CheckpointError(p, "not a safetensors file (header length is past the end of the file)")
+            header = json.loads(f.read(size))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(p, f"malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(p, "malformed safetensors header (not a JSON object)")
+    return dict.fromkeys(k for k in header if k != "__metadata__")
+
+
+def related_files(path: str | Path) -> list[Path]:
+    """Every file a model at `path` is read from: its shards, the index and config.json beside
+    them, and for a diffusers component the pipeline's model_index.json."""
+    where = locate(path)
+    folder = where.path.parent
+    extra = [folder / "config.json", *folder.glob("*.safetensors.index.json")]
+    if where.pipeline is not None:
+        extra.append(where.pipeline / "model_index.json")
+    return [*where.files, *(f for f in extra if f.is_file())]
+
+
 # ---------------------------------------------------------------- what a state dict holds
 
 # A tensor name that only one family has (after any wrapper prefix).

@@ -11,6 +11,7 @@ tokens, left padding with the mask) and ImageNetClass (LlamaGen c2i class labels
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,19 @@ import torch
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.clip import CLIPTextModel
 from tessera.engines.conditioning import Conditioning
-from tessera.engines.layouts import family_of, tokenizer_for
+from tessera.engines.layouts import (
+    detect_family,
+    family_of,
+    locate,
+    related_files,
+    stored_keys,
+    tokenizer_folders,
+    tokenizer_for,
+)
 from tessera.engines.layouts import load_text_encoder as load_real_text_encoder
 from tessera.engines.t5 import T5Encoder
 from tessera.engines.text_encoder import TextEncoder, load_text_encoder
-from tessera.engines.tokenization import TextTokenizer, TokenizerError
+from tessera.engines.tokenization import TextTokenizer, TokenizerError, find_tokenizer
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output
 
 FOLDER = "text_encoders"
@@ -141,6 +150,41 @@ def llamagen_conditioning(enc: RealTextEncoder, texts: list[str], tokens: int) -
     )
 
 
+def _identity(paths: list[Path]) -> list:
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()]
+
+
+def check_real_encoder(
+    ctx: ExecutionContext, node_name: str, file: str, input_name: str, want: str | None
+) -> list:
+    """What a loader checks when the workflow is compiled, from file headers alone: the file is a
+    CLIP or T5 encoder (the one `want`s) and a tokenizer is there. Returns the identity (size,
+    mtime) of every file it reads, shards, configs and tokenizer included, for the cache key."""
+    path = ctx.model_file(FOLDER, file, input_name)
+    try:
+        family = detect_family(stored_keys(path))
+        kind = {"CLIP text encoder": "clip", "T5 text encoder": "t5"}.get(family)
+        if kind is None:
+            raise NodeError(
+                f"{node_name}: {path.name}: this is {_a(family)}, not a CLIP or T5 text encoder",
+                input=input_name,
+            )
+        if want is not None and kind != want:
+            raise NodeError(
+                f"{node_name}: {path.name} holds a {NAMES[kind]} text encoder; {input_name} takes a {NAMES[want]} one",
+                input=input_name,
+            )
+        folders = tokenizer_folders(locate(path), kind, Path(ctx.models_dir))
+        tokenizer = find_tokenizer(kind, folders).source
+    except (CheckpointError, TokenizerError) as e:
+        raise NodeError(f"{node_name}: {path.name}: {e}", input=input_name) from None
+    return _identity([*related_files(path), *sorted(tokenizer.iterdir())])
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "AEIOUaeiou" else "a ") + noun
+
+
 def load_real_encoder(ctx: ExecutionContext, node: Node, file: str, input_name: str, want: str | None = None):
     """(family, (model, tokenizer)) for one file; every failure is a NodeError on `input_name` naming the file."""
     path = ctx.model_file(FOLDER, file, input_name)
@@ -171,6 +215,10 @@ class CLIPLoader(Node):
     inputs = (Input("file", "STRING", model_folder=FOLDER, link="widget"),)
     outputs = (Output("text_encoder", "TEXT_ENCODER"),)
 
+    @classmethod
+    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
+        return json.dumps(check_real_encoder(ctx, cls.type_name, inputs["file"], "file", None))
+
     def execute(self, ctx: ExecutionContext, file: str):
         family, part = load_real_encoder(ctx, self, file, "file")
         return (RealTextEncoder(**{family: part}),)
@@ -185,6 +233,15 @@ class DualCLIPLoader(Node):
         Input("t5_file", "STRING", model_folder=FOLDER, link="widget"),
     )
     outputs = (Output("text_encoder", "TEXT_ENCODER"),)
+
+    @classmethod
+    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
+        return json.dumps(
+            [
+                check_real_encoder(ctx, cls.type_name, inputs[name], name, want)
+                for name, want in (("clip_file", "clip"), ("t5_file", "t5"))
+            ]
+        )
 
     def execute(self, ctx: ExecutionContext, clip_file: str, t5_file: str):
         _, clip = load_real_encoder(ctx, self, clip_file, "clip_file", "clip")

@@ -141,6 +141,7 @@ def pipeline(models, tmp_path_factory):
     """A FLUX pipeline folder written by diffusers' own save_pretrained, with settings off the defaults."""
     import diffusers
     import transformers
+
     tok_root = tmp_path_factory.mktemp("tok")
     torch.manual_seed(0)
     transformer = diffusers.FluxTransformer2DModel(
@@ -370,7 +371,7 @@ def test_truncated_shard_and_index_naming_a_missing_shard_are_named(executor, mo
         run(executor, CLIPLoader, file="broken-t5/model-00001-of-00002.safetensors")
 
 
-def test_bad_files_fail_through_the_executor_with_node_input_and_file(executor):
+def test_bad_files_are_refused_before_anything_runs_naming_node_input_and_file(executor):
     workflow = {
         "version": 1,
         "nodes": {
@@ -395,12 +396,32 @@ def test_bad_files_fail_through_the_executor_with_node_input_and_file(executor):
             },
         },
     }
-    result = executor.run(workflow, targets=["11"])
+    events = []
+    result = executor.run(workflow, emit=lambda kind, data: events.append(kind), targets=["11"])
     assert result.status == "error"
     err = result.errors[0]
     assert (err["node"], err["input"]) == ("7", "t5_file") and "clip_l.safetensors holds a CLIP" in err[
         "message"
     ]
+    assert "execution_start" not in events  # refused when compiled, from the file headers alone
+
+    workflow["nodes"]["7"] = {"type": "CLIPLoader", "inputs": {"file": "no_such_encoder.safetensors"}}
+    result = executor.run(workflow, targets=["11"])
+    assert (result.errors[0]["node"], result.errors[0]["input"]) == ("7", "file")
+    assert "no_such_encoder.safetensors" in result.errors[0]["message"]
+
+
+def test_a_changed_shard_config_or_tokenizer_changes_the_loader_cache_key(executor, models):
+    """The runtime keys a loader on its chosen file; the loader adds every other file it reads."""
+    folder = models / "text_encoders" / "flan-t5-xl"
+    ctx = executor.context("n1")
+    key = CLIPLoader.fingerprint(ctx, {"file": "flan-t5-xl/model-00001-of-00002.safetensors"})
+    for changed in ("model-00002-of-00002.safetensors", "config.json", "tokenizer.json"):
+        stat = (folder / changed).stat()
+        os.utime(folder / changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        again = CLIPLoader.fingerprint(ctx, {"file": "flan-t5-xl/model-00001-of-00002.safetensors"})
+        assert again != key, changed
+        key = again
 
 
 def test_converted_llamagen_and_bfl_single_file_keep_what_their_files_say(executor, models):
