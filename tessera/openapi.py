@@ -56,6 +56,7 @@ RESPONSES = {
     ("POST", "/api/validate"): ("413",),
     ("POST", "/api/prompt"): ("409", "413", "503"),
     ("DELETE", "/api/queue/{prompt_id}"): ("404", "409", "503"),
+    ("DELETE", "/api/queue"): ("503",),
     ("POST", "/api/interrupt"): ("413",),
     ("GET", "/api/history/{prompt_id}"): ("404",),
     ("GET", "/api/view"): ("404",),
