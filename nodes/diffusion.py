@@ -103,6 +103,13 @@ class LoadCheckpoint(Node):
     inputs = (Input("file", "STRING", model_folder="checkpoints", link="widget"),)
     outputs = (Output("model", "DIT_MODEL"), Output("vae", "VAE"), Output("text_encoder", "TEXT_ENCODER"))
 
+    @classmethod
+    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
+        """The tokenizers it reads join the cache key (the runtime keys the checkpoint file itself)."""
+        path = ctx.model_file("checkpoints", inputs["file"])
+        return _identity([*path.parent.glob("*.json"), *path.parent.glob("*.txt"),
+                          *(Path(ctx.models_dir) / "tokenizers").rglob("*")])
+
     def execute(self, ctx: ExecutionContext, file: str):
         path = ctx.model_file("checkpoints", file)
         try:
@@ -147,6 +154,16 @@ class LoadDiffusersPipeline(Node):
     inputs = (Input("file", "STRING", model_folder="diffusion_models", link="widget"),)
     outputs = (Output("model", "DIT_MODEL"), Output("vae", "VAE"), Output("text_encoder", "TEXT_ENCODER"))
 
+    @classmethod
+    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
+        """Every file of the pipeline folder (and models/tokenizers/) joins the cache key."""
+        path = ctx.model_file("diffusion_models", inputs["file"])
+        try:
+            pipeline = locate(path).pipeline or path.parent
+        except CheckpointError as e:
+            raise NodeError(f"{cls.type_name}: {e}", input="file") from None
+        return _identity([*pipeline.rglob("*"), *(Path(ctx.models_dir) / "tokenizers").rglob("*")])
+
     def execute(self, ctx: ExecutionContext, file: str):
         path = ctx.model_file("diffusion_models", file)
         try:
@@ -175,6 +192,11 @@ class LoadDiffusersPipeline(Node):
                 f"{self.type_name}: the pipeline folder {pipeline.name} has no {name}/*.safetensors", input="file"
             )
         return files[0]
+
+
+def _identity(paths: list[Path]) -> str:
+    """Size and mtime of each file: a loader's files besides the one the runtime already keys on."""
+    return json.dumps(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()))
 
 
 CHECKPOINT_PARTS = {"model": "model.diffusion_model.*", "vae": "vae.* / first_stage_model.*"}
