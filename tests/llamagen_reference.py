@@ -227,13 +227,15 @@ def caption_prefix(sd: dict[str, Tensor], features: Tensor) -> Tensor:
 
 
 def left_pad(features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """sample_t2i.py's left padding for right-padded T5 output: move the valid tokens to the end."""
+    """sample_t2i.py's left padding for right-padded T5 output: move the valid tokens to the end,
+    flip the mask, and zero the padding features (`caption_embs * emb_masks[:, :, None]`)."""
     out, masks = [], []
     for f, m in zip(features, valid):
         n = int(m.sum())
         out.append(torch.cat([f[n:], f[:n]]))
         masks.append(torch.flip(m, dims=[-1]))
-    return torch.stack(out), torch.stack(masks)
+    masks = torch.stack(masks)
+    return torch.stack(out) * masks[..., None], masks
 
 
 def greedy_tokens(

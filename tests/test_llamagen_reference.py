@@ -85,7 +85,9 @@ def test_greedy_guided_caption_tokens_equal_the_reference():
     t, cap_dim = 6, 24
     sd = ref.gpt_state_dict(64, 2, 4, 1, 176, 48, caption_dim=cap_dim, cls_token_num=t, seed=8)
     model = load(sd, 4)
-    cond = caption(2, t, cap_dim, lengths=[2, 5], seed=9)
+    # an empty caption: its rows attend only to themselves, and the null caption's rows under
+    # that mask are not zero, so the mask's kept diagonal shows in the guided logits
+    cond = caption(2, t, cap_dim, lengths=[0, 5], seed=9)
     with torch.no_grad():
         ours = generate(
             model, condition_prefix(model, 2, positive=cond), GRID, GRID, cfg_scale=2.5, temperature=0
