@@ -60,6 +60,7 @@ def main() -> None:
     registry = default_registry()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        (tmp / "out").mkdir()  # writers confine files to an existing output folder
         compile_s, first_s, cached_s, bare_s = [], [], [], []
         for _ in range(args.repeats):
             executor = Executor(registry, tmp / "models", tmp / "in", tmp / "out", "cpu")
