@@ -338,3 +338,57 @@ def test_history_thumbnail_opens_a_pixelated_lightbox_with_arrow_keys(editor: Pa
     page.screenshot(path=str(screens / "lightbox.png"))
     page.keyboard.press("Escape")
     expect(box).to_be_hidden()
+
+
+def test_groups_collapse_colours_and_sizes_survive_a_reload_and_the_minimap_moves_the_view(editor: Page, screens):
+    page = editor
+    solid, save = build_solid_to_save(page)
+    page.evaluate(
+        """([solid, save]) => { const app = window.tessera;
+            const s = app.graph.getNodeById(solid);
+            s.collapse(true);
+            app.graph.getNodeById(save).color = "#223366";
+            app.graph.getNodeById(save).size = [300, 200];
+            app.changed(); }""",
+        [solid, save],
+    )
+    # a group made from the canvas menu
+    page.mouse.click(*canvas_point(page, 0.5, 0.85), button="right")
+    page.locator(".litecontextmenu .litemenu-entry", has_text="Add Group").first.click()
+    page.evaluate("() => window.tessera.changed()")
+    page.wait_for_function("() => (localStorage.getItem('tessera.workflow') || '').includes('\"groups\"')")
+    saved = page.evaluate("() => window.tessera.workflow()")
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    restored = page.evaluate("() => window.tessera.workflow()")
+    assert restored["nodes"][str(solid)]["ui"].get("collapsed") is True
+    assert restored["nodes"][str(save)]["ui"]["color"] == "#223366"
+    assert restored["nodes"][str(save)]["ui"]["size"] == [300, 200]
+    assert restored["ui"]["groups"] == saved["ui"]["groups"] and len(saved["ui"]["groups"]) == 1
+    # the minimap: a click on its far corner moves the view
+    minimap = page.locator("#minimap")
+    expect(minimap).to_be_visible()
+    offset = page.evaluate("() => [...window.tessera.canvas.ds.offset]")
+    box = minimap.bounding_box()
+    page.mouse.click(box["x"] + box["width"] - 3, box["y"] + box["height"] - 3)
+    assert page.evaluate("() => [...window.tessera.canvas.ds.offset]") != offset
+    page.screenshot(path=str(screens / "minimap-groups.png"))
+
+
+def test_a_node_that_grows_for_its_image_pushes_the_node_below(editor: Page):
+    page = editor
+    load(page, {"version": 1, "nodes": {
+        "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8}, "ui": {"pos": [40, 60]}},
+        "2": {"type": "SaveImage", "inputs": {"images": link("1", "image"), "filename_prefix": "grow"},
+              "ui": {"pos": [340, 60], "size": [240, 60]}},
+        "3": {"type": "SolidColor", "inputs": {}, "ui": {"pos": [340, 160]}},
+    }})
+    before = results(page)
+    page.locator("#btn-run").click()
+    wait_results(page, before + 1)
+    page.wait_for_function("() => (window.tessera.graph.getNodeById(2).images ?? []).length > 0")
+    save_bottom, below_top = page.evaluate(
+        """() => { const g = window.tessera.graph, s = g.getNodeById(2), b = g.getNodeById(3);
+            return [s.pos[1] + s.size[1], b.pos[1] - 30]; }"""
+    )
+    assert save_bottom <= below_top

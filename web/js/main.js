@@ -8,6 +8,7 @@ import { allowLink, installLinkCheck } from "./link-check.js";
 import { clearErrors, describeErrors, showErrors } from "./node-errors.js";
 import { linkColours, registerNodeTypes } from "./node-types.js";
 import { createPalette, rankTypes } from "./palette.js";
+import { Minimap } from "./minimap.js";
 import { QueuePanel } from "./queue-panel.js";
 import { RunState } from "./run-state.js";
 import { parse, stringify } from "./json-big.js";
@@ -61,6 +62,8 @@ class App {
     this.canvas.show_info = false;
     this.canvas.low_quality_zoom_threshold = 0.35; // titles and widget text stay drawn down to 35% zoom
     this.canvas.onSearchBox = (helper, text) => this.searchNodes(helper, text);
+    this.minimap = new Minimap({ canvas: this.canvas, graph: this.graph, el: $("minimap") });
+    this.canvas.onDrawOverlay = () => this.minimap.draw();
     this.fitCanvas();
     new ResizeObserver(() => this.fitCanvas()).observe($("canvas-wrap"));
     installLinkCheck(this.canvas);
