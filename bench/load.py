@@ -27,6 +27,8 @@ from pathlib import Path
 
 import aiohttp
 
+from tessera.workflow import CURRENT_VERSION
+
 FINAL = ("execution_success", "execution_error", "execution_interrupted")
 
 
@@ -39,7 +41,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def prompt_workflow(client: int, index: int, clients: int, prompts: int) -> tuple[dict, str]:
     prefix = f"load/c{client:03d}_p{index:03d}"
-    workflow = {"version": 1, "nodes": {
+    workflow = {"version": CURRENT_VERSION, "nodes": {
         "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8, "red": client / max(clients, 1),
                                               "green": index / max(prompts, 1), "blue": 0.5}},
         "2": {"type": "SaveImage", "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": prefix}},
@@ -125,7 +127,7 @@ async def validation_probe(url: str, session: aiohttp.ClientSession, nodes: int)
     """p50/p99 of GET /api/queue while a `nodes`-node graph validates."""
     graph = {str(i): {"type": "SolidColor", "inputs": {"width": 8, "height": 8}} for i in range(nodes - 1)}
     graph["out"] = {"type": "PreviewImage", "inputs": {"images": {"node": "0", "output": "image"}}}
-    body = json.dumps({"workflow": {"version": 1, "nodes": graph}})
+    body = json.dumps({"workflow": {"version": CURRENT_VERSION, "nodes": graph}})
     latencies: list[float] = []
 
     async def validate():

@@ -20,6 +20,8 @@ from tessera_harness import (
     wait_until,
 )
 
+from tessera.workflow import CURRENT_VERSION
+
 MIB = 1 << 20
 
 
@@ -37,7 +39,7 @@ def save(images: dict, prefix: str = "tessera") -> dict:
 
 
 def workflow(nodes: dict) -> dict:
-    return {"version": 1, "nodes": nodes}
+    return {"version": CURRENT_VERSION, "nodes": nodes}
 
 
 def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0, preview: bool = False) -> dict:

@@ -30,6 +30,7 @@ from tessera_harness import PYTHON, Server, free_port, multipart, png_bytes, png
 
 from tessera.budgets import Budgets, allocation_issues
 from tessera.registry import default_registry
+from tessera.workflow import CURRENT_VERSION
 
 STORE_WRITES = ("add", "claim_next", "finish", "probe", "cancel")
 
@@ -39,7 +40,7 @@ def unique() -> str:
 
 
 def workflow(nodes: dict, **extra) -> dict:
-    return {"version": 1, "nodes": nodes, **extra}
+    return {"version": CURRENT_VERSION, "nodes": nodes, **extra}
 
 
 def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0) -> dict:
@@ -47,8 +48,9 @@ def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0) -> dict:
 
 
 def save_wf(prefix: str, width: int = 8, height: int = 6, batch: int = 1, **extra) -> dict:
+    """SolidColor → SaveImage (`batch` is SolidColor's batch_size)."""
     return workflow({
-        "1": {"type": "SolidColor", "inputs": {"width": width, "height": height, "batch": batch}},
+        "1": {"type": "SolidColor", "inputs": {"width": width, "height": height, "batch_size": batch}},
         "2": {"type": "SaveImage", "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": prefix}},
     }, **extra)
 
@@ -283,7 +285,7 @@ def test_node_count_over_the_cap_is_refused_before_validation(budgeted):
 
 @pytest.mark.parametrize("size, where, words", [
     ((100, 100, 1), "width", "over the limit of 4,096 per image"),
-    ((64, 64, 3), "batch", "over the limit of 8,192 per batch"),
+    ((64, 64, 3), "batch_size", "over the limit of 8,192 per batch"),
 ])
 def test_pixel_budgets_name_the_node_and_input(budgeted, size, where, words):
     w, h, batch = size
@@ -303,7 +305,7 @@ def test_allocations_that_cannot_fit_in_free_memory_are_refused():
     assert issue.node == "1" and issue.input == "width" and "more than the 1.0 GiB of free memory" in issue.reason
     assert allocation_issues(wf, registry, roomy, free=64 << 30) == []
     # a latent counts as the images it becomes
-    latent = workflow({"1": {"type": "EmptyLatent", "inputs": {"width": 4096, "height": 4096, "batch": 8}}})
+    latent = workflow({"1": {"type": "EmptyLatent", "inputs": {"width": 4096, "height": 4096, "batch_size": 8}}})
     assert [i.node for i in allocation_issues(latent, registry, roomy, free=1 << 30)] == ["1"]
 
 
@@ -335,7 +337,7 @@ def test_a_large_workflow_is_not_copied_into_every_image(budgeted):
     wf = save_wf(f"embed{label}/img", 8, 6, batch=4, ui={"notes": "n" * 5000})
     pid = budgeted.submit(wf)
     entry = budgeted.wait_status(pid)
-    assert entry["status"] == "success" and entry["workflow"]["ui"] == wf["ui"]  # kept once, in the history
+    assert entry["status"] == "success" and entry["workflow"] == wf  # kept once, in the history
     refs = entry["outputs"]["2"]["images"]
     assert len(refs) == 4
     for ref in refs:
@@ -345,8 +347,7 @@ def test_a_large_workflow_is_not_copied_into_every_image(budgeted):
         assert len(data) < 2000
     small = save_wf(f"embed{label}/small")
     ref = budgeted.wait_status(budgeted.submit(small))["outputs"]["2"]["images"][0]
-    embedded = json.loads(png_text_chunks((budgeted.output_dir / ref["subfolder"] / ref["filename"]).read_bytes())["workflow"])
-    assert embedded["nodes"] == small["nodes"]
+    assert json.loads(png_text_chunks((budgeted.output_dir / ref["subfolder"] / ref["filename"]).read_bytes())["workflow"]) == small
 
 
 def test_output_quota_refuses_new_prompts_with_409(tmp_path, custom_nodes):
