@@ -8,9 +8,11 @@ which ids generation must keep, so a graph can outpaint or in-fill in token spac
 from __future__ import annotations
 
 import torch
+from PIL import ImageDraw
 from tessera.engines.ar_decoding import DECODINGS, SCHEDULES, condition_prefix, generate
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
+from tessera.engines.generation import tokens_to_image
 from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
@@ -79,10 +81,9 @@ class VQDecode(Node):
 
     def execute(self, ctx: ExecutionContext, vq: VQModel, tokens: TokenGrid):
         try:
-            pixels = vq.decode(tokens.ids.to(ctx.device))
+            return (tokens_to_image(vq, tokens.ids),)
         except ValueError as e:
             raise NodeError(str(e), input="tokens") from None
-        return (((pixels + 1) / 2).permute(0, 2, 3, 1).float().cpu(),)
 
 
 class ARGenerateTokens(Node):
@@ -212,14 +213,20 @@ def _fit_fixed(fixed: TokenGrid, height: int, width: int) -> TokenGrid:
 
 
 def _preview(vq: VQModel, tokens: torch.Tensor, height: int, width: int):
-    """Decode the tokens so far of the first image; the rest shows grey."""
+    """Decode the tokens so far of the first image; the rest shows grey, and a cursor frames
+    the cell the next token fills (raster order)."""
     n = tokens.shape[1]
     ids = torch.zeros(1, height * width, dtype=torch.long, device=tokens.device)
     ids[:, :n] = tokens
     known = torch.zeros_like(ids, dtype=torch.bool)
     known[:, :n] = True
     pixels = vq.decode_partial(ids.view(1, height, width), known.view(1, height, width))
-    return tensor_to_pil(((pixels + 1) / 2).permute(0, 2, 3, 1))[0]
+    picture = tensor_to_pil(((pixels + 1) / 2).permute(0, 2, 3, 1))[0]
+    if n < height * width:
+        cw, ch = picture.width // width, picture.height // height
+        x, y = (n % width) * cw, (n // width) * ch
+        ImageDraw.Draw(picture).rectangle((x, y, x + cw - 1, y + ch - 1), outline=(255, 220, 0))
+    return picture
 
 
 class FixTokenRows(Node):
