@@ -14,9 +14,9 @@ import pytest
 import torch
 from real_model_fixtures import WORDS, write_clip_tokenizer, write_t5_tokenizer
 
-from tessera.engines.clip import CLIPTextConfig, CLIPTextModel, eos_positions
+from tessera.engines.clip import CLIPTextConfig, CLIPTextModel, clip_config_from_weights, eos_positions
 from tessera.engines.layouts import text_encoder_from_state_dict
-from tessera.engines.t5 import T5Encoder, relative_position_bucket
+from tessera.engines.t5 import T5Config, T5Encoder, relative_position_bucket, t5_config_from_weights
 from tessera.engines.tokenization import TokenizerError, find_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -203,3 +203,15 @@ def test_unknown_clip_width_without_head_count_is_refused():
         ).config.num_attention_heads
         == 4
     )
+
+
+def test_real_sizes_are_read_off_the_shapes_alone():
+    """CLIP-L, T5-XXL (Flux) and FLAN-T5-XL (LlamaGen) as their files come: no config beside them."""
+    with torch.device("meta"):
+        clip_l = CLIPTextModel(CLIPTextConfig()).state_dict()
+        t5xxl = T5Encoder(T5Config()).state_dict()
+        flan_xl = T5Encoder(T5Config(d_model=2048, d_ff=5120, num_heads=32)).state_dict()
+    assert clip_config_from_weights(clip_l, {}) == CLIPTextConfig()  # 12 heads, quick-GELU, 77 positions
+    assert t5_config_from_weights(t5xxl, {}) == T5Config()
+    flan = t5_config_from_weights(flan_xl, {})
+    assert (flan.d_model, flan.num_heads, flan.d_kv, flan.d_ff, flan.num_layers) == (2048, 32, 64, 5120, 24)
