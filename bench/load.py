@@ -41,11 +41,25 @@ def percentile(values: list[float], q: float) -> float:
 
 def prompt_workflow(client: int, index: int, clients: int, prompts: int) -> tuple[dict, str]:
     prefix = f"load/c{client:03d}_p{index:03d}"
-    workflow = {"version": CURRENT_VERSION, "nodes": {
-        "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8, "red": client / max(clients, 1),
-                                              "green": index / max(prompts, 1), "blue": 0.5}},
-        "2": {"type": "SaveImage", "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": prefix}},
-    }}
+    workflow = {
+        "version": CURRENT_VERSION,
+        "nodes": {
+            "1": {
+                "type": "SolidColor",
+                "inputs": {
+                    "width": 8,
+                    "height": 8,
+                    "red": client / max(clients, 1),
+                    "green": index / max(prompts, 1),
+                    "blue": 0.5,
+                },
+            },
+            "2": {
+                "type": "SaveImage",
+                "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": prefix},
+            },
+        },
+    }
     return workflow, prefix
 
 
@@ -65,7 +79,7 @@ class Client:
             async for message in ws:
                 if message.type == aiohttp.WSMsgType.BINARY:
                     n = int.from_bytes(message.data[:4], "big")
-                    kind, data = "preview", json.loads(message.data[4:4 + n])
+                    kind, data = "preview", json.loads(message.data[4 : 4 + n])
                 elif message.type == aiohttp.WSMsgType.TEXT:
                     frame = json.loads(message.data)
                     kind, data = frame["type"], frame["data"]
@@ -88,7 +102,9 @@ class Client:
         for index in range(prompts):
             workflow, prefix = prompt_workflow(self.number, index, clients, prompts)
             started = time.perf_counter()
-            async with self.session.post(f"{self.url}/api/prompt", json={"workflow": workflow, "client_id": self.client_id}) as r:
+            async with self.session.post(
+                f"{self.url}/api/prompt", json={"workflow": workflow, "client_id": self.client_id}
+            ) as r:
                 body = await r.json()
                 if r.status != 200:
                     raise RuntimeError(f"client {self.number}: POST /api/prompt answered {r.status}: {body}")
@@ -103,7 +119,9 @@ class Client:
         return sum(1 for _, _, pid in self.events if pid not in self.mine)
 
 
-async def verify(client: Client, session: aiohttp.ClientSession, url: str, output_dir: Path | None) -> tuple[int, int]:
+async def verify(
+    client: Client, session: aiohttp.ClientSession, url: str, output_dir: Path | None
+) -> tuple[int, int]:
     """(lost, crossed) for one client's prompts, from the history and the files."""
     lost = crossed = 0
     for pid, info in client.mine.items():
@@ -115,8 +133,12 @@ async def verify(client: Client, session: aiohttp.ClientSession, url: str, outpu
             continue
         images = entry["outputs"].get("2", {}).get("images", [])
         folder, _, stem = info["prefix"].rpartition("/")
-        right = (entry["workflow"]["nodes"] == info["workflow"]["nodes"] and len(images) == 1
-                 and images[0]["subfolder"] == folder and images[0]["filename"].startswith(stem + "_"))
+        right = (
+            entry["workflow"]["nodes"] == info["workflow"]["nodes"]
+            and len(images) == 1
+            and images[0]["subfolder"] == folder
+            and images[0]["filename"].startswith(stem + "_")
+        )
         if right and output_dir is not None:
             right = (output_dir / folder / images[0]["filename"]).is_file()
         crossed += not right
@@ -132,7 +154,9 @@ async def validation_probe(url: str, session: aiohttp.ClientSession, nodes: int)
 
     async def validate():
         started = time.perf_counter()
-        async with session.post(f"{url}/api/validate", data=body, headers={"Content-Type": "application/json"}) as r:
+        async with session.post(
+            f"{url}/api/validate", data=body, headers={"Content-Type": "application/json"}
+        ) as r:
             await r.read()
             return r.status, time.perf_counter() - started
 
@@ -144,14 +168,23 @@ async def validation_probe(url: str, session: aiohttp.ClientSession, nodes: int)
         latencies.append(time.perf_counter() - started)
         await asyncio.sleep(0.005)
     status, seconds = await task
-    return {"status": status, "validate_s": seconds, "requests": len(latencies),
-            "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99),
-            "max_ms": 1000 * max(latencies, default=float("nan"))}
+    return {
+        "status": status,
+        "validate_s": seconds,
+        "requests": len(latencies),
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+        "max_ms": 1000 * max(latencies, default=float("nan")),
+    }
 
 
-async def run(url: str, clients: int, prompts: int, output_dir: Path | None, probe_nodes: int, timeout: float) -> dict:
+async def run(
+    url: str, clients: int, prompts: int, output_dir: Path | None, probe_nodes: int, timeout: float
+) -> dict:
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
         people = [Client(i, url, session) for i in range(clients)]
         readies = [asyncio.Event() for _ in people]
         listeners = [asyncio.ensure_future(c.listen(r)) for c, r in zip(people, readies)]
@@ -172,11 +205,19 @@ async def run(url: str, clients: int, prompts: int, output_dir: Path | None, pro
         finished = sum(1 for f, _ in finals if f is not None and f[1] == "execution_success")
         probe = await validation_probe(url, session, probe_nodes) if probe_nodes else None
     return {
-        "bench": "load", "clients": clients, "prompts_per_client": prompts, "prompts": clients * prompts,
-        "completed": finished, "seconds": elapsed, "throughput_prompts_per_s": finished / elapsed,
-        "latency_p50_ms": 1000 * percentile(latencies, 0.5), "latency_p99_ms": 1000 * percentile(latencies, 0.99),
-        "lost": sum(lost for lost, _ in checks), "crossed": sum(crossed for _, crossed in checks),
-        "stray_events_total": sum(stray), "stray_events_max_per_client": max(stray, default=0),
+        "bench": "load",
+        "clients": clients,
+        "prompts_per_client": prompts,
+        "prompts": clients * prompts,
+        "completed": finished,
+        "seconds": elapsed,
+        "throughput_prompts_per_s": finished / elapsed,
+        "latency_p50_ms": 1000 * percentile(latencies, 0.5),
+        "latency_p99_ms": 1000 * percentile(latencies, 0.99),
+        "lost": sum(lost for lost, _ in checks),
+        "crossed": sum(crossed for _, crossed in checks),
+        "stray_events_total": sum(stray),
+        "stray_events_max_per_client": max(stray, default=0),
         "validation_probe": probe,
     }
 
@@ -189,10 +230,28 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     log = open(folder / "server.log", "wb")  # noqa: SIM115 - the server writes to it until stopped
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tessera", "serve", "--port", str(port), "--device", "cpu",
-         "--output-dir", str(folder / "out"), "--input-dir", str(folder / "in"), "--user-dir", str(folder / "user"),
-         "--custom-nodes-dir", str(folder / "custom_nodes")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        [
+            sys.executable,
+            "-m",
+            "tessera",
+            "serve",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(folder / "out"),
+            "--input-dir",
+            str(folder / "in"),
+            "--user-dir",
+            str(folder / "user"),
+            "--custom-nodes-dir",
+            str(folder / "custom_nodes"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
@@ -211,12 +270,18 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="tessera bench load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tessera bench load", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=10, help="prompts per client")
     parser.add_argument("--url", help="an already running server (default: start one in a temporary folder)")
-    parser.add_argument("--probe-nodes", type=int, default=10_000, help="graph size for the validation probe (0: skip)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every prompt to finish")
+    parser.add_argument(
+        "--probe-nodes", type=int, default=10_000, help="graph size for the validation probe (0: skip)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for every prompt to finish"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tessera-load-") as tmp:
         proc = None
@@ -226,7 +291,9 @@ def main() -> None:
             proc, url = start_server(Path(tmp))
             output_dir = Path(tmp) / "out"
         try:
-            record = asyncio.run(run(url.rstrip("/"), args.clients, args.prompts, output_dir, args.probe_nodes, args.timeout))
+            record = asyncio.run(
+                run(url.rstrip("/"), args.clients, args.prompts, output_dir, args.probe_nodes, args.timeout)
+            )
         finally:
             if proc is not None:
                 proc.terminate()
@@ -238,13 +305,20 @@ def main() -> None:
         ("latency p50 / p99", f"{record['latency_p50_ms']:.0f} / {record['latency_p99_ms']:.0f} ms"),
         ("lost", str(record["lost"])),
         ("crossed", str(record["crossed"])),
-        ("stray events (total, max per client)", f"{record['stray_events_total']}, {record['stray_events_max_per_client']}"),
+        (
+            "stray events (total, max per client)",
+            f"{record['stray_events_total']}, {record['stray_events_max_per_client']}",
+        ),
     ]
     probe = record["validation_probe"]
     if probe:
-        rows.append((f"GET /api/queue while {args.probe_nodes:,} nodes validate",
-                     f"p50 {probe['p50_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, max {probe['max_ms']:.1f} ms "
-                     f"({probe['requests']} requests, validation {probe['validate_s']:.2f} s, {probe['status']})"))
+        rows.append(
+            (
+                f"GET /api/queue while {args.probe_nodes:,} nodes validate",
+                f"p50 {probe['p50_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, max {probe['max_ms']:.1f} ms "
+                f"({probe['requests']} requests, validation {probe['validate_s']:.2f} s, {probe['status']})",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

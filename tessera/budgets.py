@@ -50,12 +50,20 @@ def node_count_issues(body: object, budgets: Budgets) -> list[WorkflowIssue]:
     """Checked before anything else looks at the graph, so a huge one costs nothing."""
     nodes = body.get("nodes") if isinstance(body, dict) else None
     if isinstance(nodes, dict) and len(nodes) > budgets.max_nodes:
-        return [WorkflowIssue(None, None, f"the workflow has {len(nodes):,} nodes, over the limit of "
-                                          f"{budgets.max_nodes:,} (tessera serve --max-nodes)")]
+        return [
+            WorkflowIssue(
+                None,
+                None,
+                f"the workflow has {len(nodes):,} nodes, over the limit of "
+                f"{budgets.max_nodes:,} (tessera serve --max-nodes)",
+            )
+        ]
     return []
 
 
-def allocation_issues(workflow: dict, registry: NodeRegistry, budgets: Budgets, free: int | None = None) -> list[WorkflowIssue]:
+def allocation_issues(
+    workflow: dict, registry: NodeRegistry, budgets: Budgets, free: int | None = None
+) -> list[WorkflowIssue]:
     """Pixels and memory of every image or latent whose size the graph states as constants."""
     issues = []
     free = available_memory() if free is None else free
@@ -75,15 +83,35 @@ def allocation_issues(workflow: dict, registry: NodeRegistry, budgets: Budgets, 
         pixels = sizes["width"] * sizes["height"]
         batch = sizes.get("batch", sizes.get("batch_size", 1))
         if pixels > budgets.max_image_pixels:
-            issues.append(WorkflowIssue(node_id, "width", f"{sizes['width']}×{sizes['height']} is {pixels:,} pixels, over the "
-                                                          f"limit of {budgets.max_image_pixels:,} per image (--max-image-pixels)"))
+            issues.append(
+                WorkflowIssue(
+                    node_id,
+                    "width",
+                    f"{sizes['width']}×{sizes['height']} is {pixels:,} pixels, over the "
+                    f"limit of {budgets.max_image_pixels:,} per image (--max-image-pixels)",
+                )
+            )
         elif pixels * batch > budgets.max_batch_pixels:
             where = "batch" if cls.input("batch") is not None else "batch_size"
-            issues.append(WorkflowIssue(node_id, where, f"{batch} × {pixels:,} pixels is over the limit of "
-                                                        f"{budgets.max_batch_pixels:,} per batch (--max-batch-pixels)"))
-        elif free is not None and (need := pixels * batch * BYTES_PER_PIXEL * WORKING_COPIES) > max(free, SMALL_ALLOCATION):
-            issues.append(WorkflowIssue(node_id, "width", f"{batch} image(s) of {sizes['width']}×{sizes['height']} need about "
-                                                          f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of free memory"))
+            issues.append(
+                WorkflowIssue(
+                    node_id,
+                    where,
+                    f"{batch} × {pixels:,} pixels is over the limit of "
+                    f"{budgets.max_batch_pixels:,} per batch (--max-batch-pixels)",
+                )
+            )
+        elif free is not None and (need := pixels * batch * BYTES_PER_PIXEL * WORKING_COPIES) > max(
+            free, SMALL_ALLOCATION
+        ):
+            issues.append(
+                WorkflowIssue(
+                    node_id,
+                    "width",
+                    f"{batch} image(s) of {sizes['width']}×{sizes['height']} need about "
+                    f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB of free memory",
+                )
+            )
     return issues
 
 
@@ -119,5 +147,7 @@ class OutputQuota:
         """Why nothing more may be written there, or None while under the quota."""
         if self.limit is None or self.used < self.limit:
             return None
-        return (f"the output folder holds {self.used / 2**30:.2f} GiB, at its quota of {self.limit / 2**30:.2f} GiB "
-                "(tessera serve --output-quota-gb); delete outputs to queue more")
+        return (
+            f"the output folder holds {self.used / 2**30:.2f} GiB, at its quota of {self.limit / 2**30:.2f} GiB "
+            "(tessera serve --output-quota-gb); delete outputs to queue more"
+        )

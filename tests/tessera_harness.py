@@ -269,7 +269,7 @@ class Server:
 
     def wait_ready(self, timeout: float = 90.0) -> Server:
         """Poll until the server answers HTTP (any status); relaunch if its port was taken meanwhile."""
-        for attempt in range(3):
+        for _attempt in range(3):
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:

@@ -44,19 +44,28 @@ def workflow(nodes: dict, **extra) -> dict:
 
 
 def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0) -> dict:
-    return workflow({"1": {"type": "Sleep", "inputs": {"steps": steps, "step_seconds": step_seconds, "label": label}}})
+    return workflow(
+        {"1": {"type": "Sleep", "inputs": {"steps": steps, "step_seconds": step_seconds, "label": label}}}
+    )
 
 
 def save_wf(prefix: str, width: int = 8, height: int = 6, batch: int = 1, **extra) -> dict:
     """SolidColor → SaveImage (`batch` is SolidColor's batch_size)."""
-    return workflow({
-        "1": {"type": "SolidColor", "inputs": {"width": width, "height": height, "batch_size": batch}},
-        "2": {"type": "SaveImage", "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": prefix}},
-    }, **extra)
+    return workflow(
+        {
+            "1": {"type": "SolidColor", "inputs": {"width": width, "height": height, "batch_size": batch}},
+            "2": {
+                "type": "SaveImage",
+                "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": prefix},
+            },
+        },
+        **extra,
+    )
 
 
 def strict_json(data: bytes):
     """Parse as a browser's JSON.parse would: NaN and Infinity are errors."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
 
@@ -76,8 +85,13 @@ class LocalServer:
         self.http = Server(root)
         self.http.port = free_port()
         config = ServerConfig(
-            port=self.http.port, models_dir=self.http.models_dir, output_dir=self.http.output_dir,
-            input_dir=self.http.input_dir, user_dir=self.http.user_dir, device="cpu", budgets=Budgets(**budgets),
+            port=self.http.port,
+            models_dir=self.http.models_dir,
+            output_dir=self.http.output_dir,
+            input_dir=self.http.input_dir,
+            user_dir=self.http.user_dir,
+            device="cpu",
+            budgets=Budgets(**budgets),
         )
         self.server = TesseraServer(config, default_registry(custom_nodes))
         self.loop = asyncio.new_event_loop()
@@ -177,7 +191,9 @@ def test_a_node_that_hits_a_full_disk_fails_by_name_and_pauses_the_queue(local, 
     entry = api.wait_status(failed)
     assert entry["status"] == "error"
     (error,) = entry["errors"]
-    assert error["node"] == "2" and error["input"] == "images" and "No space left on device" in error["message"]
+    assert (
+        error["node"] == "2" and error["input"] == "images" and "No space left on device" in error["message"]
+    )
     health = local.health()
     assert health["healthy"] is False and "No space left on device" in health["health"]
     waiting = api.submit(sleep_wf(unique()))
@@ -230,10 +246,27 @@ def test_start_on_unusable_storage_is_one_clear_line(tmp_path):
     user = tmp_path / "user"
     (user / "queue.sqlite").mkdir(parents=True)  # the database cannot be opened
     proc = subprocess.run(
-        [PYTHON, "-m", "tessera", "serve", "--port", str(free_port()), "--user-dir", str(user),
-         "--output-dir", str(tmp_path / "out"), "--input-dir", str(tmp_path / "in"), "--device", "cpu",
-         "--custom-nodes-dir", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=120,
+        [
+            PYTHON,
+            "-m",
+            "tessera",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--user-dir",
+            str(user),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--device",
+            "cpu",
+            "--custom-nodes-dir",
+            str(tmp_path / "none"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
@@ -242,8 +275,18 @@ def test_start_on_unusable_storage_is_one_clear_line(tmp_path):
 
 
 # -- 2 and 6. budgets ---------------------------------------------------------------------------------
-BUDGET_ARGS = ("--max-body-mb", "0.05", "--max-nodes", "50", "--max-image-pixels", "4096", "--max-batch-pixels", "8192",
-               "--max-embedded-workflow-kb", "1")
+BUDGET_ARGS = (
+    "--max-body-mb",
+    "0.05",
+    "--max-nodes",
+    "50",
+    "--max-image-pixels",
+    "4096",
+    "--max-batch-pixels",
+    "8192",
+    "--max-embedded-workflow-kb",
+    "1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +309,13 @@ def test_request_body_over_the_cap_is_413(budgeted):
     conn = http.client.HTTPConnection("127.0.0.1", budgeted.port, timeout=20)
     try:
         data = json.dumps({"workflow": big}).encode()
-        conn.request("POST", "/api/prompt", body=iter([data[i:i + 4096] for i in range(0, len(data), 4096)]),
-                     headers={"Host": budgeted.host, "Content-Type": "application/json"}, encode_chunked=True)
+        conn.request(
+            "POST",
+            "/api/prompt",
+            body=iter([data[i : i + 4096] for i in range(0, len(data), 4096)]),
+            headers={"Host": budgeted.host, "Content-Type": "application/json"},
+            encode_chunked=True,
+        )
         response = conn.getresponse()
         assert response.status == 413 and "larger than" in json.loads(response.read())["error"]
     finally:
@@ -283,10 +331,13 @@ def test_node_count_over_the_cap_is_refused_before_validation(budgeted):
     assert "51 nodes, over the limit of 50" in issue["reason"] and "--max-nodes" in issue["reason"]
 
 
-@pytest.mark.parametrize("size, where, words", [
-    ((100, 100, 1), "width", "over the limit of 4,096 per image"),
-    ((64, 64, 3), "batch_size", "over the limit of 8,192 per batch"),
-])
+@pytest.mark.parametrize(
+    "size, where, words",
+    [
+        ((100, 100, 1), "width", "over the limit of 4,096 per image"),
+        ((64, 64, 3), "batch_size", "over the limit of 8,192 per batch"),
+    ],
+)
 def test_pixel_budgets_name_the_node_and_input(budgeted, size, where, words):
     w, h, batch = size
     before = history_ids(budgeted)
@@ -302,10 +353,16 @@ def test_allocations_that_cannot_fit_in_free_memory_are_refused():
     wf = save_wf("mem", 2048, 2048, 16)
     roomy = Budgets(max_image_pixels=1 << 30, max_batch_pixels=1 << 40)
     (issue,) = allocation_issues(wf, registry, roomy, free=1 << 30)
-    assert issue.node == "1" and issue.input == "width" and "more than the 1.0 GiB of free memory" in issue.reason
+    assert (
+        issue.node == "1"
+        and issue.input == "width"
+        and "more than the 1.0 GiB of free memory" in issue.reason
+    )
     assert allocation_issues(wf, registry, roomy, free=64 << 30) == []
     # a latent counts as the images it becomes
-    latent = workflow({"1": {"type": "EmptyLatent", "inputs": {"width": 4096, "height": 4096, "batch_size": 8}}})
+    latent = workflow(
+        {"1": {"type": "EmptyLatent", "inputs": {"width": 4096, "height": 4096, "batch_size": 8}}}
+    )
     assert [i.node for i in allocation_issues(latent, registry, roomy, free=1 << 30)] == ["1"]
 
 
@@ -321,8 +378,12 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, budgeted):
     # and refused as an upload
     name = f"big_{unique()}.png"
     (budgeted.input_dir / name).write_bytes(png_bytes((100, 100)))
-    wf = workflow({"1": {"type": "LoadImage", "inputs": {"image": name}},
-                   "2": {"type": "PreviewImage", "inputs": {"images": {"node": "1", "output": "image"}}}})
+    wf = workflow(
+        {
+            "1": {"type": "LoadImage", "inputs": {"image": name}},
+            "2": {"type": "PreviewImage", "inputs": {"images": {"node": "1", "output": "image"}}},
+        }
+    )
     r = budgeted.request("POST", "/api/prompt", json_body={"workflow": wf})
     assert r.status == 400
     (issue,) = r.json()["errors"]
@@ -347,7 +408,14 @@ def test_a_large_workflow_is_not_copied_into_every_image(budgeted):
         assert len(data) < 2000
     small = save_wf(f"embed{label}/small")
     ref = budgeted.wait_status(budgeted.submit(small))["outputs"]["2"]["images"][0]
-    assert json.loads(png_text_chunks((budgeted.output_dir / ref["subfolder"] / ref["filename"]).read_bytes())["workflow"]) == small
+    assert (
+        json.loads(
+            png_text_chunks((budgeted.output_dir / ref["subfolder"] / ref["filename"]).read_bytes())[
+                "workflow"
+            ]
+        )
+        == small
+    )
 
 
 def test_output_quota_refuses_new_prompts_with_409(tmp_path, custom_nodes):
@@ -393,7 +461,11 @@ def test_save_image_prefix_through_a_linked_folder_creates_nothing_outside(idle_
         entry = api.wait_status(api.submit(save_wf(f"{link}/made/img")))
         assert entry["status"] == "error"
         (error,) = entry["errors"]
-        assert error["node"] == "2" and error["input"] == "filename_prefix" and "leaves its folder" in error["message"]
+        assert (
+            error["node"] == "2"
+            and error["input"] == "filename_prefix"
+            and "leaves its folder" in error["message"]
+        )
         assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
     finally:
         (api.output_dir / link).unlink()
@@ -445,13 +517,35 @@ def test_models_lists_only_files_the_loader_accepts(api, outside):
 @pytest.mark.parametrize("token", ["", "short-token"])
 def test_empty_or_short_tokens_are_refused_at_start(tmp_path, token):
     proc = subprocess.run(
-        [PYTHON, "-m", "tessera", "serve", "--port", str(free_port()), "--token", token,
-         "--user-dir", str(tmp_path / "user"), "--output-dir", str(tmp_path / "out"), "--input-dir", str(tmp_path / "in"),
-         "--device", "cpu", "--custom-nodes-dir", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=120,
+        [
+            PYTHON,
+            "-m",
+            "tessera",
+            "serve",
+            "--port",
+            str(free_port()),
+            "--token",
+            token,
+            "--user-dir",
+            str(tmp_path / "user"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--input-dir",
+            str(tmp_path / "in"),
+            "--device",
+            "cpu",
+            "--custom-nodes-dir",
+            str(tmp_path / "none"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"tessera: the access token must have at least 16 characters (got {len(token)})"
+    assert (
+        proc.stderr.strip()
+        == f"tessera: the access token must have at least 16 characters (got {len(token)})"
+    )
 
 
 # -- 5 and 7. strict JSON, 400s, 405s ------------------------------------------------------------------
@@ -462,7 +556,8 @@ NON_STANDARD = {
     "overflowing float": b'{"workflow": {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"step_seconds": 1e999}}}}}',
     "980 levels": b'{"workflow": ' + b"[" * 980 + b"]" * 980 + b"}",
     "5,000-digit integer": b'{"workflow": {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": '
-                           + b"9" * 5000 + b"}}}}}",
+    + b"9" * 5000
+    + b"}}}}}",
     "invalid UTF-8": b'{"workflow": "\xff\xfe"}',
 }
 
@@ -484,8 +579,12 @@ def test_non_finite_float_constants_are_invalid_anywhere():
     from tessera.workflow import InvalidWorkflow, validate
 
     registry = default_registry(None)
-    wf = workflow({"1": {"type": "SolidColor", "inputs": {"red": float("nan")}},
-                   "2": {"type": "SaveImage", "inputs": {"images": {"node": "1", "output": "image"}}}})
+    wf = workflow(
+        {
+            "1": {"type": "SolidColor", "inputs": {"red": float("nan")}},
+            "2": {"type": "SaveImage", "inputs": {"images": {"node": "1", "output": "image"}}},
+        }
+    )
     with pytest.raises(InvalidWorkflow) as caught:
         validate(wf, registry)
     (issue,) = caught.value.issues
@@ -495,21 +594,32 @@ def test_non_finite_float_constants_are_invalid_anywhere():
 def test_undecodable_content_encoding_is_400(idle_api):
     api = idle_api
     for body in (b"\x1f\x8b this is not gzip", gzip.compress(b"{broken json")):
-        r = api.request("POST", "/api/prompt", body=body,
-                        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        r = api.request(
+            "POST",
+            "/api/prompt",
+            body=body,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
         assert r.status == 400, r.body
         assert "error" in r.json()
-    ok = api.request("POST", "/api/validate", body=gzip.compress(json.dumps({"workflow": sleep_wf("gz")}).encode()),
-                     headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    ok = api.request(
+        "POST",
+        "/api/validate",
+        body=gzip.compress(json.dumps({"workflow": sleep_wf("gz")}).encode()),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
     assert ok.status == 200 and ok.json() == {"valid": True}
 
 
-@pytest.mark.parametrize("method, path, allowed", [
-    ("POST", "/api/nodes", "GET, HEAD"),
-    ("PUT", "/api/prompt", "POST"),
-    ("DELETE", "/api/system", "GET, HEAD"),
-    ("POST", "/api/history/abc", "GET, HEAD"),
-])
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("POST", "/api/nodes", "GET, HEAD"),
+        ("PUT", "/api/prompt", "POST"),
+        ("DELETE", "/api/system", "GET, HEAD"),
+        ("POST", "/api/history/abc", "GET, HEAD"),
+    ],
+)
 def test_wrong_methods_answer_405_with_allow(api, method, path, allowed):
     r = api.request(method, path, json_body={})
     assert r.status == 405, (r.status, r.body)
@@ -536,7 +646,11 @@ def test_a_slow_validation_does_not_block_other_requests(api):
     gate = f"gate_{unique()}"
     answer = {}
     wf = workflow({"1": {"type": "Gate", "inputs": {"gate": gate}}})
-    thread = threading.Thread(target=lambda: answer.update(r=api.request("POST", "/api/validate", json_body={"workflow": wf}, timeout=90)))
+    thread = threading.Thread(
+        target=lambda: answer.update(
+            r=api.request("POST", "/api/validate", json_body={"workflow": wf}, timeout=90)
+        )
+    )
     thread.start()
     try:
         for _ in range(5):  # answered while the validation waits on its gate

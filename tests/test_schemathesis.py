@@ -26,12 +26,34 @@ def schemathesis_cli() -> str:
 def test_fuzzed_requests_get_no_server_error_and_only_documented_codes(server):
     api = server("schemathesis")
     proc = subprocess.run(
-        [schemathesis_cli(), "run", f"{api.url}/api/openapi.json", "--checks", CHECKS,
-         "--max-examples", "25", "--seed", "14", "--workers", "1", "--phases", "examples,coverage,fuzzing",
-         "--generation-database", "none", "--no-color", "--warnings", "off", "--request-timeout", "60"],
-        capture_output=True, text=True, timeout=600, cwd=api.root,
+        [
+            schemathesis_cli(),
+            "run",
+            f"{api.url}/api/openapi.json",
+            "--checks",
+            CHECKS,
+            "--max-examples",
+            "25",
+            "--seed",
+            "14",
+            "--workers",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--generation-database",
+            "none",
+            "--no-color",
+            "--warnings",
+            "off",
+            "--request-timeout",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=api.root,
     )
-    summary = proc.stdout[proc.stdout.find("SUMMARY"):] if "SUMMARY" in proc.stdout else proc.stdout[-4000:]
+    summary = proc.stdout[proc.stdout.find("SUMMARY") :] if "SUMMARY" in proc.stdout else proc.stdout[-4000:]
     assert proc.returncode == 0, f"{summary}\n{proc.stderr[-2000:]}"
     assert "No issues found" in proc.stdout
     tested = next(line for line in proc.stdout.splitlines() if line.strip().startswith("Tested:"))
