@@ -45,7 +45,9 @@ def test_executor_bench_quick():
         "first_run_per_node_us",
     ):
         assert positive(record[key]), key
-    assert record["first_run_per_node_us"] == pytest.approx(record["first_run_s"] / 30 * 1e6, abs=0.1)
+    assert record["first_run_per_node_us"] == pytest.approx(
+        record["first_run_s"] / 30 * 1e6, abs=0.5
+    )  # first_run_s is rounded to 10 us
 
 
 def test_autoregressive_bench_quick():
