@@ -50,7 +50,12 @@ EXECUTOR = ("tests/test_executor.py",)
 LORA = ("tests/test_lora.py",)
 WORKFLOW = ("tests/test_workflow.py",)
 SAMPLERS = ("tests/test_samplers.py",)
-SECURITY = ("tests/test_api_security.py", "-k", "traversal or upload_names or confined")
+SECURITY = (
+    "tests/test_confined_paths.py",
+    "tests/test_api_security.py",
+    "-k",
+    "traversal or upload_names or confined",
+)
 
 MUTANTS: tuple[Mutant, ...] = (
     # the six breaks issue 21 found surviving
