@@ -392,3 +392,19 @@ def test_a_node_that_grows_for_its_image_pushes_the_node_below(editor: Page):
             return [s.pos[1] + s.size[1], b.pos[1] - 30]; }"""
     )
     assert save_bottom <= below_top
+
+
+def test_settings_panel_hides_the_minimap_and_keeps_it_after_a_reload(editor: Page):
+    page = editor
+    build_solid_to_save(page)
+    expect(page.locator("#minimap")).to_be_visible()
+    page.locator("#btn-settings").click()
+    page.locator("#settings-dialog input[name=minimap]").uncheck()
+    page.locator("#settings-dialog select[name=links]").select_option("straight")
+    page.keyboard.press("Escape")
+    expect(page.locator("#settings-dialog")).not_to_be_visible()
+    expect(page.locator("#minimap")).to_be_hidden()
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    expect(page.locator("#minimap")).to_be_hidden()
+    assert page.evaluate("() => window.tessera.canvas.links_render_mode") == 0  # straight

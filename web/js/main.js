@@ -11,6 +11,7 @@ import { createPalette, rankTypes } from "./palette.js";
 import { Minimap } from "./minimap.js";
 import { QueuePanel } from "./queue-panel.js";
 import { RunState } from "./run-state.js";
+import { installSettings } from "./settings.js";
 import { parse, stringify } from "./json-big.js";
 import { installShortcuts, SHORTCUTS } from "./shortcuts.js";
 import { toast } from "./toast.js";
@@ -64,6 +65,8 @@ class App {
     this.canvas.onSearchBox = (helper, text) => this.searchNodes(helper, text);
     this.minimap = new Minimap({ canvas: this.canvas, graph: this.graph, el: $("minimap") });
     this.canvas.onDrawOverlay = () => this.minimap.draw();
+    this.canvas.render_canvas_border = false; // a frame of the screen's size at the graph origin: meaningless here
+    installSettings(this, $("settings-dialog"), $("btn-settings"));
     this.fitCanvas();
     new ResizeObserver(() => this.fitCanvas()).observe($("canvas-wrap"));
     installLinkCheck(this.canvas);
@@ -193,7 +196,7 @@ class App {
     this.newGraph();
     for (const warning of warnings.slice(0, 3)) toast(warning, "warn");
     this.workflows.setName(name);
-    if (fit || !workflow.ui?.viewport) this.fitView();
+    if (fit || !workflow.ui?.viewport || this.settings.fitOnLoad) this.fitView();
     this.changed();
     this.drawNow();
     return true;

@@ -39,7 +39,7 @@ export class Minimap {
     if (el.width !== w || el.height !== h) Object.assign(el, { width: w, height: h });
     ctx.clearRect(0, 0, w, h);
     const nodes = this.graph._nodes;
-    el.hidden = !nodes.length;
+    el.hidden = !nodes.length || this.enabled === false;
     if (!nodes.length) return;
     const view = this.canvas.visible_area;
     const rects = nodes.map((n) => [n.pos[0], n.pos[1] - 30, n.size[0], n.flags?.collapsed ? 30 : n.size[1] + 30]);

@@ -99,7 +99,7 @@ function drawMode(node, ctx) {
     ctx.font = "bold 12px sans-serif";
     ctx.fillStyle = "#fff";
     ctx.textAlign = "right";
-    ctx.fillText(node.mode === 4 ? "bypassed" : "muted", w - 8, node.size[1] - 8);
+    ctx.fillText(node.mode === 4 ? "bypassed" : "muted", w - 10, -title / 2 + 4); // in the title bar
   }
   ctx.restore();
 }
