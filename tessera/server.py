@@ -420,6 +420,7 @@ class TesseraServer:
             return error(str(e), e.status)
         except STORAGE_ERRORS as e:
             return error(f"the prompt was not cancelled: {describe_storage_error(e)}", 503)
+        self.owners.pop(prompt_id, None)  # a cancelled prompt sends no more events
         self.emit_threadsafe("status", {"queue_remaining": self.store.remaining()})
         return json_response({"cancelled": prompt_id})
 
