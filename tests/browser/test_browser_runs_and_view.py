@@ -408,3 +408,30 @@ def test_settings_panel_hides_the_minimap_and_keeps_it_after_a_reload(editor: Pa
     page.wait_for_selector("body[data-ready=true]")
     expect(page.locator("#minimap")).to_be_hidden()
     assert page.evaluate("() => window.tessera.canvas.links_render_mode") == 0  # straight
+
+
+def test_token_region_is_drawn_with_the_mouse_on_the_source_image(editor: Page, screens):
+    page = editor
+    load(page, {"version": 2, "nodes": {
+        "1": {"type": "LoadImage", "inputs": {"image": "example.png"}, "ui": {"pos": [40, 60]}},
+        "2": {"type": "LoadVQModel", "inputs": {"file": "tiny-vq.safetensors"}, "ui": {"pos": [40, 420]}},
+        "3": {"type": "VQTokenize", "inputs": {"vq": link("2", "vq"), "image": link("1", "image")},
+              "ui": {"pos": [340, 60]}},
+        "4": {"type": "TokenRegion", "inputs": {"tokens": link("3", "tokens")}, "ui": {"pos": [620, 60]}},
+    }})
+    page.mouse.click(*widget_point(page, 4, "draw on image…"))
+    canvas = page.locator("#region-dialog canvas")
+    expect(canvas).to_be_visible()
+    expect(page.locator("#region-dialog .hint")).to_contain_text("of a 8 × 8 grid")  # 64 px / 8 px tokens
+    box = canvas.bounding_box()
+    cell = box["width"] / 8
+    page.mouse.move(box["x"] + 1.5 * cell, box["y"] + 1.5 * cell)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 3.5 * cell, box["y"] + 2.5 * cell, steps=4)
+    page.mouse.up()
+    expect(page.locator("#region-dialog .hint")).to_contain_text("x 1, y 1, 3 × 2 tokens")
+    page.screenshot(path=str(screens / "token-region-tool.png"))
+    page.keyboard.press("Enter")
+    expect(page.locator("#region-dialog")).not_to_be_visible()
+    inputs = page.evaluate("() => window.tessera.workflow().nodes['4'].inputs")
+    assert (inputs["x"], inputs["y"], inputs["width"], inputs["height"]) == (1, 1, 3, 2)

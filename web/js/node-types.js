@@ -3,6 +3,7 @@
 import { LGraphNode, LiteGraph, SlotShape } from "litegraph";
 import { addInputWidget, hasSocket, hasWidget } from "./widgets.js";
 import { drawNodeOverlay, runStateStroke } from "./node-overlay.js";
+import { addRegionTool } from "./region-tool.js";
 
 const TYPE_COLOURS = {
   IMAGE: "#64b5f6", MASK: "#81c784", LATENT: "#ff9cf9", CONDITIONING: "#ffa931",
@@ -74,6 +75,7 @@ function buildNode(node, info, ctx) {
       if (input.optional) node.inputs.at(-1).shape = SlotShape.HollowCircle; // optional: hollow socket
     }
   }
+  if (info.type === "TokenRegion" || info.type === "FixTokenRows") addRegionTool(node, ctx);
   for (const output of info.outputs) node.addOutput(output.name, output.type, { label: output.name });
   if (info.is_output) node.color = OUTPUT_COLOUR;
   node.strokeStyles.runState = runStateStroke;
