@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", default="{}", help='JSON settings the tensors cannot tell, e.g. \'{"n_head": 20}\'')
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
 
+    comfy = sub.add_parser("import", help="convert a ComfyUI workflow (API or UI JSON, or a ComfyUI PNG) to a Tessera workflow")
+    comfy.add_argument("input", type=Path, help="a ComfyUI workflow .json (API or UI format) or a PNG saved by ComfyUI")
+    comfy.add_argument("output", type=Path, help="the Tessera workflow .json to write")
+    comfy.add_argument("--models-dir", type=Path, default=default_models_dir(), help="tells CLIP from T5 files by their headers")
+
     models = sub.add_parser("models", help="list the real models Tessera runs, or pull one from the Hugging Face Hub")
     models_sub = models.add_subparsers(dest="action", required=True)
     models_sub.add_parser("list", help="the catalogue, with what is installed").add_argument(
@@ -82,20 +87,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_workflow(path: Path) -> dict:
+def load_workflow(path: Path, models_dir: Path | None = None) -> dict:
+    """A Tessera workflow from a .json or a PNG; ComfyUI workflows and PNGs are converted."""
+    from tessera.comfy import convert as comfy
     from tessera.images import read_workflow_from_png
 
     if not path.is_file():
         raise SystemExit(f"tessera: {path}: no such file")
-    if path.suffix.lower() == ".png":
+    document = comfy.read_png(path) if path.suffix.lower() == ".png" else None
+    if path.suffix.lower() == ".png" and document is None:
         try:
             return read_workflow_from_png(path)
         except ValueError as e:
             raise SystemExit(f"tessera: {e}") from None
+    if document is None:
+        try:
+            document = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"tessera: {path}: not valid JSON ({e})") from None
+    if not comfy.is_comfy_document(document):
+        return document
+    from tessera.workflow import InvalidWorkflow
+
+    classify = comfy.file_classifier(models_dir or default_models_dir())
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"tessera: {path}: not valid JSON ({e})") from None
+        return comfy.to_tessera(document, _registry(), classify)
+    except InvalidWorkflow as e:
+        raise SystemExit("\n".join(f"tessera: {path}: ComfyUI node {i}" for i in e.issues)) from None
+
+
+def cmd_import(args) -> int:
+    workflow = load_workflow(args.input, args.models_dir)
+    args.output.write_text(json.dumps(workflow, indent=1) + "\n")
+    print(f"{args.output}: {len(workflow['nodes'])} nodes")
+    return 0
 
 
 def apply_overrides(workflow: dict, overrides: list[str]) -> dict:
@@ -144,7 +169,7 @@ def cmd_run(args) -> int:
         vram_budget = None if args.vram_budget is None else parse_bytes(args.vram_budget)
     except ValueError as e:
         raise SystemExit(f"tessera run: --vram-budget: {e}") from None
-    workflow = apply_overrides(load_workflow(args.workflow), args.set)
+    workflow = apply_overrides(load_workflow(args.workflow, args.models_dir), args.set)
     out = args.out or args.output_dir
     executor = Executor(_registry(), args.models_dir, args.input_dir, out, args.device)
     if vram_budget is not None:
@@ -172,7 +197,7 @@ def cmd_validate(args) -> int:
 
     executor = Executor(_registry(), args.models_dir, Path("input"), Path("output"), "cpu")
     try:
-        workflow = executor.validate(load_workflow(args.workflow))
+        workflow = executor.validate(load_workflow(args.workflow, args.models_dir))
         plan = executor.compile(workflow)
     except InvalidWorkflow as e:
         for issue in e.issues:
@@ -265,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(args)
     if args.command == "nodes":
         return cmd_nodes(args)
+    if args.command == "import":
+        return cmd_import(args)
     if args.command == "convert":
         from tessera.convert import main as convert_main
 

@@ -29,6 +29,7 @@ from PIL import Image
 import tessera
 from tessera.budgets import Budgets, OutputQuota, allocation_issues, node_count_issues
 from tessera.cache import OutputCache
+from tessera.comfy.api import ComfyAPI
 from tessera.compile import compile_info
 from tessera.executor import Executor
 from tessera.images import check_pixels, configure_image_limits, too_many_pixels
@@ -316,7 +317,7 @@ class TesseraServer:
         r.add_get("/api/templates", self.templates)
         r.add_get("/api/system", self.system)
         r.add_get("/api/openapi.json", self.openapi)
-        r.add_get("/ws", self.websocket)
+        ComfyAPI(self).register(app)  # ComfyUI's routes; its /ws serves ours unless ?clientId= is given
         r.add_get("/", self.index)
         if WEB_DIR.is_dir():
             r.add_static("/", WEB_DIR, follow_symlinks=False)
