@@ -160,14 +160,23 @@ async def validation_probe(url: str, session: aiohttp.ClientSession, nodes: int)
             await r.read()
             return r.status, time.perf_counter() - started
 
-    task = asyncio.ensure_future(validate())
-    while not task.done():
+    async def timed_get() -> float:
         started = time.perf_counter()
         async with session.get(f"{url}/api/queue") as r:
             await r.read()
-        latencies.append(time.perf_counter() - started)
+        return time.perf_counter() - started
+
+    task = asyncio.ensure_future(validate())
+    while not task.done():
+        latencies.append(await timed_get())
         await asyncio.sleep(0.005)
     status, seconds = await task
+    # the same requests with nothing validating: what the machine itself allows (a loaded
+    # CPU delays every request, validation or not)
+    baseline = []
+    for _ in range(len(latencies)):
+        baseline.append(await timed_get())
+        await asyncio.sleep(0.005)
     return {
         "status": status,
         "validate_s": seconds,
@@ -175,6 +184,8 @@ async def validation_probe(url: str, session: aiohttp.ClientSession, nodes: int)
         "p50_ms": 1000 * percentile(latencies, 0.5),
         "p99_ms": 1000 * percentile(latencies, 0.99),
         "max_ms": 1000 * max(latencies, default=float("nan")),
+        "idle_p50_ms": 1000 * percentile(baseline, 0.5),
+        "idle_p99_ms": 1000 * percentile(baseline, 0.99),
     }
 
 
@@ -317,6 +328,12 @@ def main() -> None:
                 f"GET /api/queue while {args.probe_nodes:,} nodes validate",
                 f"p50 {probe['p50_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, max {probe['max_ms']:.1f} ms "
                 f"({probe['requests']} requests, validation {probe['validate_s']:.2f} s, {probe['status']})",
+            )
+        )
+        rows.append(
+            (
+                "the same with nothing validating",
+                f"p50 {probe['idle_p50_ms']:.1f} ms, p99 {probe['idle_p99_ms']:.1f} ms",
             )
         )
     width = max(len(k) for k, _ in rows)
