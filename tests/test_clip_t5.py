@@ -7,20 +7,19 @@ more than 1,000 strings: unicode, empty, very long, truncated at 77, 120, 256 an
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
+
+# transformers is the test-only oracle (the `test` extra); everything it reads is a local folder
+import transformers  # noqa: E402
 from real_model_fixtures import WORDS, write_clip_tokenizer, write_t5_tokenizer
 
 from tessera.engines.clip import CLIPTextConfig, CLIPTextModel, clip_config_from_weights, eos_positions
 from tessera.engines.layouts import text_encoder_from_state_dict
 from tessera.engines.t5 import T5Config, T5Encoder, relative_position_bucket, t5_config_from_weights
 from tessera.engines.tokenization import TokenizerError, find_tokenizer
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import transformers  # noqa: E402  (the test-only oracle, from the `test` extra; offline)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

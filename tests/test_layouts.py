@@ -52,8 +52,6 @@ from tessera.nodes.text import (
 )
 from tessera.registry import default_registry
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
