@@ -13,7 +13,7 @@ import pytest
 import torch
 
 # transformers is the test-only oracle (the `test` extra); everything it reads is a local folder
-import transformers  # noqa: E402
+import transformers  # the test-only oracle (`test` extra); it reads local folders only
 from real_model_fixtures import WORDS, write_clip_tokenizer, write_t5_tokenizer
 
 from tessera.engines.clip import CLIPTextConfig, CLIPTextModel, clip_config_from_weights, eos_positions
