@@ -72,6 +72,7 @@ QUERIES = {
     ("GET", "/api/view"): ["filename", "type", "subfolder"],
     ("GET", "/api/history"): ["limit"],
     ("DELETE", "/api/queue"): ["client_id"],
+    ("DELETE", "/api/queue/{prompt_id}"): ["client_id"],
 }
 
 

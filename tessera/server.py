@@ -415,7 +415,11 @@ class TesseraServer:
 
     async def cancel(self, request):
         prompt_id = request.match_info["prompt_id"]
-        try:
+        client_id = request.query.get("client_id")
+        try:  # a client that names itself may cancel only its own prompts (events are scoped the same way)
+            owner = self.store.owner(prompt_id)
+            if client_id and owner and client_id != owner:
+                return error(f"prompt '{prompt_id}' was queued by another client", 403)
             self.store.cancel(prompt_id)
         except QueueError as e:
             return error(str(e), e.status)

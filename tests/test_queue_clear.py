@@ -34,3 +34,17 @@ def test_clear_pending_cancels_only_the_callers_pending_prompts(idle_api):
     api.wait_idle()
     assert {api.entry(p)["status"] for p in (*mine, theirs)} == {"cancelled"}
     assert not any(line.startswith(("start mine", "start theirs")) for line in api.sleep_log())
+
+
+def test_a_client_cannot_cancel_another_clients_prompt(idle_api):
+    api = idle_api
+    tag = uuid.uuid4().hex[:8]
+    gate = api.submit(sleep_wf(f"gate-{tag}", steps=3000, step_seconds=0.01), client_id=f"a-{tag}")
+    api.wait_status(gate, ("running",))
+    theirs = api.submit(sleep_wf(f"theirs-{tag}"), client_id=f"b-{tag}")
+    r = api.request("DELETE", f"/api/queue/{theirs}?client_id=a-{tag}")
+    assert r.status == 403 and "another client" in r.json()["error"]
+    assert api.entry(theirs)["status"] == "pending"
+    assert api.request("DELETE", f"/api/queue/{theirs}?client_id=b-{tag}").status == 200
+    api.request("POST", "/api/interrupt", json_body={})
+    api.wait_idle()

@@ -75,7 +75,9 @@ export class Api extends EventTarget {
   validate(workflow) { return this.request("POST", "/api/validate", { workflow }); }
   queuePrompt(workflow) { return this.request("POST", "/api/prompt", { workflow, client_id: this.clientId }); }
   queue() { return this.get("/api/queue"); }
-  cancel(promptId) { return this.request("DELETE", `/api/queue/${encodeURIComponent(promptId)}`); }
+  cancel(promptId) {
+    return this.request("DELETE", `/api/queue/${encodeURIComponent(promptId)}?client_id=${encodeURIComponent(this.clientId)}`);
+  }
   clearPending() { return this.request("DELETE", `/api/queue?client_id=${encodeURIComponent(this.clientId)}`); }
   interrupt(promptId) { return this.request("POST", "/api/interrupt", promptId ? { prompt_id: promptId } : {}); }
 
