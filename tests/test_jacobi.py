@@ -173,3 +173,29 @@ def test_jacobi_sampling_keeps_the_sequential_distribution(one_thread, temperatu
         generate(model, prefix, GRID, GRID, seed=10, **dict(kw, temperature=temperature * 1.3))
     )
     assert goodness_of_fit(hotter, probs) < 1e-6
+
+
+class _Context:
+    device = torch.device("cpu")
+
+    def progress(self, *args) -> None:
+        pass
+
+
+def test_ar_generate_tokens_node_offers_jacobi_decoding_and_per_image_seeds():
+    import tessera.nodes.autoregressive as ar_nodes
+
+    model = tiny_gpt(False, vocab=20)
+    node = ar_nodes.ARGenerateTokens()
+    kw = dict(
+        model=model, class_id=1, width=3, height=3, cfg=2.0, guidance_schedule="constant", top_k=0, top_p=1.0
+    )
+    kw.update(preview_every=0)
+
+    def ids(**extra):
+        return node.execute(_Context(), **dict(kw, **extra))[0].ids
+
+    greedy = dict(batch_size=1, temperature=0.0, seed=0)
+    assert torch.equal(ids(**greedy, decoding="jacobi", jacobi_window=4), ids(**greedy))
+    batch = ids(batch_size=2, temperature=1.0, seed=30)
+    assert torch.equal(batch[1:], ids(batch_size=1, temperature=1.0, seed=31))
