@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tessera.executor import Executor
-from tessera.node import Input, Node, Output, Result
+from tessera.node import Input, Node, NodeError, Output, Result
 from tessera.registry import NodeRegistry
 from tessera.workflow import InvalidWorkflow
 
@@ -166,3 +166,29 @@ def test_mode_changes_the_cache_key_of_downstream_nodes(executor):
     result = executor.run(chain(d2="bypass"))
     assert result.outputs["out"] == {"value": [6.0]}
     assert "out" in RAN  # its input now comes from d1, a different upstream key
+
+
+class Strict(Node):
+    """Refuses a negative value at validation (Node.check)."""
+
+    inputs = (Input("x", "X"), Input("gain", "FLOAT", default=1.0))
+    outputs = (Output("x", "X"),)
+
+    @classmethod
+    def check(cls, constants, linked):
+        return [NodeError("gain must not be negative", input="gain")] if constants["gain"] < 0 else []
+
+    def execute(self, ctx, x, gain):
+        return (x * gain,)
+
+
+def test_a_bypassed_nodes_own_checks_do_not_block_the_run(executor):
+    executor.registry.register(Strict)
+    workflow = chain()
+    workflow["nodes"]["d1"] = {"type": "Strict", "inputs": {"x": link("n"), "gain": -1.0}}
+    with pytest.raises(InvalidWorkflow) as caught:
+        executor.validate(workflow)
+    assert (caught.value.issues[0].node, caught.value.issues[0].input) == ("d1", "gain")
+    workflow["nodes"]["d1"]["mode"] = "bypass"
+    result = executor.run(workflow)
+    assert result.status == "success" and result.outputs["out"] == {"value": [6.0]}
