@@ -48,14 +48,24 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> T5Config:
-        d = dict(d)
-        if "feed_forward_proj" in d:  # HF config.json: "gated-gelu" or "relu"
-            proj = str(d.pop("feed_forward_proj"))
-            d.setdefault("is_gated_act", proj.startswith("gated-"))
-            act = proj.removeprefix("gated-")
-            d.setdefault("dense_act_fn", "gelu_new" if act == "gelu" else act)
+        d = _with_ffn_fields(d)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _with_ffn_fields(d: dict) -> dict:
+    """HF config.json's `feed_forward_proj` ("gated-gelu", "relu") as our two fields; explicit
+    `is_gated_act` / `dense_act_fn` in the same dict win."""
+    d = dict(d)
+    if "feed_forward_proj" in d:
+        proj = str(d.pop("feed_forward_proj"))
+        act = proj.removeprefix("gated-")
+        d = {
+            "is_gated_act": proj.startswith("gated-"),
+            "dense_act_fn": "gelu_new" if act == "gelu" else act,
+            **d,
+        }
+    return d
 
 
 _ACTIVATIONS = {
@@ -234,12 +244,5 @@ def t5_config_from_weights(sd: dict[str, Tensor], overrides: dict) -> T5Config:
         is_gated_act=gated,
         dense_act_fn="gelu_new" if gated else "relu",
     )
-    overrides = dict(overrides)
-    if "feed_forward_proj" in overrides:
-        proj = str(overrides.pop("feed_forward_proj"))
-        act = proj.removeprefix("gated-")
-        inferred.update(
-            is_gated_act=proj.startswith("gated-"), dense_act_fn="gelu_new" if act == "gelu" else act
-        )
-    inferred.update(overrides)
+    inferred.update(_with_ffn_fields(overrides))
     return T5Config.from_dict(inferred)
