@@ -71,7 +71,7 @@ class App {
     new ResizeObserver(() => this.fitCanvas()).observe($("canvas-wrap"));
     installLinkCheck(this.canvas);
 
-    this.graphKey = localStorage.getItem(GRAPH_KEY) || this.newGraph();
+    this.graphKey = sessionStorage.getItem(GRAPH_KEY) || this.newGraph(); // per tab, as its runs
     this.runState = new RunState({
       api: this.api, graph: this.graph, progressEl: $("run-progress"), graphKey: () => this.graphKey,
     });
@@ -206,7 +206,7 @@ class App {
   newGraph() {
     this.graphKey = newGraphKey();
     try {
-      localStorage.setItem(GRAPH_KEY, this.graphKey);
+      sessionStorage.setItem(GRAPH_KEY, this.graphKey);
     } catch {
       // storage disabled: runs still stay on their graph until a reload
     }

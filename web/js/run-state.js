@@ -4,7 +4,8 @@
 // Every prompt remembers the graph it was queued from (`graphKey()` at that moment): its
 // events touch nodes only while that graph is the one on the canvas, so loading another
 // workflow mid-run never puts a run's previews on a node that happens to share an id.
-// Unfinished prompts are kept in localStorage, so a reload re-attaches to them (`reattach`).
+// Unfinished prompts are kept in sessionStorage (this tab's, like its client id, which the
+// server scopes events by), so a reload re-attaches to them (`reattach`).
 
 import { clearErrors, describeErrors, findNode, showErrors } from "./node-errors.js";
 import { setNodeImages } from "./node-overlay.js";
@@ -89,7 +90,7 @@ export class RunState extends EventTarget {
 
   saveRuns() {
     try {
-      localStorage.setItem(RUNS_KEY, JSON.stringify(Object.fromEntries(this.prompts)));
+      sessionStorage.setItem(RUNS_KEY, JSON.stringify(Object.fromEntries(this.prompts)));
     } catch {
       // storage disabled: a reload then shows the result in History only
     }
@@ -102,7 +103,7 @@ export class RunState extends EventTarget {
   async reattach() {
     let saved;
     try {
-      saved = JSON.parse(localStorage.getItem(RUNS_KEY) ?? "{}");
+      saved = JSON.parse(sessionStorage.getItem(RUNS_KEY) ?? "{}");
     } catch {
       saved = {};
     }
