@@ -352,15 +352,25 @@ class ComfyAPI:
             return error(f"the upload was not stored: {describe_storage_error(e)}", 503)
         return self._json({"name": stored, "subfolder": "", "type": "input"})
 
+    def _folders(self) -> list[str]:
+        """The models folders: the listed ones and every folder a loader reads (e.g. checkpoints)."""
+        used = {
+            i.model_folder
+            for cls in self.server.registry.nodes.values()
+            for i in cls.inputs
+            if i.model_folder
+        }
+        return list(MODEL_FOLDERS) + sorted(used - set(MODEL_FOLDERS))
+
     async def model_folders(self, request):
-        return self._json(list(MODEL_FOLDERS))
+        return self._json(self._folders())
 
     async def models(self, request):
         folder = request.match_info["folder"]
         folder = FOLDER_ALIASES.get(folder, folder)
-        if folder not in MODEL_FOLDERS:
+        if folder not in self._folders():
             return self._json(
-                {"error": f"no models folder '{folder}' (folders: {', '.join(MODEL_FOLDERS)})"}, 404
+                {"error": f"no models folder '{folder}' (folders: {', '.join(self._folders())})"}, 404
             )
         return self._json(self.server.executor.model_files(folder))
 
