@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tessera.engines.ar_decoding import condition_prefix, generate
 from tessera.engines.controlnet import (
     ARControlNet,
     ControlHint,
@@ -33,12 +32,11 @@ from tessera.engines.controlnet import (
     with_ar_control,
     with_control,
 )
-from tessera.engines.flux import guided_velocity, load_dit
+from tessera.engines.flux import load_dit
+from tessera.engines.generation import generate_autoregressive, generate_diffusion
 from tessera.engines.gpt import load_gpt
-from tessera.engines.latent import Latent, denoise
 from tessera.engines.lora import load_lora, with_loras
 from tessera.engines.preprocess import canny
-from tessera.engines.schedules import sigmas_for
 from tessera.engines.text_encoder import load_text_encoder
 from tessera.engines.vae import load_vae
 from tessera.engines.vq import load_vq
@@ -77,14 +75,9 @@ class DiT:
 
     def __call__(self, model, prompts: list[str], seed: int) -> torch.Tensor:
         pos, neg = self.text.encode(prompts), self.text.encode([""] * len(prompts))
-        f, c = self.vae.config.downscale, self.model.config.in_channels
-        size = synthetic.IMAGE_SIZE // f
-        p = self.model.config.patch_size
-        sigmas = sigmas_for("flux", self.steps, 1.0, (size // p) ** 2)
-        velocity = guided_velocity(model, pos, neg, self.cfg, 3.5)
-        latent = Latent(torch.zeros(len(prompts), c, size, size))
-        out = denoise(velocity, latent, sampler="euler", sigmas=sigmas, seed=seed)
-        return ((self.vae.decode(out.samples) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+        size = synthetic.IMAGE_SIZE
+        return generate_diffusion(model, self.vae, pos, neg, height=size, width=size, seed=seed, steps=self.steps,
+                                  cfg=self.cfg)  # fmt: skip
 
 
 class AR:
@@ -94,13 +87,7 @@ class AR:
         self.text, self.cfg = text, cfg
 
     def __call__(self, model, prompts: list[str], seed: int) -> torch.Tensor:
-        grid = synthetic.IMAGE_SIZE // self.vq.downsample
-        prefix = condition_prefix(
-            model, len(prompts), positive=self.text.encode(prompts), cfg=self.cfg != 1.0
-        )
-        g = torch.Generator().manual_seed(seed)
-        ids = generate(model, prefix, grid, grid, cfg_scale=self.cfg, temperature=1.0, top_k=0, generator=g)
-        return ((self.vq.decode(ids) + 1) / 2).permute(0, 2, 3, 1)
+        return generate_autoregressive(model, self.vq, self.text.encode(prompts), seed=seed, cfg=self.cfg)
 
 
 def batched(generate_fn, model, prompts: list[str], seed: int, batch: int = 16) -> torch.Tensor:

@@ -57,17 +57,17 @@ import torch
 
 from tessera.engines.ar_decoding import condition_prefix, generate
 from tessera.engines.flux import guided_velocity, load_dit
+from tessera.engines.generation import diffusion_sigmas, latent_to_image, tokens_to_image
 from tessera.engines.gpt import load_gpt
 from tessera.engines.latent import seeded_noise
 from tessera.engines.samplers import SAMPLERS
-from tessera.engines.schedules import sigmas_for
 from tessera.engines.text_encoder import load_text_encoder
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vae import load_vae
 from tessera.engines.vq import load_vq
 from tessera.lab import scene_features, synthetic
 from tessera.lab.scorers import score
-from tessera.lab.training import DEFAULT_FILES, heldout_scenes
+from tessera.lab.training import DEFAULT_FILES, heldout_scenes, sample_ar, sample_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER_FILE = "classifiers/tessera-scene-features.safetensors"
@@ -154,8 +154,9 @@ def _sync(device: torch.device) -> None:
 
 
 class DiTEngine:
-    """lab.training.sample_dit's loop (same noise per image index, same schedule) with the
-    device placement, an optional corruption of one latent cell at a chosen step, and counters."""
+    """The DiT through `engines.generation` (`sample`), and a sampler loop that can corrupt one
+    latent cell at a chosen step (`sample_latents`; without a corruption it gives the same
+    latents, which a test pins), with pass counters."""
 
     name, label = "dit", "diffusion (DiT)"
 
@@ -177,6 +178,11 @@ class DiTEngine:
             self._palette = z[:, :, 3:5, 3:5].mean((2, 3))
         return self._palette
 
+    def sigmas(self) -> torch.Tensor:
+        """The schedule of every run at the lab's image size."""
+        h = w = synthetic.IMAGE_SIZE // self.vae.config.downscale
+        return diffusion_sigmas(self.model, self.schedule, self.steps, 1.0, (h, w))
+
     @torch.no_grad()
     def sample_latents(
         self,
@@ -191,12 +197,13 @@ class DiTEngine:
         cfg = self.cfg if cfg is None else cfg
         negative = self.te.encode([""])
         out = []
+        h = w = synthetic.IMAGE_SIZE // self.vae.config.downscale
+        sigmas = self.sigmas()
         for i in range(0, len(captions), batch):
             chunk = captions[i : i + batch]
             velocity = guided_velocity(self.model, self.te.encode(chunk), negative, cfg)
             c = self.model.config.in_channels
-            sigmas = sigmas_for(self.schedule, self.steps, 1.0, 64)
-            x = (seeded_noise(seed + i, (len(chunk), c, 8, 8)) * sigmas[0]).to(self.device)
+            x = (seeded_noise(seed + i, (len(chunk), c, h, w)) * sigmas[0]).to(self.device)
             run = SAMPLERS[self.sampler]
             if corrupt is None:
                 x = run(velocity, x, sigmas)
@@ -214,15 +221,22 @@ class DiTEngine:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch: int = 64) -> torch.Tensor:
         return torch.cat(
-            [((self.vae.decode(latents[i : i + batch].to(self.device)).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu()
-             for i in range(0, len(latents), batch)]
-        )  # fmt: skip
+            [
+                latent_to_image(self.vae, latents[i : i + batch].to(self.device))
+                for i in range(0, len(latents), batch)
+            ]
+        )
 
     def sample(
         self, captions: list[str], seed: int, cfg: float | None = None, batch: int = 32, corrupt=None
     ) -> torch.Tensor:
-        """IMAGE [B, 64, 64, 3] in 0..1 (CPU), as lab.training.sample_dit makes them."""
-        return self.decode(self.sample_latents(captions, seed, cfg, batch, corrupt))
+        """IMAGE [B, H, W, 3] in 0..1 (CPU): `generate_diffusion` (through lab.training.sample_dit),
+        or the corrupting loop when `corrupt` is given."""
+        if corrupt is not None:
+            return self.decode(self.sample_latents(captions, seed, cfg, batch, corrupt))
+        cfg = self.cfg if cfg is None else cfg
+        return sample_dit(self.model, self.vae, self.te, captions, seed=seed, steps=self.steps, cfg=cfg,
+                          sampler=self.sampler, schedule=self.schedule, batch=batch)  # fmt: skip
 
     @torch.no_grad()
     def corrupt(self, x: torch.Tensor, sigma: float, velocity, row: int, col: int) -> torch.Tensor:
@@ -248,8 +262,8 @@ class DiTEngine:
 
 
 class AREngine:
-    """lab.training.sample_ar's loop (one generator per batch seeded seed + i) with the device
-    placement, forced tokens and counters; returns token grids too."""
+    """The GPT through `engines.generation` (`sample`), and token grids with forced tokens
+    (`sample_ids`; without them the same tokens, which a test pins), with pass counters."""
 
     name, label = "ar", "autoregressive (GPT)"
 
@@ -291,7 +305,6 @@ class AREngine:
         for i in range(0, len(captions), batch):
             chunk = captions[i : i + batch]
             prefix = condition_prefix(self.model, len(chunk), positive=self.te.encode(chunk), cfg=cfg != 1.0)
-            g = torch.Generator(device=self.device).manual_seed(seed + i)
             part = None
             if fixed is not None:
                 part = TokenGrid(fixed.ids[i : i + batch], fixed.fixed_mask()[i : i + batch]).to(self.device)
@@ -302,7 +315,7 @@ class AREngine:
                 self.grid,
                 cfg_scale=cfg,
                 temperature=1.0,
-                generator=g,
+                seed=seed + i,
                 fixed=part,
             )
             out.append(ids.cpu())
@@ -310,15 +323,14 @@ class AREngine:
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, batch: int = 64) -> torch.Tensor:
-        return torch.cat(
-            [((self.vq.decode(ids[i : i + batch].to(self.device)) + 1) / 2).permute(0, 2, 3, 1).cpu()
-             for i in range(0, len(ids), batch)]
-        ).clamp(0, 1)  # fmt: skip
+        return torch.cat([tokens_to_image(self.vq, ids[i : i + batch]) for i in range(0, len(ids), batch)])
 
     def sample(
         self, captions: list[str], seed: int, cfg: float | None = None, batch: int = 32
     ) -> torch.Tensor:
-        return self.decode(self.sample_ids(captions, seed, cfg, batch))
+        """IMAGE [B, H, W, 3] in 0..1 (CPU): `generate_autoregressive` (through lab.training.sample_ar)."""
+        cfg = self.cfg if cfg is None else cfg
+        return sample_ar(self.model, self.vq, self.te, captions, seed=seed, cfg=cfg, batch=batch)
 
     def forward_passes(self, cfg: float) -> int:
         return self.grid * self.grid * (2 if cfg != 1.0 else 1)
@@ -578,7 +590,7 @@ def run(settings: Settings, models_dir: Path, classifier_path: Path | None = Non
     dit_err_res = per_image_scores(dit_err, scenes)
     report["dit"]["early_error"] = {
         "what": f"latent cell (row {row}, col {col}) of the clean estimate set to the farthest palette colour after "
-        f"step {s.error_step} of {s.dit_steps} (sigma {float(sigmas_for('flux', s.dit_steps, 1.0, 64)[s.error_step]):.3f})",
+        f"step {s.error_step} of {s.dit_steps} (sigma {float(dit.sigmas()[s.error_step]):.3f})",
         "drop": drop("dit", dit_err_res),
         "drop_no_reaction": drop("dit", per_image_scores(dit_late, scenes)),
         "pixels_changed": round(float((dit_err - main_images["dit"]).abs().mean()), 5),

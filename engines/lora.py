@@ -12,24 +12,18 @@ DiT, the diffusers `FluxTransformer2DModel` layout: a diffusers module lands on 
 BFL weight that `flux.convert_diffusers_dit` puts it in (`attn.to_k` → the middle third of
 `img_attn.qkv`), a map derived by running that converter on row-tagged tensors, not written twice.
 
-Applying, two ways:
-- `with_loras(model, [(lora, strength), ...])` returns a new model object of the same class that
-  shares every base tensor. Low-rank updates run in the forward (`LoraLinear` adds
-  strength·scale·up(down(x)) to the touched output rows); dense deltas are merged into fresh tensors
-  owned by the copy. The base module is never written, so a cached base stays valid for every
-  other user, and several strengths of one base can live side by side.
-- `patched(model, ...)` merges in place for the duration of a `with` block (under a per-model lock)
-  and puts back the original tensor objects on exit, so every base weight is bit-identical after.
+Applying: `with_loras(model, [(lora, strength), ...])` returns a new model object of the same class
+that shares every base tensor. Low-rank updates run in the forward (`LoraLinear` adds
+strength·scale·up(down(x)) to the touched output rows); dense deltas are merged into fresh tensors
+owned by the copy. The base module is never written, so a cached base stays valid for every other
+user, and several strengths of one base can live side by side.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import threading
-import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -490,52 +484,3 @@ def _add_rows(base: Tensor, rows: Tensor | None, delta: Tensor) -> Tensor:
     else:
         out.index_add_(0, rows.to(out.device), delta)
     return out.to(base.dtype)
-
-
-# ---------------------------------------------------------------- merging in place, restored exactly
-
-_locks: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """The lock `patched` holds on a model while its weights are merged."""
-    with _locks_guard:
-        return _locks.setdefault(model, threading.RLock())
-
-
-def merged_deltas(model: nn.Module, loras: Sequence[tuple[Lora, float]]) -> dict[str, Tensor]:
-    """Sum of strength · update per touched parameter, fp32, full parameter shape."""
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    deltas: dict[str, Tensor] = {}
-    for lora, strength in loras:
-        for u in lora.updates:
-            d = deltas.setdefault(u.target, torch.zeros(shapes[u.target]))
-            if u.rows is None:
-                d += strength * u.delta()
-            else:
-                d.index_add_(0, u.rows, strength * u.delta())
-    return deltas
-
-
-@contextmanager
-def patched(model: nn.Module, loras: Sequence[tuple[Lora, float]]) -> Iterator[nn.Module]:
-    """Merge the LoRAs into `model`'s weights for the `with` block, then restore them bit-identically.
-
-    Each touched parameter gets a new merged tensor; the original tensor object is kept aside,
-    never written, and put back on exit. Only touched tensors are held twice.
-    """
-    with model_lock(model):
-        originals: dict[str, Tensor] = {}
-        try:
-            for name, delta in merged_deltas(model, loras).items():
-                path, pname = name.rsplit(".", 1)
-                module = model.get_submodule(path)
-                t = getattr(module, pname)
-                originals[name] = t.data
-                t.data = _add_rows(t.data, None, delta)
-            yield model
-        finally:
-            for name, original in originals.items():
-                path, pname = name.rsplit(".", 1)
-                getattr(model.get_submodule(path), pname).data = original

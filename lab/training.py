@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tessera.engines.checkpoint import CheckpointError, read_safetensors, write_safetensors
-from tessera.engines.flux import Flux, FluxConfig, default_axes_dim, guided_velocity, load_dit, save_dit
+from tessera.engines.flux import Flux, FluxConfig, default_axes_dim, load_dit, save_dit
+from tessera.engines.generation import generate_autoregressive, generate_diffusion
 from tessera.engines.gpt import GPT, GPTConfig, load_gpt, rope_2d, save_gpt
-from tessera.engines.samplers import SAMPLERS
-from tessera.engines.schedules import sigmas_for
 from tessera.engines.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
@@ -454,6 +453,12 @@ def _stream(options: RunOptions, start: int, kinds: Sequence[str] = TRAIN_KINDS)
         yield step, replace(batch, images=batch.images.to(options.device, non_blocking=True))
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one training step: a function of (seed, step) alone, so a run resumed
+    at any step draws what the uninterrupted run drew there."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
 def _warmup(options: RunOptions, divisor: int) -> int:
     return options.warmup if options.warmup is not None else max(1, options.steps // divisor)
 
@@ -673,7 +678,6 @@ def train_vae(
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
     log = TrainLog(options.log, "vae", options, append=start > 0)
-    gen = torch.Generator().manual_seed(options.seed + 17)
     model.train()
     clock: dict = {}
     for step, batch in _stream(options, start):
@@ -685,7 +689,7 @@ def train_vae(
         with _autocast(options), torch.set_grad_enabled(not decoder_only):
             mean, logvar = model.encode_moments(x)
         with _autocast(options):
-            eps = torch.randn(mean.shape, generator=gen).to(mean.device)
+            eps = torch.randn(mean.shape, generator=step_generator(options.seed + 17, step)).to(mean.device)
             z = mean + torch.exp(0.5 * logvar) * eps
             if model.post_quant_conv is not None:
                 z = model.post_quant_conv(z.to(x.dtype))
@@ -810,7 +814,6 @@ def train_vq(
     if options.resume_from:
         start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
     log = TrainLog(options.log, "vq", options, append=start > 0)
-    gen = torch.Generator().manual_seed(options.seed + 23)
     usage = torch.zeros(config.codebook_size, device=options.device)
     model.train()
     clock: dict = {}
@@ -838,7 +841,7 @@ def train_vq(
         opt.step()
         usage += torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
         if not decoder_only and (step + 1) % reinit_every == 0 and step + 1 < options.steps * 0.9:
-            _reseed_dead_codes(model, usage, z.detach(), gen)
+            _reseed_dead_codes(model, usage, z.detach(), step_generator(options.seed + 23, step))
             usage.zero_()
         counts = torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
         p = counts / counts.sum()
@@ -993,7 +996,7 @@ def train_dit(
     for step, batch in _stream(options, start):
         if not pace_to_deadline(options, "dit", step, clock):
             break
-        gen = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
+        gen = step_generator(options.seed, step)
         for group in opt.param_groups:
             group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 25))
         captions, _ = _drop_captions(batch.captions, gen)
@@ -1142,7 +1145,7 @@ def train_ar(
     for step, batch in _stream(options, start):
         if not pace_to_deadline(options, "ar", step, clock):
             break
-        gen = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
+        gen = step_generator(options.seed, step)
         for group in opt.param_groups:
             group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 25))
         # the same draw as the DiT's, so both generators drop the same captions
@@ -1222,22 +1225,15 @@ def sample_dit(
     schedule: str = "flux",
     batch: int = 32,
 ) -> Tensor:
-    """Images [B, 64, 64, 3] in 0..1 (on the CPU) for `captions`, CFG against the empty caption,
-    on the models' device."""
-    from tessera.engines.latent import seeded_noise
-
-    images = []
+    """Images [B, 64, 64, 3] in 0..1 (CPU) for `captions` through `generate_diffusion`, CFG
+    against the empty caption, `batch` at a time (image k from seed + k)."""
     negative = te.encode([""])
-    for i in range(0, len(captions), batch):
-        chunk = captions[i : i + batch]
-        positive = te.encode(chunk)
-        velocity = guided_velocity(model, positive, negative, cfg)
-        c = model.config.in_channels
-        noise = seeded_noise(seed + i, (len(chunk), c, 8, 8)).to(positive.tokens.device)
-        sigmas = sigmas_for(schedule, steps, 1.0, 64)
-        x = SAMPLERS[sampler](velocity, noise * sigmas[0], sigmas)
-        images.append(((vae.decode(x).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu())
-    return torch.cat(images)
+    return torch.cat([
+        generate_diffusion(model, vae, te.encode(captions[i : i + batch]), negative, height=synthetic.IMAGE_SIZE,
+                           width=synthetic.IMAGE_SIZE, seed=seed + i, steps=steps, cfg=cfg, sampler=sampler,
+                           schedule=schedule)
+        for i in range(0, len(captions), batch)
+    ])  # fmt: skip
 
 
 @torch.no_grad()
@@ -1254,27 +1250,13 @@ def sample_ar(
     top_p: float = 1.0,
     batch: int = 32,
 ) -> Tensor:
-    from tessera.engines.ar_decoding import condition_prefix, generate
-
-    images = []
-    grid = model.config.grid_size
-    for i in range(0, len(captions), batch):
-        chunk = captions[i : i + batch]
-        prefix = condition_prefix(model, len(chunk), positive=te.encode(chunk), cfg=cfg != 1.0)
-        g = torch.Generator(model.output.weight.device).manual_seed(seed + i)
-        ids = generate(
-            model,
-            prefix,
-            grid,
-            grid,
-            cfg_scale=cfg,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=g,
-        )
-        images.append(((vq.decode(ids) + 1) / 2).permute(0, 2, 3, 1).cpu())
-    return torch.cat(images)
+    """Images [B, 64, 64, 3] in 0..1 (CPU) for `captions` through `generate_autoregressive`,
+    `batch` at a time (image k from seed + k)."""
+    return torch.cat([
+        generate_autoregressive(model, vq, te.encode(captions[i : i + batch]), seed=seed + i, cfg=cfg,
+                                temperature=temperature, top_k=top_k, top_p=top_p)
+        for i in range(0, len(captions), batch)
+    ])  # fmt: skip
 
 
 def score_images(images: Tensor, scenes: list[dict]) -> dict[str, dict[str, float]]:

@@ -12,6 +12,7 @@ from PIL import ImageDraw
 from tessera.engines.ar_decoding import DECODINGS, SCHEDULES, condition_prefix, generate
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
+from tessera.engines.generation import tokens_to_image
 from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
@@ -80,10 +81,9 @@ class VQDecode(Node):
 
     def execute(self, ctx: ExecutionContext, vq: VQModel, tokens: TokenGrid):
         try:
-            pixels = vq.decode(tokens.ids.to(ctx.device))
+            return (tokens_to_image(vq, tokens.ids),)
         except ValueError as e:
             raise NodeError(str(e), input="tokens") from None
-        return (((pixels + 1) / 2).permute(0, 2, 3, 1).float().cpu(),)
 
 
 class ARGenerateTokens(Node):

@@ -123,11 +123,12 @@ class LoadCheckpoint(Node):
                     "load its parts with LoadDiffusionModel, LoadVAE and DualCLIPLoader",
                     input="file",
                 )
-            model = dit_from_state_dict(parts.pop("model"), {}, path, ctx.device, ctx.dtype)
+            # DiT and text encoders into RAM, as LoadDiffusionModel does: the model manager moves them
+            model = dit_from_state_dict(parts.pop("model"), {}, path, "cpu", ctx.dtype)
             vae = vae_from_state_dict(parts.pop("vae"), {}, path, ctx.device, ctx.dtype)
             encoders: dict = {}
             for name, part in sorted(parts.items()):
-                encoder = text_encoder_from_state_dict(part, {}, f"{path.name} text_encoders.{name}", ctx.device, ctx.dtype)
+                encoder = text_encoder_from_state_dict(part, {}, f"{path.name} text_encoders.{name}", "cpu", ctx.dtype)
                 family = family_of(encoder)
                 if family in encoders:
                     raise NodeError(f"{self.type_name}: {path.name} holds two {family.upper()} text encoders", input="file")
@@ -174,12 +175,12 @@ class LoadDiffusersPipeline(Node):
                     "in the folder above it); load a single file with LoadDiffusionModel",
                     input="file",
                 )
-            model = load_dit(self._component(pipeline, "transformer"), ctx.device, ctx.dtype)
+            model = load_dit(self._component(pipeline, "transformer"), "cpu", ctx.dtype)  # the manager moves it
             vae = load_vae(self._component(pipeline, "vae"), ctx.device, ctx.dtype)
             encoders: dict = {}
             for name in ("text_encoder", "text_encoder_2"):
                 if (pipeline / name).is_dir():
-                    encoder, where = load_text_encoder(self._component(pipeline, name), ctx.device, ctx.dtype)
+                    encoder, where = load_text_encoder(self._component(pipeline, name), "cpu", ctx.dtype)
                     encoders[family_of(encoder)] = (encoder, tokenizer_for(encoder, where, Path(ctx.models_dir)))
         except (CheckpointError, TokenizerError) as e:
             raise NodeError(f"{self.type_name}: {e}", input="file") from None

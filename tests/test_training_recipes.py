@@ -8,21 +8,31 @@ import threading
 import time
 
 import pytest
+import torch
 from safetensors import safe_open
 
-from tessera.lab import training
 from tessera.engines.flux import Flux, load_dit
 from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.vae import load_vae
 from tessera.engines.vq import load_vq
+from tessera.lab import training
 from tessera.lab.cli import main as train
 
 TINY = ["--steps", "2", "--batch", "2", "--threads", "1", "--log-every", "1", "--ckpt-every", "1"]
 
 
 def run(kind: str, folder, *extra: str) -> None:
-    args = [kind, *TINY, "--out", str(folder / f"{kind}.safetensors"), "--state", str(folder / f"{kind}.state.safetensors"),
-            "--log", str(folder / f"{kind}.jsonl"), *extra]
+    args = [
+        kind,
+        *TINY,
+        "--out",
+        str(folder / f"{kind}.safetensors"),
+        "--state",
+        str(folder / f"{kind}.state.safetensors"),
+        "--log",
+        str(folder / f"{kind}.jsonl"),
+        *extra,
+    ]
     assert train(args) in (0, None)
 
 
@@ -63,10 +73,20 @@ def test_generator_recipes_train_resume_and_load(autoencoders, kind, loader, cap
 
 
 def test_dit_and_gpt_recipes_are_matched_in_size():
-    dit = Flux(training.dit_config(training.VAE_CONFIG.latent_channels, training.TEXT_ENCODER_CONFIG.context_dim,
-                                   training.TEXT_ENCODER_CONFIG.pooled_dim))
-    gpt = GPT(training.gpt_config(training.VQ_CONFIG.codebook_size, training.TEXT_ENCODER_CONFIG.context_dim,
-                                  training.TEXT_ENCODER_CONFIG.max_length))
+    dit = Flux(
+        training.dit_config(
+            training.VAE_CONFIG.latent_channels,
+            training.TEXT_ENCODER_CONFIG.context_dim,
+            training.TEXT_ENCODER_CONFIG.pooled_dim,
+        )
+    )
+    gpt = GPT(
+        training.gpt_config(
+            training.VQ_CONFIG.codebook_size,
+            training.TEXT_ENCODER_CONFIG.context_dim,
+            training.TEXT_ENCODER_CONFIG.max_length,
+        )
+    )
     n_dit = sum(p.numel() for p in dit.parameters())
     n_gpt = sum(p.numel() for p in gpt.parameters())
     assert abs(n_dit - n_gpt) / n_dit <= 0.10, (n_dit, n_gpt)
@@ -94,8 +114,14 @@ class VirtualClock:
 
 def _paced_run(pace_dir, clock: VirtualClock, kind: str, seconds_per_step: float) -> training.RunOptions:
     """A stand-in training loop: one step takes `seconds_per_step` of simulated time."""
-    options = training.RunOptions(out=pace_dir / f"{kind}.safetensors", steps=100_000, batch=1,
-                                  deadline=clock.start + 4, pace_dir=pace_dir, pace_peers=2)
+    options = training.RunOptions(
+        out=pace_dir / f"{kind}.safetensors",
+        steps=100_000,
+        batch=1,
+        deadline=clock.start + 4,
+        pace_dir=pace_dir,
+        pace_peers=2,
+    )
     state: dict = {}
     step = 0
     while training.pace_to_deadline(options, kind, step, state):
@@ -151,19 +177,31 @@ def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     models = tmp_path / "models"
     shipped_te = default_models_dir() / training.DEFAULT_FILES["text_encoder"]
-    assert train(["defaults", "--minutes", "0.8", "--models-dir", str(models), "--text-encoder", str(shipped_te)]) == 0
+    assert (
+        train(
+            ["defaults", "--minutes", "0.8", "--models-dir", str(models), "--text-encoder", str(shipped_te)]
+        )
+        == 0
+    )
     # every run was stopped by its stage's deadline (its step cap is a million), not by the cap
     logs = sorted((tmp_path / "artifacts" / "train").glob("*.out"))
-    assert [p.stem for p in logs] == sorted(["vae", "vq", "dit", "ar", "lora-dit", "lora-gpt",
-                                            "controlnet-dit", "controlnet-gpt"])
-    assert all(re.search(r"paced to \d+ steps|deadline reached: stopping at step", p.read_text()) for p in logs)
+    assert [p.stem for p in logs] == sorted(
+        ["vae", "vq", "dit", "ar", "lora-dit", "lora-gpt", "controlnet-dit", "controlnet-gpt"]
+    )
+    assert all(
+        re.search(r"paced to \d+ steps|deadline reached: stopping at step", p.read_text()) for p in logs
+    )
     cards = {}
     for key in ("vae", "vq", "dit", "ar"):
         with safe_open(str(models / training.DEFAULT_FILES[key]), "pt") as f:
             cards[key] = json.loads(f.metadata()["tessera.card"])
     assert cards["dit"]["examples_seen"] == cards["ar"]["examples_seen"]
-    for name in ("loras/dit_giant_lora", "loras/gpt_giant_lora", "controlnet/dit_canny_controlnet",
-                 "controlnet/gpt_canny_controlnet"):
+    for name in (
+        "loras/dit_giant_lora",
+        "loras/gpt_giant_lora",
+        "controlnet/dit_canny_controlnet",
+        "controlnet/gpt_canny_controlnet",
+    ):
         assert (models / f"{name}.safetensors").stat().st_size > 0
     assert (tmp_path / "artifacts" / "train" / "dit.out").is_file()
 
@@ -183,7 +221,66 @@ def test_a_failed_recipe_leaves_the_models_folder_as_it_was(tmp_path, monkeypatc
 
     monkeypatch.setattr("tessera.lab.cli.RECIPE", (((("vae", "vae"),), (0, 0), 1.0),))
     with pytest.raises(SystemExit) as failure:
-        train(["defaults", "--minutes", "0.2", "--models-dir", str(models), "--text-encoder",
-               str(default_models_dir() / training.DEFAULT_FILES["text_encoder"])])
+        train(
+            [
+                "defaults",
+                "--minutes",
+                "0.2",
+                "--models-dir",
+                str(models),
+                "--text-encoder",
+                str(default_models_dir() / training.DEFAULT_FILES["text_encoder"]),
+            ]
+        )
     assert "vae failed" in str(failure.value) and f"{models} is unchanged" in str(failure.value)
-    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*")) == ["vae", "vae/keep.safetensors"]
+    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*")) == [
+        "vae",
+        "vae/keep.safetensors",
+    ]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["vae", "vq", "dit", "ar"])
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(autoencoders, kind, tmp_path, monkeypatch):
+    """Stopped right after its state at step 2 of 3 is written, then resumed from that state, a
+    run writes the very weights an uninterrupted 3-step run writes (CPU)."""
+    from safetensors.torch import load_file
+
+    _, models = autoencoders
+    common = [
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--threads",
+        "1",
+        "--ckpt-every",
+        "1",
+        "--models-dir",
+        str(models),
+    ]
+
+    def train_to(name: str, *extra: str) -> None:
+        assert train([kind, *common, "--out", str(tmp_path / f"{name}.safetensors"),
+                      "--state", str(tmp_path / f"{name}.state.safetensors"), "--log", str(tmp_path / f"{name}.jsonl"),
+                      *extra]) in (0, None)  # fmt: skip
+
+    train_to("whole")
+    save_state = training._save_state
+
+    def stop_after_step_2(path, step, *args, **kwargs):
+        save_state(path, step, *args, **kwargs)
+        if step == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(training, "_save_state", stop_after_step_2)
+    with pytest.raises(Interrupted):
+        train_to("parts")
+    monkeypatch.setattr(training, "_save_state", save_state)
+    train_to("parts", "--resume-from", str(tmp_path / "parts.state.safetensors"))
+    whole, parts = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "parts.safetensors")
+    assert whole.keys() == parts.keys()
+    assert [k for k in whole if not torch.equal(whole[k], parts[k])] == []
