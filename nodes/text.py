@@ -189,7 +189,8 @@ def load_real_encoder(ctx: ExecutionContext, node: Node, file: str, input_name: 
     """(family, (model, tokenizer)) for one file; every failure is a NodeError on `input_name` naming the file."""
     path = ctx.model_file(FOLDER, file, input_name)
     try:
-        model, where = load_real_text_encoder(path, ctx.device, ctx.dtype)
+        # into RAM, like the DiT: the model manager puts it on the GPU when an encode node runs
+        model, where = load_real_text_encoder(path, "cpu", ctx.dtype)
         family = family_of(model)
         if want is not None and family != want:
             raise NodeError(
