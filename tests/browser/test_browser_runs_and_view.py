@@ -435,3 +435,39 @@ def test_token_region_is_drawn_with_the_mouse_on_the_source_image(editor: Page, 
     expect(page.locator("#region-dialog")).not_to_be_visible()
     inputs = page.evaluate("() => window.tessera.workflow().nodes['4'].inputs")
     assert (inputs["x"], inputs["y"], inputs["width"], inputs["height"]) == (1, 1, 3, 2)
+
+
+def test_defaults_that_cannot_trap_a_newcomer(editor: Page, console_errors):
+    page = editor
+    console_errors.allow("/api/prompt", "400")
+    # a new EmptyLatent starts at 0 x 0: "the connected VAE's native size"
+    latent = drag_from_palette(page, "EmptyLatent", *canvas_point(page, 0.3, 0.3))
+    inputs = page.evaluate(f"() => window.tessera.workflow().nodes['{latent}'].inputs")
+    assert (inputs["width"], inputs["height"]) == (0, 0)
+    # far above the VAE's native size: it runs, and the editor warns
+    load(page, {"version": 2, "nodes": {
+        "1": {"type": "LoadVAE", "inputs": {"file": "tiny-vae.safetensors"}, "ui": {"pos": [40, 60]}},
+        "2": {"type": "EmptyLatent", "inputs": {"width": 96, "height": 96, "vae": link("1", "vae")}, "ui": {"pos": [340, 60]}},
+        "3": {"type": "VAEDecode", "inputs": {"vae": link("1", "vae"), "latent": link("2", "latent")}, "ui": {"pos": [640, 60]}},
+        "4": {"type": "PreviewImage", "inputs": {"images": link("3", "image")}, "ui": {"pos": [640, 260]}},
+    }})
+    before = results(page)
+    page.locator("#btn-run").click()
+    assert wait_results(page, before + 1)["status"] == "success"
+    expect(page.locator(".toast.warn").last).to_contain_text("far above the VAE's native 32x32")
+    # cfg above 1 without a negative is refused when Run is pressed, on the sampler's negative input
+    load(page, {"version": 2, "nodes": {
+        "1": {"type": "LoadDiffusionModel", "inputs": {"file": "tiny-dit.safetensors"}, "ui": {"pos": [40, 60]}},
+        "2": {"type": "LoadTextEncoder", "inputs": {"file": "tiny-text-encoder.safetensors"}, "ui": {"pos": [40, 260]}},
+        "3": {"type": "TextEncode", "inputs": {"text_encoder": link("2", "text_encoder"), "text": "a cat"},
+              "ui": {"pos": [340, 260]}},
+        "4": {"type": "EmptyLatent", "inputs": {"width": 32, "height": 32, "channels": 4}, "ui": {"pos": [340, 460]}},
+        "5": {"type": "DiTSampler", "inputs": {"model": link("1", "model"), "positive": link("3", "conditioning"),
+              "latent": link("4", "latent"), "cfg": 4.0, "steps": 2}, "ui": {"pos": [640, 60]}},
+        "6": {"type": "SaveImage", "inputs": {"images": link("7", "image")}, "ui": {"pos": [1200, 60]}},
+        "7": {"type": "VAEDecode", "inputs": {"vae": link("8", "vae"), "latent": link("5", "latent")}, "ui": {"pos": [940, 60]}},
+        "8": {"type": "LoadVAE", "inputs": {"file": "tiny-vae.safetensors"}, "ui": {"pos": [640, 460]}},
+    }})
+    page.locator("#btn-run").click()
+    expect(page.locator(".toast.error").last).to_contain_text("needs a negative conditioning")
+    assert page.evaluate("() => window.tessera.graph.getNodeById(5).errors.map((e) => e.input)") == ["negative"]

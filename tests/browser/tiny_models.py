@@ -47,7 +47,7 @@ def write_diffusion_models(models: Path) -> list[str]:
     for folder in ("vae", "text_encoders", "diffusion_models"):
         (models / folder).mkdir(parents=True, exist_ok=True)
     vae = AutoencoderKL(VAEConfig(latent_channels=4, block_out_channels=(16, 16), layers_per_block=1, norm_groups=8))
-    save_vae(vae, models / "vae" / VAE)
+    save_vae(vae, models / "vae" / VAE, json.dumps({"data": "tiny 32x32 test images"}))  # native size: 32
     encoder = tiny_text_encoder()
     save_text_encoder(encoder, models / "text_encoders" / TEXT_ENCODER)
     dit = Flux(FluxConfig(in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth=1, depth_single=1,
