@@ -220,8 +220,11 @@ def test_every_template_fits_the_screen_without_overlap(editor: Page, screens):
         view = page.evaluate(TEMPLATE_BOXES)
         width, height = view["canvas"]
         assert view["scale"] >= 0.4 and not view["lowQuality"], (name, view["scale"])  # text still drawn
+        minimap = page.evaluate("() => { const m = document.getElementById('minimap').getBoundingClientRect(),"
+                                " c = window.tessera.canvasEl.getBoundingClientRect(); return m.top - c.top; }")
         for b in view["boxes"]:
             assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= width and b["y"] + b["h"] <= height, (name, b)
+            assert b["y"] + b["h"] <= minimap, (name, b)  # nothing hides under the minimap
         boxes = view["boxes"]
         for i, a in enumerate(boxes):
             for b in boxes[i + 1:]:

@@ -245,10 +245,12 @@ class App {
     const x1 = Math.max(...items.map((r) => r[0] + r[2]));
     const y1 = Math.max(...items.map((r) => r[1] + r[3]));
     const margin = 24;
-    const scale = Math.max(0.1, Math.min(1, (width - 2 * margin) / (x1 - x0), (height - 2 * margin) / (y1 - y0)));
+    const below = this.settings?.minimap === false ? 0 : 130; // the minimap's corner stays clear
+    const room = height - below;
+    const scale = Math.max(0.1, Math.min(1, (width - 2 * margin) / (x1 - x0), (room - 2 * margin) / (y1 - y0)));
     this.canvas.ds.scale = scale;
     this.canvas.ds.offset[0] = width / 2 / scale - (x0 + x1) / 2;
-    this.canvas.ds.offset[1] = height / 2 / scale - (y0 + y1) / 2;
+    this.canvas.ds.offset[1] = room / 2 / scale - (y0 + y1) / 2;
     this.canvas.setDirty(true, true);
     this.saveSession();
   }
