@@ -70,10 +70,9 @@ def run_case(
     }
 
     def once(seed: int, side: int = grid) -> float:
-        gen = torch.Generator(device=device).manual_seed(seed)
         sync(device)
         start = time.perf_counter()
-        generate(model, prefix, side, side, generator=gen, **kwargs)
+        generate(model, prefix, side, side, seed=seed, **kwargs)
         sync(device)
         return time.perf_counter() - start
 

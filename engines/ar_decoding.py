@@ -269,7 +269,6 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
-    generator: torch.Generator | None = None,
     fixed: TokenGrid | None = None,
     callback: Callback | None = None,
     use_cache: bool = True,
@@ -281,10 +280,9 @@ def generate(
 ) -> torch.Tensor:
     """Decode a grid_h x grid_w token grid in raster order; returns ids [B, H, W].
 
-    Image k draws from seed + k (see `ImageNoise`); a `generator`, if given, only supplies
-    that seed (for older callers). Leading positions fixed in every image are prefilled in
-    one pass instead of one at a time. `use_cache=False` recomputes the whole sequence per
-    token (the baseline). `decode_fn` lets a caller pass a compiled `decode_one_token`;
+    Image k draws from seed + k (see `ImageNoise`). Leading positions fixed in every image
+    are prefilled in one pass instead of one at a time. `use_cache=False` recomputes the whole
+    sequence per token (the baseline). `decode_fn` lets a caller pass a compiled `decode_one_token`;
     `keep_caches=True` keeps the KV cache allocated afterwards so a compiled (CUDA-graph)
     step can reuse it. `decoding="jacobi"` verifies `jacobi_window` drafted tokens per
     forward (lossless, see `jacobi.py`). `stats`, if given, receives the tokens decoded, the
@@ -294,8 +292,6 @@ def generate(
         raise ValueError(f"unknown decoding '{decoding}' (choose from {', '.join(DECODINGS)})")
     if decoding == "jacobi" and not use_cache:
         raise ValueError("Jacobi decoding needs the KV cache")
-    if generator is not None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     b, n, t = prefix.batch, grid_h * grid_w, model.prefix_len
     device = prefix.x.device
     if prefix.x.shape[1] != t:
