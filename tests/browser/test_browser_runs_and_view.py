@@ -474,3 +474,29 @@ def test_defaults_that_cannot_trap_a_newcomer(editor: Page, console_errors):
     page.locator("#btn-run").click()
     expect(page.locator(".toast.error").last).to_contain_text("needs a negative conditioning")
     assert page.evaluate("() => window.tessera.graph.getNodeById(5).errors.map((e) => e.input)") == ["negative"]
+
+
+def test_double_click_on_an_output_opens_it_in_the_lightbox(editor: Page):
+    page = editor
+    _, save = build_solid_to_save(page)
+    before = results(page)
+    page.locator("#btn-run").click()
+    wait_results(page, before + 1)
+    page.wait_for_function(f"() => (window.tessera.graph.getNodeById({save}).images ?? []).some((i) => i.naturalWidth > 0)")
+    page.evaluate("() => window.tessera.drawNow()")
+    point = page.evaluate(
+        """(id) => { const app = window.tessera, n = app.graph.getNodeById(id);
+            const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] / 2, n.pos[1] + n.size[1] - 60]);
+            const b = app.canvasEl.getBoundingClientRect(); return [b.left + x, b.top + y]; }""",
+        save,
+    )
+    box = page.locator("#lightbox")
+    for _ in range(3):  # litegraph times the two clicks itself
+        page.mouse.dblclick(*point)
+        if box.is_visible():
+            break
+        page.wait_for_timeout(300)
+    expect(box).to_be_visible()
+    expect(box.locator("figcaption")).to_contain_text("SaveImage 1 — 1 / 1")
+    page.keyboard.press("Escape")
+    expect(box).to_be_hidden()

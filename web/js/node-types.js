@@ -3,6 +3,7 @@
 import { LGraphNode, LiteGraph, SlotShape } from "litegraph";
 import { addInputWidget, hasSocket, hasWidget } from "./widgets.js";
 import { drawNodeOverlay, runStateStroke } from "./node-overlay.js";
+import { openLightbox } from "./lightbox.js";
 import { addRegionTool } from "./region-tool.js";
 
 const TYPE_COLOURS = {
@@ -81,6 +82,11 @@ function buildNode(node, info, ctx) {
   node.strokeStyles.runState = runStateStroke;
   node.onDrawForeground = function (c) {
     drawNodeOverlay(this, c);
+  };
+  // a double click on a node's images opens them in the lightbox
+  node.onDblClick = function (e, pos) {
+    const images = (this.images ?? []).filter((img) => img.complete && img.naturalWidth);
+    if (pos[1] > 0 && images.length) openLightbox(images.map((img, i) => ({ src: img.src, title: `${this.title} ${i + 1}` })));
   };
   const size = node.computeSize();
   node.size = [Math.max(size[0], 240, comboWidth(node)), size[1]];
