@@ -3,6 +3,7 @@
 import { parse, stringify } from "./json-big.js";
 import { toast } from "./toast.js";
 import { workflowFromPng } from "./png-workflow.js";
+import { comfyPngText, importComfy, isComfyDocument, looseParse } from "./comfy-import.js";
 
 const SAVED = "saved:";
 const TEMPLATE = "template:";
@@ -28,11 +29,15 @@ function askName(dialog, initial) {
 /** Reads a dropped or picked file: workflow JSON, or a PNG that carries one. */
 export async function workflowFromFile(file) {
   if (file.type === "image/png" || /\.png$/i.test(file.name)) {
+    const comfy = await comfyPngText(file); // a PNG ComfyUI saved: converted by the server
+    if (comfy) return importComfy(comfy);
     const workflow = await workflowFromPng(file);
     if (!workflow) throw new Error(`${file.name} carries no Tessera workflow`);
     return workflow;
   }
-  const parsed = parse(await file.text());
+  const text = await file.text();
+  if (isComfyDocument(looseParse(text))) return importComfy(text); // ComfyUI's API or UI format
+  const parsed = parse(text);
   return parsed?.nodes ? parsed : parsed?.workflow ?? parsed;
 }
 
