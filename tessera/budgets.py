@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,12 +117,32 @@ def allocation_issues(
 
 
 class OutputQuota:
-    """Bytes used under the output folder, measured by walking it (refreshed after each prompt)."""
+    """Bytes used under the output folder: measured by walking it now and then (deleted files
+    count again), and between walks by adding the images each prompt wrote."""
+
+    REWALK_SECONDS = 30.0
 
     def __init__(self, folder: Path, limit: int | None):
         self.folder, self.limit = folder, limit
         self._used: int | None = None
+        self._walked = 0.0
         self._lock = threading.Lock()
+
+    def after_prompt(self, outputs: dict) -> None:
+        """Account for what a finished prompt wrote (its `ui` images)."""
+        if self._used is None or time.monotonic() - self._walked > self.REWALK_SECONDS:
+            self.refresh()
+            return
+        added = 0
+        for ui in outputs.values():
+            for ref in ui.get("images", []) if isinstance(ui, dict) else []:
+                if isinstance(ref, dict) and ref.get("type") == "output":
+                    try:
+                        added += (self.folder / ref.get("subfolder", "") / ref["filename"]).stat().st_size
+                    except (OSError, KeyError, TypeError):
+                        continue
+        with self._lock:
+            self._used += added
 
     def refresh(self) -> int:
         total, stack = 0, [str(self.folder)]
@@ -136,7 +157,7 @@ class OutputQuota:
             except OSError:
                 continue
         with self._lock:
-            self._used = total
+            self._used, self._walked = total, time.monotonic()
         return total
 
     @property

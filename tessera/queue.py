@@ -297,6 +297,7 @@ class PromptWorker:
                 self.emit(kind, data)
 
         stored = False
+        written: dict = {}
         try:
             over_quota = self.quota.problem() if self.quota is not None else None
             if over_quota:
@@ -312,6 +313,7 @@ class PromptWorker:
                 stored = self._record(prompt_id, "error", {}, [error], {}, [])
                 final.append(("execution_error", {"prompt_id": prompt_id, **error}))
                 return
+            written = result.outputs
             if self._stop.is_set() and result.status == "interrupted":
                 return  # shutting down: left 'running', so it is run again at the next start
             if result.status == "error":
@@ -321,7 +323,7 @@ class PromptWorker:
             with self._lock:
                 self._running = None
             if self.quota is not None:
-                self.quota.refresh()
+                self.quota.after_prompt(written)
             for kind, data in final if stored else []:
                 self.emit(kind, data)
             if stored:
