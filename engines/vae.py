@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tessera.engines.attention import attention
+from tessera.engines.conv_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 from tessera.engines.checkpoint import (
     CheckpointError,
     assign_checked,
@@ -73,67 +73,6 @@ class VAEConfig:
 # ---------------------------------------------------------------- building blocks
 
 
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm whose statistics are taken in fp32 (bf16 variance over 512×128×128 values drifts)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
-
-
-def _norm(channels: int, groups: int) -> GroupNorm32:
-    return GroupNorm32(groups, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all spatial positions (1×1 convs as projections)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = _norm(channels, groups)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        hn = self.norm(x)
-        q, k, v = (conv(hn).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
-        out = attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as the checkpoints were trained
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class Level(nn.Module):
     """One resolution: residual blocks, then an optional resampling."""
 
@@ -181,7 +120,7 @@ class Encoder(nn.Module):
             for i in range(n)
         )
         self.mid = Mid(ch[-1], g, c.mid_attention)
-        self.norm_out = _norm(ch[-1], g)
+        self.norm_out = group_norm(ch[-1], g)
         self.conv_out = nn.Conv2d(ch[-1], 2 * c.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -202,7 +141,7 @@ class Decoder(nn.Module):
             Level(ch[min(i + 1, n - 1)], ch[i], c.layers_per_block + 1, g, "up" if i > 0 else None)
             for i in range(n)
         )
-        self.norm_out = _norm(ch[0], g)
+        self.norm_out = group_norm(ch[0], g)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
 
 
@@ -41,68 +42,12 @@ class VQConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def _swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(x)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_swish(self.norm1(x)))
-        h = self.conv2(_swish(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with 1x1-conv projections."""
-
-    def __init__(self, c: int, groups: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
-        self.q = nn.Conv2d(c, c, 1)
-        self.k = nn.Conv2d(c, c, 1)
-        self.v = nn.Conv2d(c, c, 1)
-        self.proj_out = nn.Conv2d(c, c, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = self.norm(x)
-        q, k, v = (p(n).flatten(2).transpose(1, 2).unsqueeze(1) for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)  # scale c**-0.5, as in LlamaGen
-        return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
-
-
-class Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad keeps taming's alignment
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 class Level(nn.Module):
     """One resolution level: `res.M`, optional `attn.M`, then a `downsample` or `upsample`."""
 
     def __init__(self, cin: int, cout: int, n_res: int, attn: bool, resample: str | None, groups: int):
         super().__init__()
-        self.res = nn.ModuleList(ResBlock(cin if i == 0 else cout, cout, groups) for i in range(n_res))
+        self.res = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n_res))
         self.attn = nn.ModuleList(AttnBlock(cout, groups) for _ in range(n_res if attn else 0))
         if resample == "down":
             self.downsample = Downsample(cout)
@@ -122,7 +67,7 @@ class Level(nn.Module):
 
 
 def _mid(c: int, groups: int) -> nn.ModuleList:
-    return nn.ModuleList([ResBlock(c, c, groups), AttnBlock(c, groups), ResBlock(c, c, groups)])
+    return nn.ModuleList([ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)])
 
 
 class Encoder(nn.Module):
@@ -144,7 +89,7 @@ class Encoder(nn.Module):
         )
         c = ch * mult[-1]
         self.mid = _mid(c, g)
-        self.norm_out = nn.GroupNorm(g, c, eps=1e-6)
+        self.norm_out = group_norm(c, g)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +98,7 @@ class Encoder(nn.Module):
             h = block(h)
         for block in self.mid:
             h = block(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -177,7 +122,7 @@ class Decoder(nn.Module):
             )
             c = ch * mult[i]
         self.conv_blocks = nn.ModuleList(levels)
-        self.norm_out = nn.GroupNorm(g, c, eps=1e-6)
+        self.norm_out = group_norm(c, g)
         self.conv_out = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -186,7 +131,7 @@ class Decoder(nn.Module):
             h = block(h)
         for block in self.conv_blocks:
             h = block(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Quantizer(nn.Module):

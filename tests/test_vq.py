@@ -213,3 +213,20 @@ def test_bad_vq_files_name_file_and_key(tmp_path, vq_file):
         load_vq(tmp_path / "gpt.safetensors")
     with pytest.raises(CheckpointError, match="nothere.safetensors: file not found"):
         load_vq(tmp_path / "nothere.safetensors")
+
+
+def test_vq_and_vae_are_built_from_the_same_conv_blocks():
+    """One definition of the blocks (engines/conv_blocks.py): same fp32 GroupNorm and attention backend."""
+    from tessera.engines import conv_blocks
+    from tessera.engines.vae import AutoencoderKL, VAEConfig
+    from tessera.engines.vq import VQConfig, VQModel
+
+    vq = VQModel(VQConfig(channels=8, ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
+                          codebook_size=16, codebook_dim=4, norm_groups=4))  # fmt: skip
+    vae = AutoencoderKL(VAEConfig(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_groups=4))
+    blocks = (conv_blocks.ResnetBlock, conv_blocks.AttnBlock, conv_blocks.Downsample, conv_blocks.Upsample)
+    for model in (vq, vae):
+        used = {type(m) for m in model.modules() if type(m).__name__ in {"ResnetBlock", "ResBlock", "AttnBlock",
+                                                                      "Downsample", "Upsample"}}  # fmt: skip
+        assert used == set(blocks)
+        assert not any(type(m) is torch.nn.GroupNorm for m in model.modules())  # all fp32-statistics norms
