@@ -91,7 +91,7 @@ for graph in (DIFFUSION, AUTOREGRESSIVE):  # ComfyUI's "Save (API)" writes a tit
 
 @pytest.fixture(scope="module")
 def comfy(server):
-    return server("comfy", custom_nodes_dir=None, extra_args=("--models-dir", str(MODELS)))
+    return server("comfy", extra_args=("--models-dir", str(MODELS)))  # with the test pack's Sleep node
 
 
 def client(s) -> ComfyApiWrapper:
@@ -207,3 +207,66 @@ def test_the_same_guards_cover_the_comfyui_routes(comfy):
     assert requests.get(f"{base}/models/unet").json() == ["tessera-dit-tiny.safetensors"]
     stats = client(comfy).get_system_stats()
     assert stats["devices"][0]["type"] == "cpu" and stats["system"]["ram_total"] > 0
+
+
+def test_queue_shows_the_running_prompt_and_interrupt_stops_it(comfy):
+    base = f"http://127.0.0.1:{comfy.port}"
+    client_id = uuid.uuid4().hex
+    sleep = {
+        "1": {"class_type": "Sleep", "inputs": {"steps": 100000, "step_seconds": 0.01, "label": "comfy"}}
+    }
+
+    async def run():
+        async with websockets.connect(f"ws://127.0.0.1:{comfy.port}/ws?clientId={client_id}") as ws:
+            prompt_id = requests.post(
+                f"{base}/prompt", json={"prompt": sleep, "client_id": client_id}
+            ).json()["prompt_id"]
+            seen, asked = [], False
+            while True:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                seen.append(message)
+                if (
+                    message["type"] == "progress" and not asked
+                ):  # running: in the queue's running list; stop it
+                    asked = True
+                    running = requests.get(f"{base}/queue").json()["queue_running"]
+                    assert [(r[1], r[2]) for r in running] == [(prompt_id, sleep)]
+                    assert (
+                        requests.post(f"{base}/interrupt", json={"prompt_id": prompt_id}).status_code == 200
+                    )
+                if message["type"] == "executing" and message["data"]["node"] is None:
+                    return prompt_id, seen
+
+    prompt_id, seen = asyncio.run(run())
+    kinds = [m["type"] for m in seen if m["data"].get("prompt_id") == prompt_id]
+    assert kinds[-2:] == ["execution_interrupted", "executing"]
+    assert seen[-2]["data"]["node_id"] == "1" and seen[-2]["data"]["node_type"] == "Sleep"
+    entry = requests.get(f"{base}/history/{prompt_id}").json()[prompt_id]
+    assert entry["status"]["status_str"] == "error" and not entry["status"]["completed"]
+    assert requests.get(f"{base}/history/no-such-prompt").json() == {}
+
+
+def test_upload_an_image_then_its_mask(comfy, tmp_path):
+    picture = tmp_path / "photo.png"
+    Image.new("RGB", (8, 6), (10, 200, 30)).save(picture)
+    uploaded = client(comfy).upload_image(picture)
+    assert uploaded == {"name": "photo.png", "subfolder": "", "type": "input"}
+    mask = io.BytesIO()
+    Image.new("RGBA", (4, 3), (0, 0, 0, 77)).save(mask, format="PNG")
+    answer = requests.post(
+        f"http://127.0.0.1:{comfy.port}/upload/mask",
+        files={"image": ("clipspace-mask.png", mask.getvalue(), "image/png")},
+        data={"original_ref": json.dumps({"filename": "photo.png", "subfolder": "", "type": "input"})},
+    )
+    assert answer.status_code == 200, answer.text
+    name = answer.json()["name"]
+    data = client(comfy).get_image(name, "", "input")
+    with Image.open(io.BytesIO(data)) as masked:
+        assert masked.size == (8, 6) and masked.mode == "RGBA"
+        assert masked.getpixel((3, 3)) == (10, 200, 30, 77)  # the original's colour, the mask's alpha
+    outside = requests.post(
+        f"http://127.0.0.1:{comfy.port}/upload/mask",
+        files={"image": ("m.png", mask.getvalue(), "image/png")},
+        data={"original_ref": json.dumps({"filename": "../user/queue.sqlite", "type": "input"})},
+    )
+    assert outside.status_code == 400

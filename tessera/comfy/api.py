@@ -268,7 +268,7 @@ class ComfyAPI:
         if status in final:
             errors = entry.get("errors") or []
             if errors:
-                ended.update(self._error_data(errors[0]))
+                ended.update(self._error_data(errors[0], entry["prompt_id"]))
             messages.append([final[status], ended])
         item = self._queue_item({"number": entry["number"], "prompt_id": entry["prompt_id"]})
         return {
@@ -572,10 +572,15 @@ class ComfyAPI:
             self.sockets.pop(ws, None)
         return ws
 
-    def _error_data(self, error: dict) -> dict:
+    def _class_type(self, prompt_id: str | None, node: object, ours: str | None) -> str | None:
+        """The ComfyUI class_type of a node of a prompt submitted here; else our node type."""
+        graph = (self.prompts.get(prompt_id) or {}).get("prompt", {})
+        return (graph.get(node) or {}).get("class_type", ours) if isinstance(graph.get(node), dict) else ours
+
+    def _error_data(self, error: dict, prompt_id: str | None) -> dict:
         return {
             "node_id": _display(error.get("node")),
-            "node_type": error.get("node_type"),
+            "node_type": self._class_type(prompt_id, _display(error.get("node")), error.get("node_type")),
             "executed": [],
             "exception_message": error.get("message", ""),
             "exception_type": "NodeError" if error.get("input") else "Error",
@@ -635,7 +640,11 @@ class ComfyAPI:
             messages.append(
                 {
                     "type": kind,
-                    "data": {"prompt_id": prompt_id, "timestamp": _now_ms(), **self._error_data(data)},
+                    "data": {
+                        "prompt_id": prompt_id,
+                        "timestamp": _now_ms(),
+                        **self._error_data(data, prompt_id),
+                    },
                 }
             )
         elif kind == "execution_interrupted":
@@ -645,7 +654,7 @@ class ComfyAPI:
                     "data": {
                         "prompt_id": prompt_id,
                         "node_id": node,
-                        "node_type": data.get("node_type"),
+                        "node_type": self._class_type(prompt_id, node, data.get("node_type")),
                         "executed": [],
                         "timestamp": _now_ms(),
                     },
