@@ -17,6 +17,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -437,7 +438,13 @@ def outside(api):
     folder = api.root / f"outside_{unique()}"
     folder.mkdir()
     (folder / "victim.txt").write_text("UNTOUCHED")
-    return folder
+    yield folder
+    # the shared server's folders get back to how they were: no planted link stays behind
+    for served in (api.output_dir, api.input_dir, api.user_dir, api.models_dir):
+        for path in list(served.rglob("*")):
+            if path.is_symlink() and str(os.readlink(path)).startswith(str(folder)):
+                path.unlink()
+    shutil.rmtree(folder)
 
 
 def test_save_image_never_writes_through_a_planted_link(idle_api, outside):
