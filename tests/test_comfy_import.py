@@ -226,3 +226,79 @@ def test_controlnet_on_conditioning_becomes_controlnet_on_the_sampler_model(regi
         },
     }
     assert nodes["42"]["inputs"]["blur"] == 1.0
+
+
+def test_ui_format_with_our_ar_nodes_runs_on_the_built_in_models(registry, tmp_path):
+    """A graph a ComfyUI editor builds from /object_info: our AR nodes, their widget values in
+    /object_info order (the seed followed by its control_after_generate value)."""
+
+    def node(node_id, kind, widgets=(), inputs=(), outputs=()):
+        return {
+            "id": node_id,
+            "type": kind,
+            "pos": [node_id * 100, 0],
+            "size": [200, 100],
+            "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+            "outputs": [{"name": n, "type": t, "links": links} for n, t, links in outputs],
+            "widgets_values": list(widgets),
+        }
+
+    doc = {
+        "last_node_id": 8,
+        "last_link_id": 8,
+        "version": 0.4,
+        "nodes": [
+            node(1, "LoadARModel", ["tessera-ar-tiny.safetensors"], outputs=[("AR_MODEL", "AR_MODEL", [1])]),
+            node(2, "LoadVQModel", ["tessera-vq-f8.safetensors"], outputs=[("VQ_MODEL", "VQ_MODEL", [2, 3])]),
+            node(3, "LoadTextEncoder", ["tessera-text-encoder.safetensors"], outputs=[("CLIP", "CLIP", [4])]),
+            node(
+                4,
+                "CLIPTextEncode",
+                ["a red star at the top left on a blue background"],
+                inputs=[("clip", "CLIP", 4)],
+                outputs=[("CONDITIONING", "CONDITIONING", [5])],
+            ),
+            node(
+                6,
+                "ARGenerateTokens",
+                [0, 4, 4, 1, 1.0, "constant", 1.0, 0, 1.0, 5, "fixed", 0, "sequential", 16],
+                inputs=[("model", "AR_MODEL", 1), ("positive", "CONDITIONING", 5), ("vq", "VQ_MODEL", 2)],
+                outputs=[("tokens", "TOKENS", [6])],
+            ),
+            node(
+                7,
+                "VQDecode",
+                inputs=[("vq", "VQ_MODEL", 3), ("tokens", "TOKENS", 6)],
+                outputs=[("IMAGE", "IMAGE", [7])],
+            ),
+            node(8, "SaveImage", ["comfy_ui_ar"], inputs=[("images", "IMAGE", 7)]),
+        ],
+        "links": [
+            [1, 1, 0, 6, 0, "AR_MODEL"],
+            [2, 2, 0, 6, 2, "VQ_MODEL"],
+            [3, 2, 0, 7, 0, "VQ_MODEL"],
+            [4, 3, 0, 4, 0, "CLIP"],
+            [5, 4, 0, 6, 1, "CONDITIONING"],
+            [6, 6, 0, 7, 1, "TOKENS"],
+            [7, 7, 0, 8, 0, "IMAGE"],
+        ],
+    }
+    workflow = to_tessera(doc, registry)
+    generate = workflow["nodes"]["6"]["inputs"]
+    assert (generate["width"], generate["seed"], generate["preview_every"], generate["decoding"]) == (
+        4,
+        5,
+        0,
+        "sequential",
+    )
+    assert generate["positive"] == {"node": "4", "output": "conditioning"}
+    from tessera.executor import Executor
+
+    (tmp_path / "out").mkdir()
+    executor = Executor(registry, WORKFLOWS.parent / "models", tmp_path, tmp_path / "out", "cpu")
+    result = executor.run(workflow)
+    assert result.status == "success", result.errors
+    (ref,) = result.outputs["8"]["images"]
+    with Image.open(tmp_path / "out" / ref["subfolder"] / ref["filename"]) as image:
+        assert image.size == (32, 32)
