@@ -113,7 +113,7 @@ def load_workflow(path: Path, models_dir: Path | None = None) -> dict:
     try:
         return comfy.to_tessera(document, _registry(), classify)
     except InvalidWorkflow as e:
-        raise SystemExit("\n".join(f"tessera: {path}: ComfyUI node {i}" for i in e.issues)) from None
+        raise SystemExit("\n".join(f"tessera: {path}: {i}" for i in e.issues)) from None
 
 
 def cmd_import(args) -> int:
