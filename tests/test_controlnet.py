@@ -4,14 +4,11 @@ the start/end window gate the control; the base model is left as it was."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from diffusers import FluxControlNetModel, FluxTransformer2DModel
 from safetensors.torch import save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from diffusers import FluxControlNetModel, FluxTransformer2DModel
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.controlnet import (
     ControlHint,

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 from safetensors.torch import save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from diffusers import FluxTransformer2DModel
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.flux import FluxConfig, guided_velocity, load_dit, save_dit
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

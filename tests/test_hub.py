@@ -96,6 +96,10 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setattr(hub, "_token", lambda: None)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at its import: a flag set by the caller's environment
+    # must not turn these downloads into OfflineModeIsEnabled errors, so it is off for this test only.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     yield fake
     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)

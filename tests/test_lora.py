@@ -5,14 +5,12 @@ changed; unmatched keys are reported and a file matching nothing is an error nam
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from tessera.engines.checkpoint import CheckpointError, read_safetensors
 from tessera.engines.flux import Flux, FluxConfig, convert_diffusers_dit, load_dit
 from tessera.engines.gpt import GPT, GPTConfig, load_gpt

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
 import torch
+from diffusers import AutoencoderKL as DiffusersVAE
 from safetensors.torch import save_file
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from diffusers import AutoencoderKL as DiffusersVAE
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.vae import FAMILIES, load_vae, save_vae
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
