@@ -46,6 +46,7 @@ def confined_path(folder: Path, name: str, suffixes: tuple[str, ...] | None = No
 def confined_folder(root: Path, subfolder: str) -> Path:
     """Create `subfolder` ("" or "a/b") inside `root` one level at a time, each level checked
     to resolve inside the root before the next is made; returns its resolved path."""
+    root.mkdir(parents=True, exist_ok=True)  # the root itself is ours to create (e.g. `tessera run --out DIR`)
     base = root.resolve()
     if not subfolder:
         return base

@@ -87,7 +87,9 @@ def test_run_with_set_then_rerun_the_png(workdir, capsys, bad_run):
     with Image.open(first) as picture:
         assert picture.size == (6, 4) and picture.getpixel((2, 2)) == (255, 51, 77)
     # the workflow that ran, overrides included, is in a tEXt chunk named `workflow`
-    expected = json.loads(json.dumps(WORKFLOW))
+    from tessera.workflow import migrate
+
+    expected = migrate(json.loads(json.dumps(WORKFLOW)))  # what ran: the workflow upgraded to the current version
     expected["nodes"]["1"]["inputs"]["red"] = 1.0
     expected["nodes"]["2"]["inputs"]["filename_prefix"] = "cli set"  # not JSON, so kept as text
     embedded = json.loads(png_text_chunks(first.read_bytes())["workflow"])
