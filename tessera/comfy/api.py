@@ -200,19 +200,26 @@ class ComfyAPI:
             api[node_id] = {"class_type": node.get("type"), "inputs": inputs}
         return api
 
-    def _queue_item(self, item: dict) -> list:
+    def _is_output(self, kind: object) -> bool:
+        if not isinstance(kind, str):
+            return False
+        return (
+            RULES[kind].output_node
+            if kind in RULES
+            else getattr(self.server.registry.get(kind), "is_output", False)
+        )
+
+    def _queue_item(self, item: dict, workflow: dict | None = None) -> list:
+        """ComfyUI's queue entry: [number, prompt_id, prompt, extra_data, output node ids]."""
         known = self.prompts.get(item["prompt_id"])
         if known is None:
-            stored = self.server.store.get(item["prompt_id"]) or {}
-            known = {"prompt": self._as_api(stored.get("workflow", {})), "extra_data": {}}
+            if workflow is None:
+                workflow = (self.server.store.get(item["prompt_id"]) or {}).get("workflow", {})
+            known = {"prompt": self._as_api(workflow), "extra_data": {}}
         outputs = [
             i
             for i, n in known["prompt"].items()
-            if isinstance(n, dict)
-            and (
-                (RULES.get(n.get("class_type")) or Rule("", {}, (), ())).output_node
-                or getattr(self.server.registry.get(n.get("class_type")), "is_output", False)
-            )
+            if isinstance(n, dict) and self._is_output(n.get("class_type"))
         ]
         return [item["number"], item["prompt_id"], known["prompt"], known["extra_data"], outputs]
 
@@ -270,7 +277,9 @@ class ComfyAPI:
             if errors:
                 ended.update(self._error_data(errors[0], entry["prompt_id"]))
             messages.append([final[status], ended])
-        item = self._queue_item({"number": entry["number"], "prompt_id": entry["prompt_id"]})
+        item = self._queue_item(
+            {"number": entry["number"], "prompt_id": entry["prompt_id"]}, entry.get("workflow", {})
+        )
         return {
             "prompt": item,
             "outputs": outputs,
