@@ -117,12 +117,20 @@ def test_default_workflow_runs_and_writes_an_image(executor, name):
 
 
 def test_default_workflows_are_laid_out_on_one_screen():
+    """The editor fits a template to the view on load; text stays readable down to 35% zoom, so a
+    template must fit 1280x800 at 40% or more, with no node drawn over another."""
     for name in DEFAULT_WORKFLOWS:
-        for node_id, node in _workflow(name)["nodes"].items():
-            (x, y), (w, h) = node["ui"]["pos"], node["ui"]["size"]
-            assert 0 <= x and x + w <= 1280 and 0 <= y and y + h <= 800, (
-                f"{name} node {node_id} is off-screen"
-            )
+        boxes = {i: (*n["ui"]["pos"], *n["ui"]["size"]) for i, n in _workflow(name)["nodes"].items()}
+        left = min(x for x, _, _, _ in boxes.values())
+        top = min(y for _, y, _, _ in boxes.values())
+        right = max(x + w for x, _, w, _ in boxes.values())
+        bottom = max(y + h for _, y, _, h in boxes.values())
+        zoom = min(1280 / (right - left), 800 / (bottom - top))
+        assert zoom >= 0.4, f"{name} needs {zoom:.2f} zoom to fit 1280x800"
+        for a, (ax, ay, aw, ah) in boxes.items():
+            for b, (bx, by, bw, bh) in boxes.items():
+                overlap = a < b and ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+                assert not overlap, f"{name}: nodes {a} and {b} overlap"
 
 
 def test_example_input_is_a_64px_rgb_image():
