@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from tessera.compile import compile_dit, compile_info, compiled_decode_step, set_compile_mode
+from tessera.compile import (
+    compile_dit,
+    compile_info,
+    compiled_decode_step,
+    compiled_sampler,
+    set_compile_mode,
+)
 from tessera.engines.ar_decoding import condition_prefix, generate
 from tessera.engines.attention import attention, set_attention_backend
 from tessera.engines.flux import Flux, FluxConfig, convert_diffusers_dit, image_ids, patchify
@@ -298,7 +304,7 @@ def section_ar(s: dict, device: torch.device, dtype: torch.dtype, args) -> dict:
     if args.compile != "off":
         set_compile_mode(args.compile, device)
         step = compiled_decode_step(device)
-        kw = {"decode_fn": step, "keep_caches": True}
+        kw = {"decode_fn": step, "sample_fn": compiled_sampler(device), "keep_caches": True}
         before = compile_info()["seconds"]
         out["compiled_tok_s"] = tokens_per_s(model, 1, grid, device, 2, **kw)
         out["compile_s"] = compile_info()["seconds"] - before

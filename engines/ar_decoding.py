@@ -237,6 +237,7 @@ def decode_n_tokens(
     uniforms: torch.Tensor,
     callback: Callback | None,
     step: Callable[[torch.Tensor, int], torch.Tensor],
+    sample_fn: Callable = sample,
 ) -> torch.Tensor:
     """Fill seq[:, start:] one token at a time. `logits` predict position `start`;
     `step(token [B,1], i)` feeds the token at grid position i and returns logits for i+1.
@@ -246,7 +247,7 @@ def decode_n_tokens(
     """
     n = seq.shape[1]
     for i in range(start, n):
-        drawn = sample(logits, temperature, top_k, top_p, uniforms[:, i])
+        drawn = sample_fn(logits, temperature, top_k, top_p, uniforms[:, i])
         tok = torch.where(forced[:, i], forced_ids[:, i], drawn)
         seq[:, i] = tok
         if callback is not None:
@@ -273,6 +274,7 @@ def generate(
     callback: Callback | None = None,
     use_cache: bool = True,
     decode_fn: Callable = decode_one_token,
+    sample_fn: Callable = sample,
     keep_caches: bool = False,
     decoding: str = "sequential",
     jacobi_window: int = 16,
@@ -282,7 +284,8 @@ def generate(
 
     Image k draws from seed + k (see `ImageNoise`). Leading positions fixed in every image
     are prefilled in one pass instead of one at a time. `use_cache=False` recomputes the whole
-    sequence per token (the baseline). `decode_fn` lets a caller pass a compiled `decode_one_token`;
+    sequence per token (the baseline). `decode_fn` / `sample_fn` let a caller pass a compiled
+    `decode_one_token` / `sample` (CUDA graphs: few launches, no host sync per token);
     `keep_caches=True` keeps the KV cache allocated afterwards so a compiled (CUDA-graph)
     step can reuse it. `decoding="jacobi"` verifies `jacobi_window` drafted tokens per
     forward (lossless, see `jacobi.py`). `stats`, if given, receives the tokens decoded, the
@@ -372,6 +375,7 @@ def generate(
             uniforms=noise.uniform(n, device=device),
             callback=callback,
             step=step,
+            sample_fn=sample_fn,
         )
         if stats is not None:
             stats.update(forwards=n - lead, forwards_per_image=float(n - lead))

@@ -17,7 +17,7 @@ from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
 
-from tessera.compile import compiled_decode_step
+from tessera.compile import compiled_decode_step, compiled_sampler
 from tessera.images import tensor_to_pil
 from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
 
@@ -178,7 +178,9 @@ class ARGenerateTokens(Node):
             ctx.progress(done, total, preview)
 
         step = compiled_decode_step(ctx.device)  # None unless --compile is on
-        compiled = {"decode_fn": step, "keep_caches": True} if step is not None else {}
+        compiled = {}
+        if step is not None:
+            compiled = {"decode_fn": step, "sample_fn": compiled_sampler(ctx.device), "keep_caches": True}
         ids = generate(
             model,
             prefix,

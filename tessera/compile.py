@@ -103,16 +103,28 @@ def compile_dit(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def compiled_decode_step(device: torch.device) -> Callable | None:
-    """The AR decode step (`ar_decoding.decode_one_token`) compiled for this device and mode, with
-    CUDA graphs over the static KV cache on CUDA; None when the mode is off."""
+def _compiled(fn: Callable, what: str, device: torch.device) -> Callable | None:
     if _mode == "off":
         return None
-    from tessera.engines.ar_decoding import decode_one_token
-
-    key = f"{_mode}:{device.type}"
+    key = f"{what}:{_mode}:{device.type}"
     with _lock:
         if key not in _decode_steps:
-            step = torch.compile(decode_one_token, mode=_torch_mode(device, cuda_graphs=True), dynamic=False)
-            _decode_steps[key] = FirstCallTimer(step, "AR decode step")
+            step = torch.compile(fn, mode=_torch_mode(device, cuda_graphs=True), dynamic=False)
+            _decode_steps[key] = FirstCallTimer(step, what)
         return _decode_steps[key]
+
+
+def compiled_decode_step(device: torch.device) -> Callable | None:
+    """The AR decode step (`ar_decoding.decode_one_token`: forward + CFG mix) compiled for this
+    device and mode, with CUDA graphs over the static KV cache on CUDA; None when the mode is off."""
+    from tessera.engines.ar_decoding import decode_one_token
+
+    return _compiled(decode_one_token, "AR decode step", device)
+
+
+def compiled_sampler(device: torch.device) -> Callable | None:
+    """`ar_decoding.sample` (filters, softmax, inverse-CDF draw) compiled the same way, so the
+    token after the decode step is drawn on the device in one graph; None when the mode is off."""
+    from tessera.engines.ar_decoding import sample
+
+    return _compiled(sample, "AR sampler", device)

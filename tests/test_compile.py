@@ -11,6 +11,7 @@ from tessera.compile import (
     compile_info,
     compile_mode,
     compiled_decode_step,
+    compiled_sampler,
     set_compile_mode,
 )
 from tessera.engines.ar_decoding import condition_prefix, generate
@@ -101,12 +102,14 @@ def test_compiled_ar_decode_step_gives_the_eager_tokens(mode):
     kw = dict(cfg_scale=3.0, temperature=1.0, seed=9)
     eager = generate(model, prefix, 3, 3, **kw)
     mode("default")
-    step = compiled_decode_step(CPU)
+    step, sampler = compiled_decode_step(CPU), compiled_sampler(CPU)
     assert step is compiled_decode_step(CPU)  # one compiled step per device and mode
-    compiled = generate(model, prefix, 3, 3, decode_fn=step, keep_caches=True, **kw)
+    fast = dict(decode_fn=step, sample_fn=sampler, keep_caches=True)
+    compiled = generate(model, prefix, 3, 3, **fast, **kw)
     assert torch.equal(compiled, eager)
     assert torch.equal(
-        generate(model, prefix, 3, 3, decode_fn=step, keep_caches=True, **dict(kw, seed=10)),
+        generate(model, prefix, 3, 3, **fast, **dict(kw, seed=10)),
         generate(model, prefix, 3, 3, **dict(kw, seed=10)),
     )
+    assert {"AR decode step", "AR sampler"} <= {r["what"] for r in compile_info()["artefacts"]}
     model.clear_caches()
