@@ -891,150 +891,93 @@ def verdict_table(r: dict) -> str:
 # ---------------------------------------------------------------- the PNG (Pillow only)
 
 COLORS = {"dit": (52, 101, 164), "ar": (214, 110, 40)}
-INK, GRID_INK, BG = (30, 30, 30), (215, 215, 215), (255, 255, 255)
 
 
-def _font(size: int):
-    from PIL import ImageFont
-
-    return ImageFont.load_default(size=size)
+def _value(m) -> tuple[float, float]:
+    return (m.get("value") or 0.0, m.get("se") or 0.0) if isinstance(m, dict) else (float(m), 0.0)
 
 
-def _bar_panel(draw, box, title, groups, ymax=None, fmt_value="{:.2f}", note=None):
-    """Grouped bars: groups = [(label, {"dit": m, "ar": m})] with m = {"value", "se"} or a number.
-    Negative values hang below the zero line."""
-    x0, y0, x1, y1 = box
-    f, small = _font(15), _font(12)
-    draw.text((x0 + 4, y0), title, fill=INK, font=f)
-    top, bottom, left, right = y0 + 40, y1 - 38, x0 + 50, x1 - 8
+def _bars(
+    ax, title: str, groups: list, fmt_value: str = "{:.2f}", ymax: float | None = None, note: str = ""
+) -> None:
+    """Grouped DiT/AR bars with ±1 SE: groups = [(label, {"dit": m, "ar": m})], m = {"value", "se"} or a number."""
+    import numpy as np
 
-    def value(m) -> tuple[float, float]:
-        return (m.get("value") or 0.0, m.get("se") or 0.0) if isinstance(m, dict) else (float(m), 0.0)
-
-    pairs = [value(m) for _, pair in groups for m in pair.values()]
-    hi = ymax or max([v + se for v, se in pairs] + [1e-9]) * 1.15
-    lo = min([v - se for v, se in pairs] + [0.0])
-    lo = lo * 1.15 if lo < 0 else 0.0
-    Y = lambda v: bottom - (bottom - top) * (min(max(v, lo), hi) - lo) / (hi - lo)  # noqa: E731
-    for k in range(5):  # grid and y labels
-        yv = lo + (hi - lo) * k / 4
-        draw.line((left, Y(yv), right, Y(yv)), fill=GRID_INK)
-        draw.text((x0 + 2, Y(yv) - 7), fmt_value.format(yv), fill=INK, font=small)
-    zero = Y(0.0)
-    slot = (right - left) / max(len(groups), 1)
-    for g, (label, pair) in enumerate(groups):
-        gx = left + g * slot
-        w = slot * 0.32
-        for j, name in enumerate(("dit", "ar")):
-            v, se = value(pair[name])
-            bx = gx + slot * 0.16 + j * w
-            ya, yb = sorted((Y(v), zero))
-            draw.rectangle((bx, ya, bx + w - 3, max(yb, ya + 1)), fill=COLORS[name])
-            if se > 0:
-                cx = bx + (w - 3) / 2
-                draw.line((cx, Y(v + se), cx, Y(v - se)), fill=INK, width=2)
-                draw.line((cx - 4, Y(v + se), cx + 4, Y(v + se)), fill=INK, width=2)
-            label_text = fmt_value.format(v)
-            lw = draw.textlength(label_text, font=small)
-            above = min(Y(v + se) if v >= 0 else zero, zero, Y(v))  # over the bar and its error bar
-            draw.text((bx + (w - 3 - lw) / 2, above - 15), label_text, fill=INK, font=small)
-        tw = draw.textlength(label, font=small)
-        draw.text((gx + (slot - tw) / 2, bottom + 6), label, fill=INK, font=small)
-    draw.line((left, zero, right, zero), fill=INK)
+    x = np.arange(len(groups))
+    for j, name in enumerate(("dit", "ar")):
+        vals = [_value(pair[name]) for _, pair in groups]
+        bars = ax.bar(x + (j - 0.5) * 0.38, [v for v, _ in vals], 0.36, yerr=[se for _, se in vals],
+                      color=np.array(COLORS[name]) / 255, capsize=4, antialiased=False)  # fmt: skip
+        ax.bar_label(bars, labels=[fmt_value.format(v) for v, _ in vals], fontsize=8, padding=2)
+    ax.set_xticks(x, [label for label, _ in groups], fontsize=9)
+    ax.axhline(0, color="0.2", lw=0.8)
+    if ymax is not None:
+        ax.set_ylim(top=ymax)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.grid(axis="y", color="0.85")
     if note:
-        draw.text((left, bottom + 21), note, fill=(90, 90, 90), font=small)
-
-
-def _sweep_panel(draw, box, title, report):
-    x0, y0, x1, y1 = box
-    f, small = _font(15), _font(12)
-    draw.text((x0 + 4, y0), title, fill=INK, font=f)
-    top, bottom, left, right = y0 + 40, y1 - 38, x0 + 46, x1 - 12
-    pts = {n: report[n]["guidance_sweep"] for n in ("dit", "ar")}
-    xs = [p["cfg"] for ps in pts.values() for p in ps]
-    ys = [p["attribute_accuracy"]["value"] + p["attribute_accuracy"]["se"] for ps in pts.values() for p in ps]
-    xmin, xmax, ymax = 0.5, max(xs + [1.0]) + 0.5, max(ys + [1e-9]) * 1.15
-    X = lambda c: left + (right - left) * (c - xmin) / (xmax - xmin)  # noqa: E731
-    Y = lambda v: bottom - (bottom - top) * v / ymax  # noqa: E731
-    for k in range(5):
-        yv = ymax * k / 4
-        draw.line((left, Y(yv), right, Y(yv)), fill=GRID_INK)
-        draw.text((x0 + 2, Y(yv) - 7), f"{yv:.2f}", fill=INK, font=small)
-    for c in sorted(set(xs)):
-        draw.line((X(c), bottom, X(c), bottom + 4), fill=INK)
-        draw.text((X(c) - 4, bottom + 6), f"{c:g}", fill=INK, font=small)
-    draw.line((left, bottom, right, bottom), fill=INK)
-    draw.text((right - 110, bottom + 21), "guidance scale", fill=(90, 90, 90), font=small)
-    for name, ps in pts.items():
-        coords = [(X(p["cfg"]), Y(p["attribute_accuracy"]["value"])) for p in ps]
-        if len(coords) > 1:
-            draw.line(coords, fill=COLORS[name], width=3)
-        for p, (cx, cy) in zip(ps, coords):
-            se = p["attribute_accuracy"]["se"]
-            draw.line((cx, Y(p["attribute_accuracy"]["value"] + se), cx, Y(max(p["attribute_accuracy"]["value"] - se, 0))),
-                      fill=COLORS[name], width=1)  # fmt: skip
-            draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=COLORS[name])
+        ax.set_xlabel(note, fontsize=8, color="0.35")
 
 
 def plot(report: dict, path: Path) -> None:
-    """Six panels: adherence, realism, diversity, latency, early errors, guidance sweep; legend and verdicts."""
-    from PIL import Image, ImageDraw
+    """Six panels (adherence, realism, diversity, latency, early errors, guidance sweep), then the verdicts.
 
-    W, H = 1500, 1060
-    img = Image.new("RGB", (W, H), BG)
-    draw = ImageDraw.Draw(img)
+    Needs matplotlib (`pip install 'tessera[lab]'`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     dit, ar = report["dit"], report["ar"]
-    title = (f"tessera bench paradigms ({report['mode']}): {report['captions']} held-out captions, "
-             f"DiT {dit['cfg']:g} cfg / {report['settings']['dit_steps']} steps vs GPT {ar['cfg']:g} cfg, "
-             f"device {report['settings']['device']}")  # fmt: skip
-    draw.text((20, 12), title, fill=INK, font=_font(18))
-    for j, name in enumerate(("dit", "ar")):
-        lx = W - 420 + j * 210
-        draw.rectangle((lx, 14, lx + 18, 30), fill=COLORS[name])
-        draw.text((lx + 24, 13), dit["label"] if name == "dit" else ar["label"], fill=INK, font=_font(15))
-    cw, ch, oy = W // 3, 400, 48
-    boxes = [
-        (c * cw + 10, oy + r * ch, (c + 1) * cw - 10, oy + (r + 1) * ch - 10)
-        for r in range(2)
-        for c in range(3)
-    ]
     pick = lambda key: {"dit": dit[key], "ar": ar[key]}  # noqa: E731
-    _bar_panel(draw, boxes[0], "Prompt adherence (higher is better, ±1 SE)",
-               [("word exact", pick("word_exact")), ("1-object attr.", pick("single_object_attribute_accuracy")),
-                ("relation all", pick("relation_all")), ("texture acc.", pick("texture_accuracy"))],
-               ymax=1.0, note=f"word chance {WORD_CHANCE:.3f}")  # fmt: skip
+    fig = plt.figure(figsize=(15, 10.6), dpi=100)
+    grid = fig.add_gridspec(3, 3, height_ratios=(1, 1, 0.62), hspace=0.45, wspace=0.22)
+    axes = [fig.add_subplot(grid[r, c]) for r in range(2) for c in range(3)]
+    fig.suptitle(f"tessera bench paradigms ({report['mode']}): {report['captions']} held-out captions, "
+                 f"DiT {dit['cfg']:g} cfg / {report['settings']['dit_steps']} steps vs GPT {ar['cfg']:g} cfg, "
+                 f"device {report['settings']['device']}", x=0.01, ha="left", fontsize=13)  # fmt: skip
+    _bars(axes[0], "Prompt adherence (higher is better, ±1 SE)",
+          [("word exact", pick("word_exact")), ("1-object attr.", pick("single_object_attribute_accuracy")),
+           ("relation all", pick("relation_all")), ("texture acc.", pick("texture_accuracy"))],
+          ymax=1.05, note=f"word chance {WORD_CHANCE:.3f}")  # fmt: skip
     floor = report["realism_reference"]["fd_floor"]
-    _bar_panel(draw, boxes[1], "Realism: Frechet distance to real renders (lower is better)",
-               [("FD", pick("fd")), ("real floor", {"dit": floor, "ar": floor})], fmt_value="{:.0f}",
-               note="classifier features; floor = real renders of the same scenes")  # fmt: skip
+    _bars(axes[1], "Realism: Fréchet distance to real renders (lower is better)",
+          [("FD", pick("fd")), ("real floor", {"dit": floor, "ar": floor})], fmt_value="{:.0f}",
+          note="classifier features; floor = real renders of the same scenes")  # fmt: skip
     ref = report["diversity_reference"]["real_features"]
-    _bar_panel(draw, boxes[2], "Diversity per caption across seeds",
-               [("features", pick("diversity_features")), ("real renders", {"dit": ref, "ar": ref}),
-                ("pixels x10", {n: {"value": report[n]["diversity_pixels"]["value"] * 10,
-                                    "se": report[n]["diversity_pixels"]["se"] * 10} for n in ("dit", "ar")})],
-               note="mean pairwise distance")  # fmt: skip
-    _bar_panel(draw, boxes[3], f"Latency: ms per image ({report['settings']['device']})",
-               [(f"batch {b}", {n: report[n]["latency"][f"ms_per_image_batch{b}"] for n in ("dit", "ar")}) for b in (1, 16)],
-               fmt_value="{:.0f}",
-               note=f"forward passes/image DiT {dit['forward_passes_per_image']:.0f}, AR {ar['forward_passes_per_image']:.0f}; "
-                    f"sequential DiT {dit['sequential_passes_per_batch']:.0f}, AR {ar['sequential_passes_per_batch']:.0f}")  # fmt: skip
-    _bar_panel(draw, boxes[4], "Early error: drop in attribute accuracy",
-               [("early", {n: report[n]["early_error"]["drop"] for n in ("dit", "ar")}),
-                ("finished image", {n: report[n]["early_error"]["drop_no_reaction"] for n in ("dit", "ar")})],
-               fmt_value="{:.3f}", note="AR: one wrong token; DiT: one wrong latent cell")  # fmt: skip
-    _sweep_panel(draw, boxes[5], "Guidance sweep: attribute accuracy", report)
-    y = oy + 2 * ch + 6
-    small = _font(14)
-    draw.text((20, y), "Verdicts on the claimed comparison (2 SE rule):", fill=INK, font=_font(15))
-    for k, v in enumerate(report["verdicts"]):
-        color = {"confirmed": (30, 130, 60), "refuted": (180, 40, 40)}.get(v["verdict"], (110, 110, 110))
-        head = f"{v['row']}. {v['claim'].split(':')[0]}: {v['verdict'].upper()}"
-        draw.text((20, y + 24 + k * 19), head, fill=color, font=small)
-        line = f"{v['short']}  [{v['why']}]"
-        while draw.textlength(line, font=small) > W - 380 and len(line) > 10:
-            line = line[:-6] + "...]"
-        draw.text((360, y + 24 + k * 19), line, fill=INK, font=small)
-    img.save(path)
+    _bars(axes[2], "Diversity per caption across seeds",
+          [("features", pick("diversity_features")), ("real renders", {"dit": ref, "ar": ref}),
+           ("pixels x10", {n: {"value": report[n]["diversity_pixels"]["value"] * 10,
+                               "se": report[n]["diversity_pixels"]["se"] * 10} for n in ("dit", "ar")})],
+          note="mean pairwise distance")  # fmt: skip
+    _bars(axes[3], f"Latency: ms per image ({report['settings']['device']})",
+          [(f"batch {b}", {n: report[n]["latency"][f"ms_per_image_batch{b}"] for n in ("dit", "ar")}) for b in (1, 16)],
+          fmt_value="{:.0f}",
+          note=f"forward passes/image DiT {dit['forward_passes_per_image']:.0f}, AR {ar['forward_passes_per_image']:.0f}; "
+               f"sequential DiT {dit['sequential_passes_per_batch']:.0f}, AR {ar['sequential_passes_per_batch']:.0f}")  # fmt: skip
+    _bars(axes[4], "Early error: drop in attribute accuracy",
+          [("early", {n: report[n]["early_error"]["drop"] for n in ("dit", "ar")}),
+           ("finished image", {n: report[n]["early_error"]["drop_no_reaction"] for n in ("dit", "ar")})],
+          fmt_value="{:.3f}", note="AR: one wrong token; DiT: one wrong latent cell")  # fmt: skip
+    sweep = axes[5]
+    for name in ("dit", "ar"):
+        pts = report[name]["guidance_sweep"]
+        sweep.errorbar([p["cfg"] for p in pts], [p["attribute_accuracy"]["value"] for p in pts],
+                       yerr=[p["attribute_accuracy"]["se"] for p in pts], color=[c / 255 for c in COLORS[name]],
+                       marker="o", lw=2, capsize=3, label=report[name]["label"])  # fmt: skip
+    sweep.set_title("Guidance sweep: attribute accuracy", fontsize=10, loc="left")
+    sweep.set_xlabel("guidance scale", fontsize=8, color="0.35")
+    sweep.grid(color="0.85")
+    sweep.legend(fontsize=9)
+    text = fig.add_subplot(grid[2, :])
+    text.axis("off")
+    lines = ["Verdicts on the claimed comparison (2 SE rule):"] + [
+        f"{v['row']}. {v['claim'].split(':')[0]}: {v['verdict'].upper()} — {v['short']}  [{v['why']}]"
+        for v in report["verdicts"]
+    ]
+    text.text(0, 1, "\n".join(lines), va="top", fontsize=9, family="DejaVu Sans")
+    fig.savefig(path, format="png", facecolor="white")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:

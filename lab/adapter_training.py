@@ -54,6 +54,7 @@ from tessera.engines.vae import AutoencoderKL, load_vae
 from tessera.engines.vq import VQModel, load_vq
 
 from . import synthetic
+from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at
 from .training import _trainable_flux, gpt_training_logits, hardware, pace_to_deadline
 
 # A size word the built-in models never saw: every object they were shown is 17–22 px wide.
@@ -63,7 +64,6 @@ from .training import _trainable_flux, gpt_training_logits, hardware, pace_to_de
 CONCEPT = "giant"
 GIANT_SIZES = (40, 48)  # px, on the 64 px canvas
 GIANT_EXTENT = 34  # px: the least extent that counts as giant, well clear of the 22 px of ordinary objects
-CAPTION_DROPOUT = 0.1  # LoRAs: enough empty captions for classifier-free guidance
 # ControlNets: half the captions empty (the ControlNet paper's recipe), so the net must learn to
 # read the scene from the control image alone rather than lean on the caption.
 CONTROL_CAPTION_DROPOUT = 0.5
@@ -227,24 +227,6 @@ GPT_TARGETS = re.compile(r"^layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[1
 # ---------------------------------------------------------------- losses
 
 
-def _dropout_captions(captions: list[str], g: torch.Generator, p: float = CAPTION_DROPOUT) -> list[str]:
-    drop = torch.rand(len(captions), generator=g) < p
-    return ["" if d else c for c, d in zip(captions, drop.tolist())]
-
-
-def flow_loss(model: Flux, latents: torch.Tensor, cond: Conditioning, g: torch.Generator) -> torch.Tensor:
-    """Rectified-flow loss: x_σ = (1 − σ)·x₀ + σ·ε, the model predicts ε − x₀; σ ~ logit-normal."""
-    b, dev = latents.shape[0], latents.device
-    sigma = torch.sigmoid(torch.randn(b, generator=g)).to(dev)
-    noise = torch.randn(latents.shape, generator=g).to(dev)
-    s = sigma[:, None, None, None]
-    x = (1 - s) * latents + s * noise
-    guidance = torch.full((b,), 3.5, device=dev) if model.config.guidance_embed else None
-    mask = None if bool(cond.mask.all()) else cond.mask
-    v = model(x, sigma, cond.tokens, cond.pooled, guidance, mask)
-    return F.mse_loss(v.float(), noise - latents)
-
-
 def token_loss(
     model: GPT, cond: Conditioning, ids: torch.Tensor, g: torch.Generator, dropout: float = CAPTION_DROPOUT
 ) -> torch.Tensor:
@@ -293,29 +275,19 @@ def _loop(
     log: Callable[[str], None],
 ) -> list[float]:
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-
-    def lr_factor(i: int) -> float:
-        """Warmup over the first 5%, then cosine; read at every step (pacing shortens `steps`)."""
-        warmup = max(1, settings.steps // 20)
-        return (
-            min(1.0, (i + 1) / warmup)
-            * 0.5
-            * (1 + math.cos(math.pi * min(i, settings.steps) / settings.steps))
-        )
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     g = torch.Generator().manual_seed(settings.seed)
     losses, started, clock = [], time.perf_counter(), {}
     device_type = torch.device(settings.device).type
     step = 0
     while step < settings.steps and pace_to_deadline(settings, "adapter", step, clock):
+        for group in opt.param_groups:  # warmup over the first 5%, then cosine to 0 (pacing shortens `steps`)
+            group["lr"] = settings.lr * lr_at(step, settings.steps, max(1, settings.steps // 20), floor=0.0)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.bf16):
             loss = loss_at(step, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         losses.append(float(loss.detach()))
         if log and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
             recent = sum(losses[-settings.log_every :]) / len(losses[-settings.log_every :])
@@ -345,8 +317,8 @@ def train_dit_lora(
         batch = concept_batch(settings.batch, settings.seed, step, settings.fraction)
         with torch.no_grad():
             latents = vae.encode(batch.images).float()
-            cond = text.encode(_dropout_captions(batch.captions, g))
-        return flow_loss(model, latents, cond, g)
+            cond = text.encode(drop_captions(batch.captions, g)[0])
+        return flow_matching_loss(model, latents, cond, g)
 
     with _trainable_flux():  # flux.apply_rope writes into out= buffers, which autograd refuses
         _loop(settings, lora_parameters(lora), loss_at, log)
@@ -420,9 +392,9 @@ def train_dit_controlnet(
             latents = vae.encode(batch.images).float()
             uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
             hint = ControlHint(image=edge_map(uint8), vae=vae)
-            cond = text.encode(_dropout_captions(batch.captions, g, CONTROL_CAPTION_DROPOUT))
+            cond = text.encode(drop_captions(batch.captions, g, CONTROL_CAPTION_DROPOUT)[0])
         controlled = with_control(dit, net, hint)
-        return flow_loss(controlled, latents, cond, g)
+        return flow_matching_loss(controlled, latents, cond, g)
 
     with _trainable_flux():
         _loop(settings, list(net.parameters()), loss_at, log)
@@ -474,49 +446,47 @@ def _only_file(models_dir: Path, folder: str, given: str | None) -> Path:
     return preferred[0]
 
 
-def _common(parser: argparse.ArgumentParser, defaults: TrainSettings) -> None:
-    parser.add_argument("--models-dir", type=Path, default=Path(__file__).resolve().parents[1] / "models")
-    parser.add_argument("--text-encoder", help="text encoder file (default: the built-in one)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
-    parser.add_argument("--out", type=Path, help="output .safetensors")
-    from .cli import _device_arguments
-
-    _device_arguments(parser)
-
-
 def _settings(args: argparse.Namespace, **extra) -> TrainSettings:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     return TrainSettings(
         steps=args.steps,
         batch=args.batch,
         lr=args.lr,
         seed=args.seed,
-        bf16=not args.fp32,
+        bf16=args.autocast,
         device=args.device,
         deadline=args.deadline,
         **extra,
     )
 
 
-def main_lora(argv: Sequence[str] | None = None) -> Path:
-    """`tessera train lora --engine dit|gpt …`: train and save the demo LoRA teaching "giant"."""
-    d = TrainSettings()
-    p = argparse.ArgumentParser(prog="tessera train lora", description=main_lora.__doc__)
+def _adapter_arguments(p: argparse.ArgumentParser) -> None:
+    """What both adapter kinds take besides `tessera train`'s common arguments."""
     p.add_argument("--engine", choices=("dit", "gpt"), default="dit")
-    p.add_argument("--rank", type=int, default=d.rank)
-    p.add_argument("--alpha", type=float, default=d.alpha)
+    p.add_argument("--text-encoder", help="text encoder file (default: the built-in one)")
     p.add_argument("--model", help="DiT or GPT file (default: the built-in one)")
     p.add_argument("--vae", help="VAE file for the DiT (default: the built-in one)")
     p.add_argument("--vq", help="VQ tokenizer file for the GPT (default: the built-in one)")
+
+
+def lora_arguments(p: argparse.ArgumentParser) -> None:
+    """`tessera train lora`'s own arguments (the common ones come from `lab.cli`)."""
+    d = TrainSettings()
+    _adapter_arguments(p)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--alpha", type=float, default=d.alpha)
     p.add_argument("--init-from", type=Path, help="continue training this LoRA file (same rank)")
-    _common(p, d)
-    args = p.parse_args(argv)
+
+
+def main_lora(argv: Sequence[str] | None = None) -> Path:
+    """`tessera train lora …` with these arguments (see `run_lora`)."""
+    from .cli import build_parser
+
+    return run_lora(build_parser().parse_args(["lora", *(argv or [])]))
+
+
+def run_lora(args: argparse.Namespace) -> Path:
+    """`tessera train lora --engine dit|gpt …`: train and save the demo LoRA teaching "giant"."""
     s = _settings(args, rank=args.rank, alpha=args.alpha)
     previous = ""
     if args.init_from:  # read now: --out may overwrite it
@@ -565,11 +535,9 @@ def main_lora(argv: Sequence[str] | None = None) -> Path:
     return out
 
 
-def main_controlnet(argv: Sequence[str] | None = None) -> Path:
-    """`tessera train controlnet --engine dit|gpt …`: train and save a demo edges → scene ControlNet."""
-    d = TrainSettings(lr=3e-4)
-    p = argparse.ArgumentParser(prog="tessera train controlnet", description=main_controlnet.__doc__)
-    p.add_argument("--engine", choices=("dit", "gpt"), default="dit")
+def controlnet_arguments(p: argparse.ArgumentParser) -> None:
+    """`tessera train controlnet`'s own arguments (the common ones come from `lab.cli`)."""
+    _adapter_arguments(p)
     p.add_argument("--depth", type=int, default=2, help="DiT: double blocks copied from the DiT")
     p.add_argument("--depth-single", type=int, default=0, help="DiT: single blocks copied from the DiT")
     p.add_argument(
@@ -579,12 +547,18 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
         help="DiT: read the edge map through a hint encoder (XLabs layout, default) or its VAE latent (InstantX)",
     )
     p.add_argument("--width", type=int, default=64, help="GPT: channels of the control image encoder")
-    p.add_argument("--model", help="DiT or GPT file (default: the built-in one)")
-    p.add_argument("--vae", help="VAE file for the DiT (default: the built-in one)")
-    p.add_argument("--vq", help="VQ tokenizer file for the GPT (default: the built-in one)")
     p.add_argument("--init-from", type=Path, help="DiT: continue training this ControlNet file")
-    _common(p, d)
-    args = p.parse_args(argv)
+
+
+def main_controlnet(argv: Sequence[str] | None = None) -> Path:
+    """`tessera train controlnet …` with these arguments (see `run_controlnet`)."""
+    from .cli import build_parser
+
+    return run_controlnet(build_parser().parse_args(["controlnet", *(argv or [])]))
+
+
+def run_controlnet(args: argparse.Namespace) -> Path:
+    """`tessera train controlnet --engine dit|gpt …`: train and save a demo edges → scene ControlNet."""
     s = _settings(args)
     if args.init_from and args.engine != "dit":
         raise SystemExit("tessera train controlnet: --init-from continues a DiT ControlNet (--engine dit)")

@@ -105,6 +105,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--vae", type=Path, default=None)
         if kind == "ar":
             p.add_argument("--vq", type=Path, default=None)
+    from tessera.lab import adapter_training as A
+
+    for kind, (add_own, steps, batch, lr, what) in {
+        "lora": (A.lora_arguments, A.TrainSettings().steps, A.TrainSettings().batch, A.TrainSettings().lr,
+                 "the demo LoRA teaching 'giant' on the built-in DiT or GPT"),
+        "controlnet": (A.controlnet_arguments, A.TrainSettings().steps, A.TrainSettings().batch, 3e-4,
+                       "a demo edges -> scene ControlNet for the built-in DiT or GPT"),
+    }.items():  # fmt: skip
+        p = sub.add_parser(kind, help=f"train {what} (defaults: {steps} steps of {batch})")
+        p.add_argument("--steps", type=int, default=steps)
+        p.add_argument("--batch", type=int, default=batch)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+        p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g})")
+        p.add_argument("--models-dir", type=Path, default=default_models_dir())
+        p.add_argument(
+            "--out", type=Path, default=None, help="output .safetensors (default: the shipped file)"
+        )
+        _device_arguments(p)
+        p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
+                       help="bf16 autocast (default: on)")  # fmt: skip
+        add_own(p)
     ev = sub.add_parser("eval", help="score the shipped generators on held-out captions (lab.scorers)")
     ev.add_argument("--models-dir", type=Path, default=default_models_dir())
     ev.add_argument("--n", type=int, default=48, help="held-out captions per scene kind")
@@ -279,13 +301,12 @@ ADAPTER_KINDS = ("lora", "controlnet")  # trained on the built-in models by lab.
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ADAPTER_KINDS:
+    args = build_parser().parse_args(argv)
+    if args.kind in ADAPTER_KINDS:
         from tessera.lab import adapter_training
 
-        entry = adapter_training.main_lora if argv[0] == "lora" else adapter_training.main_controlnet
-        entry(argv[1:])
+        (adapter_training.run_lora if args.kind == "lora" else adapter_training.run_controlnet)(args)
         return 0
-    args = build_parser().parse_args(argv)
     import torch
 
     from tessera.lab import training as T

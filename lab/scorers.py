@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tessera.engines.preprocess import gaussian_blur
+
 from .synthetic import COLORS, IMAGE_SIZE, POSITIONS, SHAPES, WORDS, shape_alpha, word_alpha
 
 COLOR_NAMES = tuple(COLORS)
@@ -196,18 +198,6 @@ def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-6))
 
 
-def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a 2-D array, zero-padded so the blur may spread outward."""
-    if sigma <= 0:
-        return a
-    r = int(np.ceil(3 * sigma))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    a = np.pad(a, r)
-    a = np.apply_along_axis(np.convolve, 0, a, k, mode="same")
-    return np.apply_along_axis(np.convolve, 1, a, k, mode="same").astype(np.float32)
-
-
 # Generated images are rarely as crisp as the renderer, and blur rounds a square's
 # corners towards a circle; matching against blurred templates too keeps them apart.
 TEMPLATE_BLURS = (0.0, 0.7, 1.2)
@@ -215,7 +205,10 @@ TEMPLATE_BLURS = (0.0, 0.7, 1.2)
 
 @cache
 def _shape_template(shape: str, size: int, blur: float) -> np.ndarray:
-    alpha = _gaussian_blur(shape_alpha(shape, size), blur)
+    # zero margins twice the kernel radius: room for the blur to spread outward, and the blur's
+    # reflecting border then sees only zeros
+    margin = 2 * int(np.ceil(3 * blur))
+    alpha = gaussian_blur(np.pad(shape_alpha(shape, size), margin), blur)
     return _normalised_crop(alpha, alpha > 0.5, (_SHAPE_GRID, _SHAPE_GRID))
 
 

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import platform
 import random
@@ -50,6 +49,7 @@ from tessera.engines.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from tessera.engines.vq import VQConfig, VQModel, load_vq, save_vq
 
 from . import synthetic
+from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at
 
 STATE_KEY = "tessera.train_state"  # metadata of a resumable training state file
 
@@ -60,7 +60,6 @@ STATE_KEY = "tessera.train_state"  # metadata of a resumable training state file
 # Scene kinds drawn for training, with repeats as weights: single objects and words are what
 # the defaults are judged on (and words need the most detail), relations and textures ride along.
 TRAIN_KINDS = ("shape", "shape", "word", "word", "relation", "texture")
-CAPTION_DROPOUT = 0.1  # share of captions replaced by the unconditional one (for CFG)
 STORE_DTYPE = torch.float16
 
 
@@ -307,14 +306,6 @@ def _card(kind: str, options: RunOptions, log: TrainLog, model: nn.Module, step:
             total = previous.get(f"{key}_all_stages", previous.get(prev_key, 0)) + card[key]
             card[f"{key}_all_stages"] = round(total, 1) if isinstance(total, float) else total
     return json.dumps(card)
-
-
-def _lr_at(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
-    """Linear warmup, then cosine decay to `floor` of the peak."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _save_state(
@@ -684,7 +675,7 @@ def train_vae(
         if not pace_to_deadline(options, "vae", step, clock):
             break
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 50))
+            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 50))
         x = batch.images.contiguous(memory_format=torch.channels_last)
         with _autocast(options), torch.set_grad_enabled(not decoder_only):
             mean, logvar = model.encode_moments(x)
@@ -821,7 +812,7 @@ def train_vq(
         if not pace_to_deadline(options, "vq", step, clock):
             break
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 50))
+            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 50))
         x = batch.images.contiguous(memory_format=torch.channels_last)
         with _autocast(options), torch.set_grad_enabled(not decoder_only):
             h = model.quant_conv(model.encoder(x))
@@ -920,11 +911,6 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.float().eval().requires_grad_(False)
 
 
-def _drop_captions(captions: list[str], gen: torch.Generator) -> tuple[list[str], Tensor]:
-    drop = torch.rand(len(captions), generator=gen) < CAPTION_DROPOUT
-    return [("" if d else c) for c, d in zip(captions, drop.tolist())], drop
-
-
 def _generator_card_fields(
     text_encoder_path: Path, codec_path: Path, codec: str, *encoder: nn.Module
 ) -> dict:
@@ -998,20 +984,13 @@ def train_dit(
             break
         gen = step_generator(options.seed, step)
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 25))
-        captions, _ = _drop_captions(batch.captions, gen)
+            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 25))
+        captions, _ = drop_captions(batch.captions, gen)
         with torch.no_grad():
             cond = te.encode(captions)  # fp32, as the nodes run it
             with _autocast(options):
                 x0 = vae.encode(batch.images).float()
-        t = torch.sigmoid(torch.randn(options.batch, generator=gen)).to(dev)
-        noise = torch.randn(x0.shape, generator=gen).to(dev)
-        tt = t[:, None, None, None]
-        xt = (1 - tt) * x0 + tt * noise
-        mask = None if bool(cond.mask.all()) else cond.mask
-        with _autocast(options), _trainable_flux():
-            v = model(xt, t, cond.tokens.float(), cond.pooled.float(), None, mask).float()
-        loss = F.mse_loss(v, noise - x0)
+        loss = flow_matching_loss(model, x0, cond, gen, forward_context=lambda: _training_forward(options))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1043,6 +1022,13 @@ def _rope_with_autograd(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _training_forward(options: RunOptions):
+    """How a DiT's training forward runs: under the run's autocast, with the trainable RoPE."""
+    with _autocast(options), _trainable_flux():
+        yield
 
 
 @contextlib.contextmanager
@@ -1147,9 +1133,9 @@ def train_ar(
             break
         gen = step_generator(options.seed, step)
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, options.steps, _warmup(options, 25))
+            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 25))
         # the same draw as the DiT's, so both generators drop the same captions
-        _, drop = _drop_captions(batch.captions, gen)
+        _, drop = drop_captions(batch.captions, gen)
         drop = drop.to(dev)
         with torch.no_grad():
             cond = te.encode(batch.captions)  # fp32, as the nodes run it

@@ -1,0 +1,66 @@
+"""The training objectives and schedule, written once for the base models and the adapters.
+
+- `drop_captions`: classifier-free-guidance caption dropout (one draw per caption from the
+  step's generator, so the DiT and the GPT trained side by side drop the same captions).
+- `flow_matching_loss`: rectified flow, x_σ = (1 − σ)·x₀ + σ·ε with σ ~ logit-normal(0, 1), the
+  model predicting ε − x₀; a DiT with a distilled-guidance input is fed `guidance` (3.5, Flux's
+  default), one without it gets none.
+- `lr_at`: linear warmup, then cosine decay to a floor of the peak learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tessera.engines.conditioning import Conditioning
+from tessera.engines.flux import Flux
+
+CAPTION_DROPOUT = 0.1  # share of captions replaced by the empty one, so the model learns the uncond (CFG)
+GUIDANCE = 3.5  # the distilled-guidance input of DiTs that have one
+
+
+def drop_captions(
+    captions: list[str], gen: torch.Generator, p: float = CAPTION_DROPOUT
+) -> tuple[list[str], Tensor]:
+    """The captions with a share `p` replaced by "" (one uniform per caption), and which were dropped."""
+    drop = torch.rand(len(captions), generator=gen) < p
+    return [("" if d else c) for c, d in zip(captions, drop.tolist())], drop
+
+
+def flow_matching_loss(
+    model: Flux,
+    x0: Tensor,
+    cond: Conditioning,
+    gen: torch.Generator,
+    guidance: float = GUIDANCE,
+    forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+) -> Tensor:
+    """Rectified-flow MSE on clean latents `x0` [B, C, h, w]: draws σ [B] then ε from `gen` (in that
+    order), runs the model under `forward_context()` (autocast, trainable RoPE) and compares its
+    velocity with ε − x₀ in fp32."""
+    b, dev = x0.shape[0], x0.device
+    sigma = torch.sigmoid(torch.randn(b, generator=gen)).to(dev)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    s = sigma[:, None, None, None]
+    xt = (1 - s) * x0 + s * noise
+    g = torch.full((b,), guidance, device=dev) if model.config.guidance_embed else None
+    mask = None if bool(cond.mask.all()) else cond.mask
+    with forward_context():
+        v = model(xt, sigma, cond.tokens.float(), cond.pooled.float(), g, mask).float()
+    return F.mse_loss(v, noise - x0)
+
+
+def lr_at(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """The learning-rate factor at `step` of `total`: linear warmup over `warmup` steps, then cosine
+    decay to `floor` of the peak (read at every step: pacing to a deadline may shorten `total`)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
