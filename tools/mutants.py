@@ -102,9 +102,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "vaedecode-ignores-tile-size",
         "VAE",
-        "nodes/diffusion.py",
-        "pixels = vae.decode_tiled(z, tile, max(1, tile // 4)) if tile > 0 else vae.decode(z)",
-        "pixels = vae.decode(z)",
+        "engines/generation.py",  # VAEDecode's one decoding path
+        "pixels = vae.decode_tiled(latent, tile, max(1, tile // 4)) if tile > 0 else vae.decode(latent)",
+        "pixels = vae.decode(latent)",
         ("tests/test_diffusion_nodes.py", "-k", "tiled"),
     ),
     # GPT
@@ -176,7 +176,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "vq-downsample-pads-the-wrong-side",
         "VQ",
-        "engines/vq.py",
+        "engines/conv_blocks.py",  # shared by the VQ and the VAE
         "return self.conv(F.pad(x, (0, 1, 0, 1)))",
         "return self.conv(F.pad(x, (1, 0, 1, 0)))",
         REF,
