@@ -55,7 +55,17 @@ from tessera.engines.vq import VQModel, load_vq
 
 from . import synthetic
 from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at
-from .training import _trainable_flux, gpt_training_logits, hardware, pace_to_deadline
+from .training import (
+    RunOptions,
+    _cpu_seconds,
+    _load_state,
+    _save_state,
+    _trainable_flux,
+    gpt_training_logits,
+    hardware,
+    pace_to_deadline,
+    step_generator,
+)
 
 # A size word the built-in models never saw: every object they were shown is 17–22 px wide.
 # (A new colour word was tried first and dropped: the built-in VAE and VQ, trained on eight
@@ -266,6 +276,28 @@ class TrainSettings:
     bf16: bool = True  # autocast: 2-3x faster on CPUs with bf16 matrix units, and on GPUs
     device: str = "cpu"
     deadline: float | None = None  # wall-clock time (epoch s) by which training ends; steps become a cap
+    state: Path | None = None  # where the resumable state goes (every `ckpt_every` steps and at the end)
+    resume_from: Path | None = None  # a state an earlier run wrote: continue it
+    ckpt_every: int = 200
+
+
+class _Trained(nn.Module):
+    """The trained tensors under one module, so the training state stores them by position."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        super().__init__()
+        self.params = nn.ParameterList(params)
+
+
+class _StateClock:
+    """What `training._save_state` reads from a run's log: its options' prior time and its times."""
+
+    def __init__(self):
+        self.options = RunOptions(out=Path("adapter.safetensors"), steps=0, batch=1)
+        self.started = time.time(), _cpu_seconds()
+
+    def times(self) -> tuple[float, float]:
+        return time.time() - self.started[0], _cpu_seconds() - self.started[1]
 
 
 def _loop(
@@ -275,11 +307,14 @@ def _loop(
     log: Callable[[str], None],
 ) -> list[float]:
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(settings.seed)
+    trained, state_clock = {"adapter": _Trained(params)}, _StateClock()
     losses, started, clock = [], time.perf_counter(), {}
     device_type = torch.device(settings.device).type
     step = 0
+    if settings.resume_from:
+        step, _ = _load_state(settings.resume_from, trained, opt, state_clock.options)
     while step < settings.steps and pace_to_deadline(settings, "adapter", step, clock):
+        g = step_generator(settings.seed, step)  # a function of the step: resuming draws the same
         for group in opt.param_groups:  # warmup over the first 5%, then cosine to 0 (pacing shortens `steps`)
             group["lr"] = settings.lr * lr_at(step, settings.steps, max(1, settings.steps // 20), floor=0.0)
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.bf16):
@@ -293,6 +328,10 @@ def _loop(
             recent = sum(losses[-settings.log_every :]) / len(losses[-settings.log_every :])
             log(f"step {step + 1}/{settings.steps}  loss {recent:.4f}  {time.perf_counter() - started:.0f}s")
         step += 1
+        if settings.state and step % settings.ckpt_every == 0 and step < settings.steps:
+            _save_state(settings.state, step, trained, opt, state_clock)
+    if settings.state:
+        _save_state(settings.state, step, trained, opt, state_clock)
     return losses
 
 
@@ -456,6 +495,9 @@ def _settings(args: argparse.Namespace, **extra) -> TrainSettings:
         bf16=args.autocast,
         device=args.device,
         deadline=args.deadline,
+        state=args.state,
+        resume_from=args.resume_from,
+        ckpt_every=args.ckpt_every,
         **extra,
     )
 

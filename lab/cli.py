@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         _device_arguments(p)
         p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
                        help="bf16 autocast (default: on)")  # fmt: skip
+        p.add_argument("--state", type=Path, default=None, help="where to write the resumable state")
+        p.add_argument(
+            "--resume-from", type=Path, default=None, help="a state file written by an earlier run"
+        )
+        p.add_argument("--ckpt-every", type=int, default=200)
         add_own(p)
     ev = sub.add_parser("eval", help="score the shipped generators on held-out captions (lab.scorers)")
     ev.add_argument("--models-dir", type=Path, default=default_models_dir())
