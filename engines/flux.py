@@ -30,7 +30,7 @@ from tessera.engines.checkpoint import (
     write_safetensors,
 )
 from tessera.engines.conditioning import Conditioning
-from tessera.engines.layouts import read_weights, wrong_family
+from tessera.engines.layouts import header_weights, read_weights, wrong_family
 from tessera.engines.step_cache import StepCache
 from torch import Tensor, nn
 
@@ -432,17 +432,23 @@ class Flux(nn.Module):
 def check_conditioning(model: Flux, cond: Conditioning, who: str) -> None:
     """Fail early, naming the node input, when a text encoder's widths do not fit this DiT."""
     c = model.config
-    made_by = f" (made by {cond.source})" if cond.source else ""
-    if cond.tokens.shape[-1] != c.context_dim:
+    check_widths(c.context_dim, c.vec_dim, cond.tokens.shape[-1], cond.pooled.shape[-1], cond.source, who)
+
+
+def check_widths(context_dim: int, vec_dim: int, tokens: int, pooled: int, source: str, who: str) -> None:
+    """`check_conditioning` on widths alone (a DiT's text context and vector widths, a
+    conditioning's token and pooled widths): what validation uses, before anything runs."""
+    made_by = f" (made by {source})" if source else ""
+    if tokens != context_dim:
         raise ValueError(
-            f"{who}: conditioning tokens{made_by} are {cond.tokens.shape[-1]} wide but this DiT's text "
-            f"context (txt_in) expects {c.context_dim}; use the text encoder that matches the model "
+            f"{who}: conditioning tokens{made_by} are {tokens} wide but this DiT's text "
+            f"context (txt_in) expects {context_dim}; use the text encoder that matches the model "
             "(Flux.1: T5-XXL tokens and CLIP-L pooled, from FluxTextEncode)"
         )
-    if cond.pooled.shape[-1] != c.vec_dim:
+    if pooled != vec_dim:
         raise ValueError(
-            f"{who}: pooled conditioning{made_by} is {cond.pooled.shape[-1]} wide but this DiT's vector "
-            f"input (vector_in) expects {c.vec_dim}; use the text encoder that matches the model "
+            f"{who}: pooled conditioning{made_by} is {pooled} wide but this DiT's vector "
+            f"input (vector_in) expects {vec_dim}; use the text encoder that matches the model "
             "(Flux.1: T5-XXL tokens and CLIP-L pooled, from FluxTextEncode)"
         )
 
@@ -703,6 +709,27 @@ def diffusers_dit_overrides(config_json: dict, patch_size: int = 2) -> dict:
     return out
 
 
+def bfl_state_dict(sd: dict[str, Tensor], path: str | Path = "<state dict>") -> dict[str, Tensor]:
+    """A Flux DiT state dict in the BFL layout, whatever wrapper prefix and layout it came in
+    (`sd` is consumed when it needs converting); works on `meta` tensors too."""
+    sd = _strip_prefix(sd, ("img_in.weight", "x_embedder.weight"))
+    layout = detect_dit_layout(sd)
+    if layout is None:
+        raise CheckpointError(
+            path,
+            "not a Flux DiT checkpoint (neither BFL 'img_in.weight' nor diffusers 'x_embedder.weight' found)",
+        )
+    return convert_diffusers_dit(sd, path, consume=True) if layout == "diffusers" else sd
+
+
+def dit_config(path: str | Path) -> FluxConfig:
+    """The config `load_dit` would build, from the file headers alone (no tensor is read)."""
+    sd, metadata, where = header_weights(path)
+    wrong_family(sd, path, "Flux DiT", "all-in-one checkpoint")
+    overrides = {**diffusers_dit_overrides(where.config), **metadata_config(metadata, path)}
+    return infer_dit_config(bfl_state_dict(sd, path), path, overrides)
+
+
 def dit_from_state_dict(
     sd: dict[str, Tensor],
     overrides: dict,
@@ -711,15 +738,7 @@ def dit_from_state_dict(
     dtype: torch.dtype = torch.float32,
 ) -> Flux:
     """A Flux DiT from a BFL- or diffusers-layout state dict; `overrides` set what shapes cannot tell."""
-    sd = _strip_prefix(sd, ("img_in.weight", "x_embedder.weight"))
-    layout = detect_dit_layout(sd)
-    if layout is None:
-        raise CheckpointError(
-            path,
-            "not a Flux DiT checkpoint (neither BFL 'img_in.weight' nor diffusers 'x_embedder.weight' found)",
-        )
-    if layout == "diffusers":
-        sd = convert_diffusers_dit(sd, path, consume=True)
+    sd = bfl_state_dict(sd, path)
     config = infer_dit_config(sd, path, overrides)
     with torch.device("meta"):
         model = Flux(config)

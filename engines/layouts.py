@@ -130,18 +130,63 @@ def stored_keys(path: str | Path) -> dict[str, None]:
     found = _shard_index(where.path) if where.layout.endswith("sharded") else None
     if found is not None:
         return dict.fromkeys(found[1])
-    p = where.path
+    return dict.fromkeys(k for k in _header(where.path) if k != "__metadata__")
+
+
+# safetensors dtype names -> torch dtypes (the float8 ones only where this torch has them).
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", torch.uint8),
+    "F8_E5M2": getattr(torch, "float8_e5m2", torch.uint8),
+}
+
+
+def _header(path: Path) -> dict:
     try:
-        with p.open("rb") as f:
+        with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            if not 0 < size <= min(100_000_000, p.stat().st_size - 8):
-                raise CheckpointError(p, "not a safetensors file (header length is past the end of the file)")
+            if not 0 < size <= min(100_000_000, path.stat().st_size - 8):
+                raise CheckpointError(
+                    path, "not a safetensors file (header length is past the end of the file)"
+                )
             header = json.loads(f.read(size))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(p, f"malformed safetensors header ({e})") from None
+        raise CheckpointError(path, f"malformed safetensors header ({e})") from None
     if not isinstance(header, dict):
-        raise CheckpointError(p, "malformed safetensors header (not a JSON object)")
-    return dict.fromkeys(k for k in header if k != "__metadata__")
+        raise CheckpointError(path, "malformed safetensors header (not a JSON object)")
+    return header
+
+
+def header_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str], WeightFiles]:
+    """`read_weights` without reading any tensor: every tensor of the model as a `meta` tensor of
+    its stored shape and dtype, from the safetensors headers of all its shards. The same config
+    inference the loaders run works on it, so a model's sizes are known before it is loaded."""
+    where = locate(path)
+    sd: dict[str, Tensor] = {}
+    metadata: dict[str, str] = {}
+    for shard in where.files:
+        header = _header(shard)
+        if not metadata and isinstance(header.get("__metadata__"), dict):
+            metadata = {str(k): str(v) for k, v in header["__metadata__"].items()}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                sd[key] = torch.empty(
+                    info["shape"], dtype=_DTYPES.get(info["dtype"], torch.uint8), device="meta"
+                )
+            except (TypeError, KeyError, ValueError, RuntimeError):
+                raise CheckpointError(shard, "malformed tensor entry", key) from None
+    return sd, metadata, where
 
 
 def related_files(path: str | Path) -> list[Path]:
@@ -272,15 +317,31 @@ def load_text_encoder(
     """A CLIP or T5 encoder from a single file, an HF folder (sharded or not) or a diffusers component."""
     sd, metadata, where = read_weights(path)
     overrides = {**where.config, **metadata_config(metadata, path)}
+    return text_encoder_from_state_dict(_encoder_part(sd), overrides, path, device, dtype), where
+
+
+def _encoder_part(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The encoder's own tensors of a file that wraps them in a checkpoint-style prefix."""
     for prefix in (
         "text_encoders.clip_l.transformer.",
         "text_encoders.t5xxl.transformer.",
         "cond_stage_model.transformer.",
     ):
         if any(k.startswith(prefix) for k in sd):
-            sd = {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    return text_encoder_from_state_dict(sd, overrides, path, device, dtype), where
+            return {k.removeprefix(prefix): v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def text_encoder_width(sd: dict[str, Tensor], path: str | Path) -> tuple[str, int]:
+    """("clip" or "t5", width of its features) of a text encoder state dict; `meta` tensors
+    (`header_weights`) will do, so a workflow can be checked before anything loads."""
+    sd = _encoder_part(sd)
+    family = detect_family(sd)
+    if family == "CLIP text encoder":
+        return "clip", int(_clip_state_dict(sd)["text_model.embeddings.token_embedding.weight"].shape[1])
+    if family == "T5 text encoder":
+        return "t5", int(_t5_state_dict(sd)["shared.weight"].shape[1])
+    raise CheckpointError(path, f"this is {_a(family)}, not a CLIP or T5 text encoder")
 
 
 def family_of(model: CLIPTextModel | T5Encoder) -> str:

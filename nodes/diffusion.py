@@ -10,7 +10,18 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from tessera.engines.checkpoint import CheckpointError
-from tessera.engines.flux import Flux, check_conditioning, dit_from_state_dict, guided_velocity, load_dit
+from tessera.engines.flux import (
+    Flux,
+    FluxConfig,
+    bfl_state_dict,
+    check_conditioning,
+    check_widths,
+    dit_config,
+    dit_from_state_dict,
+    guided_velocity,
+    infer_dit_config,
+    load_dit,
+)
 from tessera.engines.generation import diffusion_sigmas, latent_to_image
 from tessera.engines.fp8 import Fp8Unavailable, require_fp8, store_fp8
 from tessera.engines.latent import Latent
@@ -22,11 +33,13 @@ from tessera.engines.step_cache import StepCache
 from tessera.engines.layouts import (
     detect_family,
     family_of,
+    header_weights,
     load_text_encoder,
     locate,
     read_weights,
     split_checkpoint,
     text_encoder_from_state_dict,
+    text_encoder_width,
     tokenizer_for,
 )
 from tessera.engines.tokenization import TokenizerError
@@ -39,6 +52,11 @@ from tessera.nodes.text import RealTextEncoder
 MAX_SIDE = 8192
 DTYPES = {"default": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8 = "fp8_e4m3fn"  # Linear weights stored in fp8, upcast per layer to the compute dtype (engines/fp8.py)
+
+
+def _dit_facts(config: FluxConfig) -> dict:
+    """What validation knows of a DiT (Node.describe): the conditioning widths it takes."""
+    return {"context_dim": config.context_dim, "vec_dim": config.vec_dim}
 
 
 class LoadDiffusionModel(Node):
@@ -54,6 +72,13 @@ class LoadDiffusionModel(Node):
         Input("weight_dtype", "STRING", default="default", choices=(*DTYPES, FP8), link="widget"),
     )
     outputs = (Output("model", "DIT_MODEL"),)
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        try:  # from the file headers: a wrong file is refused before anything loads
+            return {"model": _dit_facts(dit_config(ctx.model_file("diffusion_models", constants["file"])))}
+        except CheckpointError as e:
+            raise NodeError(str(e), input="file") from None
 
     def execute(self, ctx: ExecutionContext, file: str, weight_dtype: str = "default"):
         path = ctx.model_file("diffusion_models", file)
@@ -110,6 +135,19 @@ class LoadCheckpoint(Node):
         return _identity([*path.parent.glob("*.json"), *path.parent.glob("*.txt"),
                           *(Path(ctx.models_dir) / "tokenizers").rglob("*")])
 
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        """The DiT's and the text encoders' widths from the headers (execute names a missing part)."""
+        path = ctx.model_file("checkpoints", constants["file"])
+        try:
+            parts = split_checkpoint(header_weights(path)[0])
+            model = _dit_facts(infer_dit_config(bfl_state_dict(parts.pop("model"), path), path)) if "model" in parts else {}
+            parts.pop("vae", None)
+            widths = dict(text_encoder_width(part, path) for part in parts.values())
+        except CheckpointError as e:
+            raise NodeError(f"{cls.type_name}: {e}", input="file") from None
+        return {"model": model, "vae": {}, "text_encoder": {"encoders": widths} if widths else {}}
+
     def execute(self, ctx: ExecutionContext, file: str):
         path = ctx.model_file("checkpoints", file)
         try:
@@ -164,6 +202,23 @@ class LoadDiffusersPipeline(Node):
         except CheckpointError as e:
             raise NodeError(f"{cls.type_name}: {e}", input="file") from None
         return _identity([*pipeline.rglob("*"), *(Path(ctx.models_dir) / "tokenizers").rglob("*")])
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        """The DiT's and the text encoders' widths from the components' headers."""
+        path = ctx.model_file("diffusion_models", constants["file"])
+        try:
+            pipeline = locate(path).pipeline
+            if pipeline is None:
+                return {}  # execute says what to load instead
+            first = {name: sorted((pipeline / name).glob("*.safetensors")) for name in
+                     ("transformer", "text_encoder", "text_encoder_2")}
+            model = _dit_facts(dit_config(first["transformer"][0])) if first["transformer"] else {}
+            widths = dict(text_encoder_width(header_weights(files[0])[0], files[0])
+                          for name, files in first.items() if name != "transformer" and files)
+        except CheckpointError as e:
+            raise NodeError(f"{cls.type_name}: {e}", input="file") from None
+        return {"model": model, "vae": {}, "text_encoder": {"encoders": widths} if widths else {}}
 
     def execute(self, ctx: ExecutionContext, file: str):
         path = ctx.model_file("diffusion_models", file)
@@ -381,6 +436,22 @@ def _prepare(
     return velocity, sigmas
 
 
+def _check_conditioning_widths(node: type[Node], upstream: dict[str, dict]) -> None:
+    """What `_prepare` checks of the conditioning, refused when the workflow is compiled: the
+    widths the text encoders' files give against the DiT's (Node.describe facts)."""
+    model = upstream.get("model", {})
+    if "context_dim" not in model:
+        return
+    for input_name in ("positive", "negative"):
+        cond = upstream.get(input_name, {})
+        if "tokens" in cond:
+            try:
+                check_widths(model["context_dim"], model["vec_dim"], cond["tokens"], cond["pooled"],
+                             cond.get("source", ""), f"{node.type_name} {input_name}")
+            except ValueError as e:
+                raise NodeError(str(e), input=input_name) from None
+
+
 def _guidance_problems(node: type[Node], constants: dict, linked: frozenset[str]) -> list[NodeError]:
     """cfg other than 1 needs a negative: refused when the workflow is checked, not after sampling."""
     cfg = constants.get("cfg")
@@ -418,6 +489,11 @@ class DiTSampler(Node):
     @classmethod
     def check(cls, constants: dict, linked: frozenset[str]) -> list[NodeError]:
         return _guidance_problems(cls, constants, linked)
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        _check_conditioning_widths(cls, upstream)
+        return {"latent": {}}
 
     def execute(
         self,
@@ -470,6 +546,11 @@ class DiTDenoiseStep(Node):
                 f"step {step} is past the last step ({steps - 1}) of a {steps}-step schedule", input="step"
             ))
         return problems
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        _check_conditioning_widths(cls, upstream)
+        return {"latent": {}}
 
     def execute(
         self,

@@ -17,21 +17,23 @@ from pathlib import Path
 
 import torch
 
-from tessera.engines.checkpoint import CheckpointError
+from tessera.engines.checkpoint import CheckpointError, metadata_config
 from tessera.engines.clip import CLIPTextModel
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.layouts import (
     detect_family,
     family_of,
+    header_weights,
     locate,
     related_files,
     stored_keys,
+    text_encoder_width,
     tokenizer_folders,
     tokenizer_for,
 )
 from tessera.engines.layouts import load_text_encoder as load_real_text_encoder
 from tessera.engines.t5 import T5Encoder
-from tessera.engines.text_encoder import TextEncoder, load_text_encoder
+from tessera.engines.text_encoder import TextEncoder, TextEncoderConfig, load_text_encoder
 from tessera.engines.tokenization import TextTokenizer, TokenizerError, find_tokenizer
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output
 
@@ -44,6 +46,15 @@ class LoadTextEncoder(Node):
     category = "loaders"
     inputs = (Input("file", "STRING", model_folder=FOLDER, link="widget"),)
     outputs = (Output("text_encoder", "TEXT_ENCODER"),)
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        path = ctx.model_file(FOLDER, constants["file"])
+        try:
+            c = TextEncoderConfig.from_dict(metadata_config(header_weights(path)[1], path))
+        except (CheckpointError, TypeError, ValueError):
+            return {"text_encoder": {}}  # execute names what is wrong with the file
+        return {"text_encoder": {"character": {"tokens": c.context_dim, "pooled": c.pooled_dim}}}
 
     def execute(self, ctx: ExecutionContext, file: str):
         try:
@@ -69,6 +80,19 @@ class TextEncode(Node):
     )
     outputs = (Output("conditioning", "CONDITIONING"),)
 
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        enc = upstream.get("text_encoder", {})
+        if "character" in enc:
+            return {"conditioning": {**enc["character"], "source": CHARACTER}}
+        parts = enc.get("encoders")
+        if not parts:
+            return {"conditioning": {}}
+        source = " + ".join(NAMES[n] for n in NAMES if n in parts)
+        # RealTextEncoder.encode: T5 tokens + CLIP pooled for both, else one encoder's width for both
+        tokens, pooled = parts.get("t5") or parts["clip"], parts.get("clip") or parts["t5"]
+        return {"conditioning": {"tokens": tokens, "pooled": pooled, "source": source}}
+
     def execute(self, ctx: ExecutionContext, text_encoder: TextEncoder, text: str) -> tuple[Conditioning]:
         with torch.no_grad():
             return (text_encoder.encode([text]),)
@@ -79,6 +103,7 @@ class TextEncode(Node):
 CLIP_TOKENS = 77  # CLIP's positions; Flux and SD pad every prompt to them
 LLAMAGEN_TOKENS = 120  # LlamaGen t2i's FLAN-T5 caption length
 NAMES = {"clip": "CLIP", "t5": "T5"}
+CHARACTER = "the character-level encoder"
 
 
 @dataclass
@@ -185,6 +210,16 @@ def _a(noun: str) -> str:
     return ("an " if noun[0] in "AEIOUaeiou" else "a ") + noun
 
 
+def encoder_widths(ctx: ExecutionContext, node_name: str, file: str, input_name: str) -> dict[str, int]:
+    """{"clip" or "t5": width of its features} of one encoder file, from its headers alone."""
+    path = ctx.model_file(FOLDER, file, input_name)
+    try:
+        family, width = text_encoder_width(header_weights(path)[0], path)
+    except CheckpointError as e:
+        raise NodeError(f"{node_name}: {path.name}: {e}", input=input_name) from None
+    return {family: width}
+
+
 def load_real_encoder(ctx: ExecutionContext, node: Node, file: str, input_name: str, want: str | None = None):
     """(family, (model, tokenizer)) for one file; every failure is a NodeError on `input_name` naming the file."""
     path = ctx.model_file(FOLDER, file, input_name)
@@ -220,6 +255,10 @@ class CLIPLoader(Node):
     def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
         return json.dumps(check_real_encoder(ctx, cls.type_name, inputs["file"], "file", None))
 
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        return {"text_encoder": {"encoders": encoder_widths(ctx, cls.type_name, constants["file"], "file")}}
+
     def execute(self, ctx: ExecutionContext, file: str):
         family, part = load_real_encoder(ctx, self, file, "file")
         return (RealTextEncoder(**{family: part}),)
@@ -244,21 +283,42 @@ class DualCLIPLoader(Node):
             ]
         )
 
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        widths = {
+            **encoder_widths(ctx, cls.type_name, constants["clip_file"], "clip_file"),
+            **encoder_widths(ctx, cls.type_name, constants["t5_file"], "t5_file"),
+        }
+        return {"text_encoder": {"encoders": widths}}
+
     def execute(self, ctx: ExecutionContext, clip_file: str, t5_file: str):
         _, clip = load_real_encoder(ctx, self, clip_file, "clip_file", "clip")
         _, t5 = load_real_encoder(ctx, self, t5_file, "t5_file", "t5")
         return (RealTextEncoder(clip=clip, t5=t5),)
 
 
+def _lacking(node_name: str, needs: tuple[str, ...], have: str, hint: str) -> NodeError:
+    wanted = " and ".join(NAMES[n] for n in needs)
+    return NodeError(f"{node_name} needs {wanted} but the text encoder has {have or 'none'}; {hint}", input="text_encoder")
+
+
 def _real(node: Node, text_encoder, needs: tuple[str, ...], hint: str) -> RealTextEncoder:
-    have = text_encoder.source if isinstance(text_encoder, RealTextEncoder) else "the character-level encoder"
+    have = text_encoder.source if isinstance(text_encoder, RealTextEncoder) else CHARACTER
     if not isinstance(text_encoder, RealTextEncoder) or any(getattr(text_encoder, n) is None for n in needs):
-        wanted = " and ".join(NAMES[n] for n in needs)
-        raise NodeError(
-            f"{node.type_name} needs {wanted} but the text encoder has {have or 'none'}; {hint}",
-            input="text_encoder",
-        )
+        raise _lacking(node.type_name, needs, have, hint)
     return text_encoder
+
+
+def _real_widths(node_name: str, enc: dict, needs: tuple[str, ...], hint: str) -> dict[str, int] | None:
+    """`_real` on what validation knows of the text encoder: its encoders' widths (None if unknown)."""
+    if "character" in enc:
+        raise _lacking(node_name, needs, CHARACTER, hint)
+    parts = enc.get("encoders")
+    if parts is None:
+        return None
+    if any(n not in parts for n in needs):
+        raise _lacking(node_name, needs, " + ".join(NAMES[n] for n in NAMES if n in parts), hint)
+    return parts
 
 
 class FluxTextEncode(Node):
@@ -277,8 +337,17 @@ class FluxTextEncode(Node):
     )
     outputs = (Output("conditioning", "CONDITIONING"),)
 
+    HINT = "load CLIP-L and T5-XXL with DualCLIPLoader"
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        parts = _real_widths(cls.type_name, upstream.get("text_encoder", {}), ("clip", "t5"), cls.HINT)
+        if parts is None:
+            return {"conditioning": {}}
+        return {"conditioning": {"tokens": parts["t5"], "pooled": parts["clip"], "source": "CLIP + T5"}}
+
     def execute(self, ctx: ExecutionContext, text_encoder, text: str, t5_tokens: int, guidance: float):
-        enc = _real(self, text_encoder, ("clip", "t5"), "load CLIP-L and T5-XXL with DualCLIPLoader")
+        enc = _real(self, text_encoder, ("clip", "t5"), self.HINT)
         return (flux_conditioning(enc, [text], t5_tokens, guidance),)
 
 
@@ -293,8 +362,17 @@ class LlamaGenTextEncode(Node):
     )
     outputs = (Output("conditioning", "CONDITIONING"),)
 
+    HINT = "load FLAN-T5-XL with CLIPLoader"
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        parts = _real_widths(cls.type_name, upstream.get("text_encoder", {}), ("t5",), cls.HINT)
+        if parts is None:
+            return {"conditioning": {}}
+        return {"conditioning": {"tokens": parts["t5"], "pooled": parts["t5"], "source": "T5"}}
+
     def execute(self, ctx: ExecutionContext, text_encoder, text: str, max_tokens: int):
-        enc = _real(self, text_encoder, ("t5",), "load FLAN-T5-XL with CLIPLoader")
+        enc = _real(self, text_encoder, ("t5",), self.HINT)
         return (llamagen_conditioning(enc, [text], max_tokens),)
 
 

@@ -90,7 +90,7 @@ class Executor:
         )
 
     def compile(self, workflow: dict, targets: list[str] | None = None) -> Plan:
-        """Compile a validated workflow; a failing fingerprint hook is reported on its node."""
+        """Compile a validated workflow; a failing fingerprint or describe hook is reported on its node."""
 
         def fingerprint(cls, node_id, constants):
             ctx = self.context(node_id)
@@ -101,7 +101,13 @@ class Executor:
             except Exception as e:
                 raise InvalidWorkflow([WorkflowIssue(node_id, getattr(e, "input", None), str(e))]) from None
 
-        return compile_plan(workflow, self.registry, fingerprint, targets)
+        def describe(cls, node_id, constants, upstream):
+            try:
+                return cls.describe(self.context(node_id), constants, upstream)
+            except Exception as e:
+                raise InvalidWorkflow([WorkflowIssue(node_id, getattr(e, "input", None), str(e))]) from None
+
+        return compile_plan(workflow, self.registry, fingerprint, targets, describe)
 
     def run(
         self,

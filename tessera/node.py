@@ -214,6 +214,20 @@ class Node:
         workflow is validated, so a bad value is refused before anything executes."""
         return []
 
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        """What is known of this node's outputs before anything runs: output name -> facts (a
+        DiT's text widths read from its file headers, a conditioning's widths). `upstream` gives
+        the facts of each linked input ({} when nothing is known). Raise NodeError, naming the
+        input, when the inputs cannot work together: it is run when the workflow is compiled, so
+        a mismatch is refused before any node executes. By default each output hands on the
+        facts of the node's first input of the same type (a LoRA, FluxGuidance) or none."""
+        out = {}
+        for o in cls.outputs:
+            source = next((i.name for i in cls.inputs if i.type == o.type), None)
+            out[o.name] = upstream.get(source, {}) if source else {}
+        return out
+
     def execute(self, ctx: ExecutionContext, **inputs) -> tuple | Result:
         raise NotImplementedError(f"{self.type_name} does not implement execute()")
 

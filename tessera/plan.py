@@ -135,12 +135,16 @@ def compile_plan(
     registry: NodeRegistry,
     fingerprint: Callable[[type[Node], str, dict], str | None] | None = None,
     targets: list[str] | None = None,
+    describe: Callable[[type[Node], str, dict, dict], dict] | None = None,
 ) -> Plan:
-    """Compile a *validated* workflow. `fingerprint(cls, node_id, constants)` supplies node fingerprints."""
+    """Compile a *validated* workflow. `fingerprint(cls, node_id, constants)` supplies node fingerprints;
+    `describe(cls, node_id, constants, upstream)` what is known of a node's outputs (`Node.describe`),
+    given what is known of its linked inputs, in topological order."""
     nodes = apply_modes(workflow["nodes"], registry)
     order = _topological(nodes, _needed(nodes, registry, targets))
     plan = Plan()
     keys: dict[str, str] = {}
+    facts: dict[str, dict] = {}  # node id -> output name -> what `describe` knows of it
     for node_id in order:
         node = nodes[node_id]
         cls = registry.get(node["type"])
@@ -153,6 +157,9 @@ def compile_plan(
             else:
                 constants[spec.name] = value
         extra = fingerprint(cls, node_id, constants) if fingerprint else None
+        if describe is not None:
+            upstream = {name: facts[up].get(out, {}) for name, (up, out) in links.items()}
+            facts[node_id] = describe(cls, node_id, constants, upstream) or {}
         material = [
             cls.type_name,
             cls.version,
