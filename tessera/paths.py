@@ -97,7 +97,11 @@ def write_confined(root: Path, name: str, write: Callable[[BinaryIO], None], exc
     return target
 
 
-MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models")
+# Folders of .safetensors files that loaders read (`/api/models` lists each); tokenizers/ holds
+# tokenizer files beside these, looked up by the text-encoder loaders, and is not listed.
+MODEL_FOLDERS = (
+    "diffusion_models", "checkpoints", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models",
+)
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 

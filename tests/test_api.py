@@ -97,7 +97,9 @@ def test_model_folders_and_live_choices(api):
     (api.models_dir / "diffusion_models").mkdir(exist_ok=True)
     (api.models_dir / "diffusion_models" / "tiny.safetensors").write_bytes(b"x")
     models = api.get_json("/api/models")
-    assert set(models) == {"diffusion_models", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models"}
+    assert set(models) == {
+        "diffusion_models", "checkpoints", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models"
+    }
     assert models["vae"] == ["first.safetensors", "sub/nested.safetensors"]
     assert models["diffusion_models"] == ["tiny.safetensors"] and models["loras"] == []
 
