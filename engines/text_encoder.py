@@ -9,17 +9,15 @@ a pooled vector (projected masked mean) and the padding mask.
 Training: the encoder is pre-trained on its own, text only, then frozen while the DiT
 and the GPT are trained on top of it. One frozen encoder is what lets a single
 `TextEncode` node feed either generator; end-to-end training with one generator would
-tie the encoder to it. `pretrain_text_encoder` combines masked-character
-reconstruction on the token features (they must keep spelling and context) with
-predicting the scene's attributes from the pooled vector (it must carry the meaning);
-`lab.synthetic.caption_batches` supplies both. The model is a plain `nn.Module`
+tie the encoder to it. The pretraining (masked characters plus scene attributes) is in
+the lab (`lab/text_encoder_training.py`). The model is a plain `nn.Module`
 and `encode` is differentiable, so fine-tuning it inside a generator's loop also works.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -184,110 +182,3 @@ def tiny_text_encoder(seed: int = 0) -> TextEncoder:
         return TextEncoder(
             TextEncoderConfig(width=32, depth=1, heads=2, context_dim=32, pooled_dim=16)
         ).eval()
-
-
-# ---------------------------------------------------------------- pretraining
-
-
-class PretrainingHeads(nn.Module):
-    """Throw-away heads: characters from token features, attribute classes from the pooled vector."""
-
-    def __init__(self, config: TextEncoderConfig, attribute_classes: Mapping[str, int]):
-        super().__init__()
-        self.chars = nn.Linear(config.context_dim, VOCAB_SIZE)
-        self.attributes = nn.ModuleDict(
-            {k: nn.Linear(config.pooled_dim, n) for k, n in attribute_classes.items()}
-        )
-
-
-def _mask_characters(
-    ids: torch.Tensor, prob: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace a random `prob` of the characters (never BOS or padding) by MASK; targets -100 elsewhere."""
-    chosen = (torch.rand(ids.shape, generator=generator) < prob) & (ids >= BYTE_OFFSET)
-    return ids.masked_fill(chosen, MASK), ids.masked_fill(~chosen, -100)
-
-
-def pretraining_loss(
-    model: TextEncoder,
-    heads: PretrainingHeads,
-    captions: Sequence[str],
-    labels: Mapping[str, torch.Tensor],
-    mask_prob: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Masked-character loss on a masked copy plus attribute losses on the clean captions."""
-    generator = generator or torch.Generator().manual_seed(0)
-    ids, mask = model.tokenize(captions)
-    masked, char_targets = _mask_characters(ids, mask_prob, generator)
-    dev = model.device
-    both = model(torch.cat([ids, masked]).to(dev), torch.cat([mask, mask]).to(dev))
-    b = len(captions)
-    char_logits = heads.chars(both.tokens[b:])
-    char_targets = char_targets.to(dev)
-    chars = F.cross_entropy(char_logits.flatten(0, 1), char_targets.flatten(), ignore_index=-100)
-    loss, stats = chars, {"chars": chars.item()}
-    for name, head in heads.attributes.items():
-        target = labels[name].to(dev)
-        if (target >= 0).any():
-            part = F.cross_entropy(head(both.pooled[:b]), target, ignore_index=-100)
-            loss = loss + part
-            stats[name] = part.item()
-    stats["loss"] = loss.item()
-    return loss, stats
-
-
-def pretrain_text_encoder(
-    model: TextEncoder,
-    batches: Iterator[tuple[Sequence[str], Mapping[str, torch.Tensor]]],
-    attribute_classes: Mapping[str, int],
-    steps: int,
-    lr: float = 1e-3,
-    mask_prob: float = 0.15,
-    seed: int = 0,
-    callback: Callable[[dict], None] | None = None,
-) -> PretrainingHeads:
-    """Train `model` in place on (captions, attribute labels) batches; returns the heads for evaluation.
-
-    Labels are class indices per attribute field with -100 where a caption lacks the field
-    (`lab.synthetic.caption_batches` and `ATTRIBUTE_CLASSES` give both).
-    """
-    heads = PretrainingHeads(model.config, attribute_classes).to(model.device)
-    model.train().requires_grad_(True)
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, steps // 20)))
-    generator = torch.Generator().manual_seed(seed)
-    for i in range(steps):
-        captions, labels = next(batches)
-        loss, stats = pretraining_loss(model, heads, captions, labels, mask_prob, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if callback is not None:
-            callback({"i": i, "total": steps, **stats})
-    model.eval()
-    return heads
-
-
-@torch.no_grad()
-def attribute_accuracy(
-    model: TextEncoder,
-    heads: PretrainingHeads,
-    batches: Iterator[tuple[Sequence[str], Mapping[str, torch.Tensor]]],
-    steps: int = 1,
-) -> dict[str, float]:
-    """How often the pooled vector's heads name each attribute right (over captions that have it)."""
-    hits: dict[str, list[int]] = {}
-    for _ in range(steps):
-        captions, labels = next(batches)
-        pooled = model.encode(captions).pooled
-        for name, head in heads.attributes.items():
-            target = labels[name].to(pooled.device)
-            keep = target >= 0
-            h = hits.setdefault(name, [0, 0])
-            h[0] += int((head(pooled).argmax(-1)[keep] == target[keep]).sum())
-            h[1] += int(keep.sum())
-    return {k: c / n for k, (c, n) in hits.items() if n}

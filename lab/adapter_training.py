@@ -54,7 +54,7 @@ from tessera.engines.vae import AutoencoderKL, load_vae
 from tessera.engines.vq import VQModel, load_vq
 
 from . import synthetic
-from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at
+from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at, step_generator
 from .training import (
     RunOptions,
     _cpu_seconds,
@@ -64,7 +64,6 @@ from .training import (
     gpt_training_logits,
     hardware,
     pace_to_deadline,
-    step_generator,
 )
 
 # A size word the built-in models never saw: every object they were shown is 17–22 px wide.

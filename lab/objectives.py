@@ -6,6 +6,8 @@
   model predicting ε − x₀; a DiT with a distilled-guidance input is fed `guidance` (3.5, Flux's
   default), one without it gets none.
 - `lr_at`: linear warmup, then cosine decay to a floor of the peak learning rate.
+- `step_generator`: the random stream of one step, a function of (seed, step) alone, so a run
+  resumed at any step draws what the uninterrupted run drew there.
 """
 
 from __future__ import annotations
@@ -64,3 +66,8 @@ def lr_at(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of training step `step` of a run seeded `seed`."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)

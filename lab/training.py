@@ -42,14 +42,14 @@ from tessera.engines.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
     load_text_encoder,
-    pretrain_text_encoder,
     save_text_encoder,
 )
 from tessera.engines.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from tessera.engines.vq import VQConfig, VQModel, load_vq, save_vq
 
 from . import synthetic
-from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at
+from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at, step_generator
+from .text_encoder_training import attribute_accuracy, pretrain_text_encoder
 
 STATE_KEY = "tessera.train_state"  # metadata of a resumable training state file
 
@@ -444,12 +444,6 @@ def _stream(options: RunOptions, start: int, kinds: Sequence[str] = TRAIN_KINDS)
         yield step, replace(batch, images=batch.images.to(options.device, non_blocking=True))
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The random stream of one training step: a function of (seed, step) alone, so a run resumed
-    at any step draws what the uninterrupted run drew there."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
 def _warmup(options: RunOptions, divisor: int) -> int:
     return options.warmup if options.warmup is not None else max(1, options.steps // divisor)
 
@@ -567,12 +561,14 @@ def train_text_encoder(options: RunOptions, config: TextEncoderConfig = TEXT_ENC
     lr = options.lr or 1e-3
     model = TextEncoder(config)
     classes = {k: len(v) for k, v in synthetic.ATTRIBUTE_CLASSES.items()}
-    log = TrainLog(options.log, "text-encoder", options, append=False)
-    if options.resume_from:
-        print(
-            "note: the text encoder trains in one go (seconds to minutes); --resume-from is ignored",
-            flush=True,
-        )
+    log = TrainLog(options.log, "text-encoder", options, append=bool(options.resume_from))
+
+    def resume(modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> int:
+        return _load_state(options.resume_from, modules, opt, options)[0]
+
+    def checkpoint(done: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> None:
+        if done % options.ckpt_every == 0 or done == options.steps:
+            _save_state(options.state, done, modules, opt, log)
 
     def on_step(info: dict) -> None:
         stats = {k: v for k, v in info.items() if k not in ("i", "total")}
@@ -581,9 +577,16 @@ def train_text_encoder(options: RunOptions, config: TextEncoderConfig = TEXT_ENC
     batches = synthetic.caption_batches(options.batch, seed=options.seed, split="train", kinds=TRAIN_KINDS)
     with _autocast(options):
         heads = pretrain_text_encoder(
-            model, batches, classes, options.steps, lr=lr, seed=options.seed, callback=on_step
+            model,
+            batches,
+            classes,
+            options.steps,
+            lr=lr,
+            seed=options.seed,
+            callback=on_step,
+            resume=resume if options.resume_from else None,
+            checkpoint=checkpoint,
         )
-    from tessera.engines.text_encoder import attribute_accuracy
 
     heldout = synthetic.caption_batches(256, seed=options.seed + 1, split="heldout")
     accuracy = attribute_accuracy(model, heads, heldout, steps=4)

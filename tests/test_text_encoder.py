@@ -8,13 +8,14 @@ from dataclasses import asdict
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tessera.lab import synthetic as S
+
 from tessera.engines import text_encoder as T
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
-from tessera.nodes.text import LoadTextEncoder, TextEncode
-
+from tessera.lab import synthetic as S
+from tessera.lab.text_encoder_training import attribute_accuracy, pretrain_text_encoder
 from tessera.node import ExecutionContext, NodeError
+from tessera.nodes.text import LoadTextEncoder, TextEncode
 from tessera.registry import NodeRegistry
 
 
@@ -133,7 +134,7 @@ def test_pretraining_learns_the_attributes_of_captions():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to threading on a busy machine
     try:
-        heads = T.pretrain_text_encoder(
+        heads = pretrain_text_encoder(
             model, S.caption_batches(16, seed=1, kinds=("shape",)), classes, steps=60, lr=5e-3,
             callback=lambda d: losses.append(d["loss"]),
         )  # fmt: skip
@@ -141,7 +142,7 @@ def test_pretraining_learns_the_attributes_of_captions():
         torch.set_num_threads(threads)
     assert len(losses) == 60 and sum(losses[-5:]) / 5 < 0.75 * losses[0]
     # captions whose attribute combination it never saw: the colour is read off, not memorised
-    held_out = T.attribute_accuracy(
+    held_out = attribute_accuracy(
         model, heads, S.caption_batches(128, seed=7, split="heldout", kinds=("shape",))
     )
     assert held_out["kind"] == 1.0 and held_out["color"] > 0.5

@@ -243,7 +243,7 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind", ["vae", "vq", "dit", "ar"])
+@pytest.mark.parametrize("kind", ["text-encoder", "vae", "vq", "dit", "ar"])
 def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(autoencoders, kind, tmp_path, monkeypatch):
     """Stopped right after its state at step 2 of 3 is written, then resumed from that state, a
     run writes the very weights an uninterrupted 3-step run writes (CPU)."""
