@@ -37,6 +37,7 @@ from tessera.engines.layouts import (
     load_text_encoder,
     locate,
     read_weights,
+    related_files,
     split_checkpoint,
     text_encoder_from_state_dict,
     text_encoder_width,
@@ -52,6 +53,16 @@ from tessera.nodes.text import RealTextEncoder
 MAX_SIDE = 8192
 DTYPES = {"default": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FP8 = "fp8_e4m3fn"  # Linear weights stored in fp8, upcast per layer to the compute dtype (engines/fp8.py)
+
+
+def _files_key(ctx: ExecutionContext, node: type[Node], folder: str, file: str) -> str:
+    """Cache-key material for a loader: every file the model is read from (all shards of a sharded
+    folder, its index and config.json, a pipeline's model_index.json), not only the chosen one."""
+    path = ctx.model_file(folder, file)
+    try:
+        return _identity(related_files(path))
+    except CheckpointError as e:
+        raise NodeError(f"{node.type_name}: {e}", input="file") from None
 
 
 def _dit_facts(config: FluxConfig) -> dict:
@@ -72,6 +83,10 @@ class LoadDiffusionModel(Node):
         Input("weight_dtype", "STRING", default="default", choices=(*DTYPES, FP8), link="widget"),
     )
     outputs = (Output("model", "DIT_MODEL"),)
+
+    @classmethod
+    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
+        return _files_key(ctx, cls, "diffusion_models", inputs["file"])
 
     @classmethod
     def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
@@ -104,6 +119,10 @@ class LoadVAE(Node):
         Input("family", "STRING", default="auto", choices=("auto", *FAMILIES), link="widget"),
     )
     outputs = (Output("vae", "VAE"),)
+
+    @classmethod
+    def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
+        return _files_key(ctx, cls, "vae", inputs["file"])
 
     def execute(self, ctx: ExecutionContext, file: str, family: str = "auto"):
         path = ctx.model_file("vae", file)
