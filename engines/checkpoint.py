@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import fp8
+
 
 class CheckpointError(ValueError):
     """A model file that cannot be used; the message names the file (and key, if any)."""
@@ -54,6 +56,14 @@ def _check_header(path: Path) -> None:
             raise CheckpointError(path, "malformed tensor entry", key) from None
         if end > data_len:
             raise CheckpointError(path, f"file is truncated (tensor data ends at byte {end} of {data_len})", key)
+        dtype = info.get("dtype")
+        if isinstance(dtype, str) and dtype.startswith("F8_") and not fp8.fp8_available():
+            raise CheckpointError(
+                path,
+                f"stores {dtype} (fp8) tensors, which torch {torch.__version__} cannot read (it has no "
+                "torch.float8_e4m3fn; torch 2.1 or newer has): use a bf16/fp16 copy of this model or upgrade torch",
+                key,
+            )
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from tessera.engines import fp8
+from tessera.engines.checkpoint import CheckpointError, read_safetensors
 from tessera.engines.flux import Flux, FluxConfig, save_dit
 from tessera.node import ExecutionContext, NodeError
 from tessera.nodes.diffusion import LoadDiffusionModel
@@ -126,3 +127,14 @@ def test_fp8_on_a_torch_without_fp8_names_the_input(models_dir, monkeypatch):
     assert err.value.input == "weight_dtype"
     with pytest.raises(fp8.Fp8Unavailable):
         fp8.store_fp8(tiny_flux(), torch.float32)
+
+
+def test_an_fp8_file_on_a_torch_without_fp8_names_the_file_and_key(models_dir, monkeypatch):
+    monkeypatch.setattr(fp8, "fp8_available", lambda: False)
+    with pytest.raises(CheckpointError, match=r"dit_fp8_e4m3fn\.safetensors, key '.+': stores F8_E4M3 \(fp8\)"):
+        read_safetensors(models_dir / "diffusion_models" / "dit_fp8_e4m3fn.safetensors")
+    with pytest.raises(NodeError, match=r"dit_fp8_e4m3fn\.safetensors, key .*torch .* cannot read") as err:
+        LoadDiffusionModel().execute(ctx(models_dir), "dit_fp8_e4m3fn.safetensors", "default")
+    assert err.value.input == "file"
+    (model,) = LoadDiffusionModel().execute(ctx(models_dir), "dit.safetensors", "default")  # no fp8 in it
+    assert model.img_in.weight.dtype == torch.float32
