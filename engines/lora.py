@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, read_safetensors
+from .fp8 import is_fp8
 
 # ---------------------------------------------------------------- what a LoRA file holds
 
@@ -401,7 +402,12 @@ class LoraLinear(nn.Linear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        weight, bias = self.weight, self.bias
+        if is_fp8(weight.dtype):  # an fp8-stored layer (engines/fp8.py): upcast per call, as Fp8Linear does
+            if is_fp8(x.dtype):
+                x = x.to(_compute_dtype(self))
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        out = F.linear(x, weight, bias)
         for a in self.adapters:
             y = F.linear(F.linear(x, a.down), a.up) * a.scale
             if a.rows is None:
@@ -411,6 +417,13 @@ class LoraLinear(nn.Linear):
             else:
                 out = out.index_add(-1, a.rows, y)
         return out
+
+
+def _compute_dtype(layer: nn.Linear) -> torch.dtype:
+    """The dtype a layer computes in: its weight's, or for an fp8-stored one the dtype it upcasts to."""
+    if is_fp8(layer.weight.dtype):
+        return getattr(layer, "compute_dtype", torch.bfloat16)
+    return layer.weight.dtype
 
 
 def _copy_module(m: nn.Module) -> nn.Module:
@@ -456,11 +469,11 @@ def with_loras(model: nn.Module, loras: Sequence[tuple[Lora, float]]) -> nn.Modu
                 if not isinstance(module, LoraLinear):
                     module = LoraLinear.sharing(module)
                     new.get_submodule(parent_path)._modules[child] = module
-                w = module.weight
+                w, dtype = module.weight, _compute_dtype(module)  # adapters never in fp8
                 module.adapters.append(
                     Adapter(
-                        u.down.to(w.device, w.dtype),
-                        u.up.to(w.device, w.dtype),
+                        u.down.to(w.device, dtype),
+                        u.up.to(w.device, dtype),
                         strength * u.scale,
                         _rows_arg(u.rows),
                     )

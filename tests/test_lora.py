@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from tessera.engines.checkpoint import CheckpointError, read_safetensors
 from tessera.engines.flux import Flux, FluxConfig, convert_diffusers_dit, load_dit
+from tessera.engines.fp8 import store_fp8
 from tessera.engines.gpt import GPT, GPTConfig, load_gpt
 from tessera.engines.lora import LoraLinear, load_lora, with_loras
 
@@ -325,6 +326,30 @@ def test_stacked_loras_in_the_forward_equal_merged_weights_and_leave_the_base_al
         "single_blocks.0.linear1.weight",
         "double_blocks.0.txt_mlp.0.bias",
     }
+
+
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_loras_on_an_fp8_stored_dit_upcast_its_weights_and_keep_adapters_in_the_compute_dtype(
+    dit, tmp_path, compute
+):
+    one, two = _lora_files(tmp_path, SMALL_DIT.hidden_size, SMALL_DIT.mlp_hidden)
+    stack = [(load_lora(one, dit), 0.6), (load_lora(two, dit), -1.2)]
+    stored = store_fp8(copy.deepcopy(dit), compute)
+    rounded = copy.deepcopy(dit).to(compute)  # the same weights as the fp8 ones read, never in fp8
+    for name, m in rounded.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data = stored.get_submodule(name).weight.data.to(compute)
+    x = _dit_inputs()
+    with torch.no_grad():
+        lora_model = with_loras(stored, stack)
+        out = lora_model(*x[:4], x[4])
+        expected = with_loras(rounded, stack)(*x[:4], x[4])
+    layer = lora_model.single_blocks[0].linear1
+    assert isinstance(layer, LoraLinear) and layer.weight.dtype == torch.float8_e4m3fn  # still stored in fp8
+    assert layer.weight is stored.single_blocks[0].linear1.weight
+    assert {a.down.dtype for a in layer.adapters} == {a.up.dtype for a in layer.adapters} == {compute}
+    tol = 1e-5 if compute == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
 def test_lora_gpt_generates_with_its_own_caches(gpt, tmp_path):
