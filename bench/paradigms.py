@@ -653,60 +653,90 @@ def _n(m: dict) -> str:
     return f"{m['value']:.3f}±{m['se']:.3f} (n={m['n']})"
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A usual claim that one paradigm beats the other on a measured quantity (a `compare` verdict)."""
+
+    row: int
+    claim: str
+    key: tuple[str, ...]  # where the measurement sits in each paradigm's report
+    label: str
+    better: str  # the paradigm the claim says wins: "dit" or "ar"
+    higher_is_better: bool = True
+    digits: int = 3
+    also: tuple[tuple[str, ...], ...] = ()  # measurements shown alongside (each with its own verdict)
+    reference: tuple[str, ...] | None = None  # a value for real renders, in r[reference[0]][reference[1]]…
+
+
+CLAIMS = (
+    Claim(1, "text rendering: autoregressive spells words better than diffusion (word exact match)",
+          ("word_exact",), "word exact match", "ar"),
+    Claim(2, "prompt adherence: autoregressive follows multi-object (relation) prompts better",
+          ("relation_all",), "relation scenes all correct", "ar",
+          also=(("relation_attribute_accuracy",), ("single_object_attribute_accuracy",))),
+    Claim(3, "texture/realism: diffusion gives more realistic images (Frechet distance in classifier features, "
+             "lower is better)", ("fd",), "Frechet distance", "dit", higher_is_better=False, digits=2,
+          also=(("texture_accuracy",),), reference=("realism_reference", "fd_floor")),
+    Claim(5, "diversity: diffusion gives more varied images per caption than autoregressive sampling",
+          ("diversity_features",), "mean pairwise feature distance per caption", "dit",
+          also=(("diversity_pixels",),), reference=("diversity_reference", "real_features")),
+    Claim(6, "error accumulation: an early wrong token hurts AR more than an early perturbation hurts diffusion",
+          ("early_error", "drop"), "score drop (attribute accuracy, same seeds)", "ar",
+          also=(("early_error", "drop_no_reaction"),)),
+)  # fmt: skip
+NAMES = {"dit": "DiT", "ar": "AR"}
+
+
+def _at(m: dict, key: tuple[str, ...]):
+    for k in key:
+        m = m[k]
+    return m
+
+
+def _verdict_on(c: Claim, r: dict) -> dict:
+    """The verdict on one row of CLAIMS, with its evidence and numbers."""
+    win, lose = c.better, "ar" if c.better == "dit" else "dit"
+    a, b = _at(r[win], c.key), _at(r[lose], c.key)
+    v, d, se, why = compare(a, b, c.higher_is_better)
+    if (
+        c.row == 1
+        and v != VERDICTS[1]
+        and max(a["value"], b["value"]) <= WORD_CHANCE + 2 * max(a["se"], b["se"])
+    ):
+        v, why = VERDICTS[2], "both at chance"
+    f = f"{{:.{c.digits}f}}"
+    pair = f"{NAMES[win]} {_n(a)} vs {NAMES[lose]} {_n(b)}"
+    evidence = [f"{c.label} {pair}; advantage of {NAMES[win]} {d:+.3f}±{se:.3f}"]
+    numbers = {win: _strip(a), lose: _strip(b), "diff": round(d, 4), "se": round(se, 4)}
+    if c.row == 1:
+        evidence.append(f"chance {WORD_CHANCE:.3f}")
+        numbers["chance"] = round(WORD_CHANCE, 4)
+    if c.reference is not None:
+        ref = _at(r, c.reference)
+        evidence.append(f"real renders {f.format(ref) if not isinstance(ref, dict) else _n(ref)}")
+        numbers["reference"] = ref if not isinstance(ref, dict) else _strip(ref)
+    for key in c.also:
+        x, y = _at(r[win], key), _at(r[lose], key)
+        vx, dx, sx, _ = compare(x, y, True)
+        evidence.append(f"{' '.join(key).replace('_', ' ')} {NAMES[win]} {_n(x)} vs {NAMES[lose]} {_n(y)} "
+                        f"({dx:+.3f}±{sx:.3f}: {vx})")  # fmt: skip
+        numbers["/".join(key)] = {win: _strip(x), lose: _strip(y), "diff": round(dx, 4), "se": round(sx, 4),
+                                  "verdict": vx}  # fmt: skip
+    short = f"{c.label.split(' (')[0]} {NAMES[win]} {f.format(a['value'])} vs {NAMES[lose]} {f.format(b['value'])}"
+    return {"row": c.row, "claim": c.claim, "verdict": v, "why": why, "evidence": "; ".join(evidence),
+            "short": short, "numbers": numbers}  # fmt: skip
+
+
 def verdicts(r: dict) -> list[dict]:
-    """One verdict per row of the claimed comparison, each with its evidence and numbers."""
+    """One verdict per row of the claimed comparison, each with its evidence and numbers: the rows
+    of CLAIMS by one rule, then latency, guidance and tooling, which need their own."""
     dit, ar = r["dit"], r["ar"]
-    out = []
+    out = [_verdict_on(c, r) for c in CLAIMS]
 
     def add(row: int, claim: str, verdict: str, why: str, evidence: str, short: str, numbers: dict) -> None:
         assert verdict in VERDICTS
         out.append({"row": row, "claim": claim, "verdict": verdict, "why": why, "evidence": evidence,
                     "short": short, "numbers": numbers})  # fmt: skip
-
-    # 1 text rendering
-    we_ar, we_dit = ar["word_exact"], dit["word_exact"]
-    v, d, se, why = compare(we_ar, we_dit)
-    if v != VERDICTS[1] and max(we_ar["value"], we_dit["value"]) <= WORD_CHANCE + 2 * max(
-        we_ar["se"], we_dit["se"]
-    ):
-        v, why = VERDICTS[2], "both at chance"
-    add(1, "text rendering: autoregressive spells words better than diffusion (word exact match)", v, why,
-        f"word exact match AR {_n(we_ar)} vs DiT {_n(we_dit)}; AR minus DiT {d:+.3f}±{se:.3f}; chance {WORD_CHANCE:.3f}",
-        f"word exact AR {we_ar['value']:.3f} vs DiT {we_dit['value']:.3f}",
-        {"ar": we_ar, "dit": we_dit, "diff": round(d, 4), "se": round(se, 4), "chance": round(WORD_CHANCE, 4)})  # fmt: skip
-
-    # 2 multi-clause adherence (and single-object attributes alongside)
-    v, d, se, why = compare(ar["relation_all"], dit["relation_all"])
-    v1, d1, se1, _ = compare(ar["single_object_attribute_accuracy"], dit["single_object_attribute_accuracy"])
-    v2, d2, se2, _ = compare(ar["relation_attribute_accuracy"], dit["relation_attribute_accuracy"])
-    add(2, "prompt adherence: autoregressive follows multi-object (relation) prompts better", v, why,
-        f"relation scenes all correct AR {_n(ar['relation_all'])} vs DiT {_n(dit['relation_all'])} "
-        f"(AR minus DiT {d:+.3f}±{se:.3f}); relation attribute accuracy AR {_n(ar['relation_attribute_accuracy'])} vs DiT "
-        f"{_n(dit['relation_attribute_accuracy'])} ({d2:+.3f}±{se2:.3f}: {v2}); single-object attribute accuracy AR "
-        f"{_n(ar['single_object_attribute_accuracy'])} vs DiT {_n(dit['single_object_attribute_accuracy'])} "
-        f"({d1:+.3f}±{se1:.3f}: {v1})",
-        f"relation all-correct AR {ar['relation_all']['value']:.3f} vs DiT {dit['relation_all']['value']:.3f}; "
-        f"1-object attr. AR {ar['single_object_attribute_accuracy']['value']:.3f} vs DiT "
-        f"{dit['single_object_attribute_accuracy']['value']:.3f}",
-        {"relation_all": {"ar": ar["relation_all"], "dit": dit["relation_all"], "diff": round(d, 4), "se": round(se, 4)},
-         "relation_attribute_accuracy": {"ar": ar["relation_attribute_accuracy"], "dit": dit["relation_attribute_accuracy"],
-                                         "diff": round(d2, 4), "se": round(se2, 4), "verdict": v2},
-         "single_object_attribute_accuracy": {"ar": ar["single_object_attribute_accuracy"],
-                                              "dit": dit["single_object_attribute_accuracy"],
-                                              "diff": round(d1, 4), "se": round(se1, 4), "verdict": v1}})  # fmt: skip
-
-    # 3 texture / realism
-    v, d, se, why = compare(dit["fd"], ar["fd"], higher_is_better=False)
-    vt, dt_, set_, _ = compare(dit["texture_accuracy"], ar["texture_accuracy"])
-    floor = r["realism_reference"]["fd_floor"]
-    add(3, "texture/realism: diffusion gives more realistic images (Frechet distance in classifier features, lower is better)",
-        v, why,
-        f"FD DiT {dit['fd']['value']:.2f}±{dit['fd']['se']:.2f} vs AR {ar['fd']['value']:.2f}±{ar['fd']['se']:.2f} "
-        f"(n={dit['fd']['n']}; real-render floor {floor:.2f}; AR minus DiT {d:+.2f}±{se:.2f}); texture-scene accuracy DiT "
-        f"{_n(dit['texture_accuracy'])} vs AR {_n(ar['texture_accuracy'])} ({dt_:+.3f}±{set_:.3f}: {vt})",
-        f"FD DiT {dit['fd']['value']:.1f} vs AR {ar['fd']['value']:.1f} (floor {floor:.1f})",
-        {"fd": {"dit": dit["fd"], "ar": ar["fd"], "floor": floor, "diff": round(d, 3), "se": round(se, 3)},
-         "texture_accuracy": {"dit": dit["texture_accuracy"], "ar": ar["texture_accuracy"], "verdict": vt}})  # fmt: skip
 
     # 4 latency
     b1 = dit["latency"]["ms_per_image_batch1"], ar["latency"]["ms_per_image_batch1"]
@@ -739,30 +769,6 @@ def verdicts(r: dict) -> list[dict]:
         {"ms_per_image": {"dit": {"batch1": b1[0], "batch16": b16[0]}, "ar": {"batch1": b1[1], "batch16": b16[1]}},
          "sequential_passes_per_batch": {"dit": dit["sequential_passes_per_batch"], "ar": ar["sequential_passes_per_batch"]},
          "forward_passes_per_image": {"dit": dit["forward_passes_per_image"], "ar": ar["forward_passes_per_image"]}})  # fmt: skip
-
-    # 5 diversity
-    v, d, se, why = compare(dit["diversity_features"], ar["diversity_features"])
-    ref = r["diversity_reference"]["real_features"]
-    add(5, "diversity: diffusion gives more varied images per caption than autoregressive sampling", v, why,
-        f"mean pairwise feature distance per caption DiT {_n(dit['diversity_features'])} vs AR "
-        f"{_n(ar['diversity_features'])} (real renders {_n(ref)}; DiT minus AR {d:+.3f}±{se:.3f}); pixel RMS distance "
-        f"DiT {_n(dit['diversity_pixels'])} vs AR {_n(ar['diversity_pixels'])}",
-        f"feature diversity DiT {dit['diversity_features']['value']:.2f} vs AR {ar['diversity_features']['value']:.2f} "
-        f"(real {ref['value']:.2f})",
-        {"features": {"dit": _strip(dit["diversity_features"]), "ar": _strip(ar["diversity_features"]), "real": _strip(ref),
-                      "diff": round(d, 4), "se": round(se, 4)},
-         "pixels": {"dit": _strip(dit["diversity_pixels"]), "ar": _strip(ar["diversity_pixels"])}})  # fmt: skip
-
-    # 6 error accumulation
-    ea, ed = ar["early_error"], dit["early_error"]
-    v, d, se, why = compare(ea["drop"], ed["drop"])
-    add(6, "error accumulation: an early wrong token hurts AR more than an early perturbation hurts diffusion", v, why,
-        f"score drop (attribute accuracy, same seeds) AR {_n(ea['drop'])} vs DiT {_n(ed['drop'])} (AR minus DiT "
-        f"{d:+.3f}±{se:.3f}); the same corruption on the finished image: AR {_n(ea['drop_no_reaction'])}, "
-        f"DiT {_n(ed['drop_no_reaction'])}",
-        f"drop AR {ea['drop']['value']:.3f} vs DiT {ed['drop']['value']:.3f}",
-        {"drop": {"ar": ea["drop"], "dit": ed["drop"], "diff": round(d, 4), "se": round(se, 4)},
-         "drop_no_reaction": {"ar": ea["drop_no_reaction"], "dit": ed["drop_no_reaction"]}})  # fmt: skip
 
     # 7 guidance
     need, nums, small = {}, {}, False
@@ -816,7 +822,7 @@ def verdicts(r: dict) -> list[dict]:
         "an ecosystem is not something this benchmark measures; what the shipped LoRA and ControlNet adapters do for "
         "each paradigm is measured by `tessera bench adapters` (bench/adapters.py)",
         "see tessera bench adapters", {})  # fmt: skip
-    return out
+    return sorted(out, key=lambda v: v["row"])
 
 
 def _strip(m: dict) -> dict:
