@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from PIL import ImageDraw
+
+from tessera.compile import compiled_decode_step, compiled_sampler
 from tessera.engines.ar_decoding import DECODINGS, SCHEDULES, condition_prefix, generate
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
@@ -16,8 +18,6 @@ from tessera.engines.generation import tokens_to_image
 from tessera.engines.gpt import GPT, load_gpt
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
-
-from tessera.compile import compiled_decode_step, compiled_sampler
 from tessera.images import tensor_to_pil
 from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output
 
@@ -34,7 +34,8 @@ class LoadARModel(Node):
 
     def execute(self, ctx: ExecutionContext, file: str):
         try:
-            return (load_gpt(ctx.model_file("ar_models", file, "file"), ctx.device, ctx.dtype),)
+            # into RAM, like every loader: the model manager moves it to the GPU when a node needs it
+            return (load_gpt(ctx.model_file("ar_models", file, "file"), "cpu", ctx.dtype),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 
@@ -49,7 +50,7 @@ class LoadVQModel(Node):
 
     def execute(self, ctx: ExecutionContext, file: str):
         try:
-            return (load_vq(ctx.model_file("vq_models", file, "file"), ctx.device, ctx.dtype),)
+            return (load_vq(ctx.model_file("vq_models", file, "file"), "cpu", ctx.dtype),)  # moved when used
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+
+from tessera.compile import compile_dit
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.flux import (
     Flux,
@@ -22,14 +24,10 @@ from tessera.engines.flux import (
     infer_dit_config,
     load_dit,
 )
-from tessera.engines.generation import diffusion_sigmas, latent_to_image
 from tessera.engines.fp8 import Fp8Unavailable, require_fp8, store_fp8
+from tessera.engines.generation import diffusion_sigmas, latent_to_image
 from tessera.engines.latent import Latent
 from tessera.engines.latent import denoise as run_denoise  # the nodes' `denoise` input is the strength
-from tessera.engines.preview import latent_preview, rgb_projection_for
-from tessera.engines.samplers import SAMPLERS
-from tessera.engines.schedules import SCHEDULES
-from tessera.engines.step_cache import StepCache
 from tessera.engines.layouts import (
     detect_family,
     family_of,
@@ -43,10 +41,12 @@ from tessera.engines.layouts import (
     text_encoder_width,
     tokenizer_for,
 )
+from tessera.engines.preview import latent_preview, rgb_projection_for
+from tessera.engines.samplers import SAMPLERS
+from tessera.engines.schedules import SCHEDULES
+from tessera.engines.step_cache import StepCache
 from tessera.engines.tokenization import TokenizerError
 from tessera.engines.vae import FAMILIES, AutoencoderKL, load_vae, vae_from_state_dict, with_family
-
-from tessera.compile import compile_dit
 from tessera.node import MAX_SEED, ExecutionContext, Input, Node, NodeError, Output, Result
 from tessera.nodes.text import RealTextEncoder
 
@@ -98,16 +98,22 @@ class LoadDiffusionModel(Node):
     def execute(self, ctx: ExecutionContext, file: str, weight_dtype: str = "default"):
         path = ctx.model_file("diffusion_models", file)
         try:
-            if weight_dtype == FP8:
-                try:
-                    require_fp8(f"weight_dtype {FP8}")
-                except Fp8Unavailable as e:
-                    raise NodeError(str(e), input="weight_dtype") from None
-                # Keep the file's own dtypes while loading (an fp8 file stays 8-bit), then quantise.
-                return (store_fp8(load_dit(path, "cpu", None), ctx.dtype),)
-            return (load_dit(path, "cpu", DTYPES[weight_dtype] or ctx.dtype),)
+            return (_with_weight_dtype(lambda dtype: load_dit(path, "cpu", dtype), weight_dtype, ctx),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
+
+
+def _with_weight_dtype(load, weight_dtype: str, ctx: ExecutionContext) -> Flux:
+    """`load(dtype)` a DiT in the `weight_dtype` a loader node's input names (fp8: stored in
+    e4m3fn, computing in ctx.dtype); an fp8 choice on a torch without fp8 names that input."""
+    if weight_dtype == FP8:
+        try:
+            require_fp8(f"weight_dtype {FP8}")
+        except Fp8Unavailable as e:
+            raise NodeError(str(e), input="weight_dtype") from None
+        # Keep the file's own dtypes while loading (an fp8 file stays 8-bit), then quantise.
+        return store_fp8(load(None), ctx.dtype)
+    return load(DTYPES[weight_dtype] or ctx.dtype)
 
 
 class LoadVAE(Node):
@@ -127,7 +133,7 @@ class LoadVAE(Node):
     def execute(self, ctx: ExecutionContext, file: str, family: str = "auto"):
         path = ctx.model_file("vae", file)
         try:
-            vae = load_vae(path, ctx.device, ctx.dtype)
+            vae = load_vae(path, "cpu", ctx.dtype)  # into RAM: the model manager moves it when a node needs it
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
         vae = with_family(vae, family) if family != "auto" else vae
@@ -141,10 +147,14 @@ class LoadCheckpoint(Node):
     The file's parts are told by their prefixes (`model.diffusion_model.`, `vae.` or
     `first_stage_model.`, `text_encoders.<name>.transformer.`); each text encoder's kind (CLIP or
     T5) by its tensors, and its tokenizer is looked for beside the file, then in models/tokenizers/.
+    `weight_dtype` is the DiT's, as in LoadDiffusionModel (fp8_e4m3fn: Linear weights stored in fp8).
     """
 
     category = "loaders"
-    inputs = (Input("file", "STRING", model_folder="checkpoints", link="widget"),)
+    inputs = (
+        Input("file", "STRING", model_folder="checkpoints", link="widget"),
+        Input("weight_dtype", "STRING", default="default", choices=(*DTYPES, FP8), link="widget"),
+    )
     outputs = (Output("model", "DIT_MODEL"), Output("vae", "VAE"), Output("text_encoder", "TEXT_ENCODER"))
 
     @classmethod
@@ -167,7 +177,7 @@ class LoadCheckpoint(Node):
             raise NodeError(f"{cls.type_name}: {e}", input="file") from None
         return {"model": model, "vae": {}, "text_encoder": {"encoders": widths} if widths else {}}
 
-    def execute(self, ctx: ExecutionContext, file: str):
+    def execute(self, ctx: ExecutionContext, file: str, weight_dtype: str = "default"):
         path = ctx.model_file("checkpoints", file)
         try:
             sd, _, where = read_weights(path)
@@ -180,9 +190,10 @@ class LoadCheckpoint(Node):
                     "load its parts with LoadDiffusionModel, LoadVAE and DualCLIPLoader",
                     input="file",
                 )
-            # DiT and text encoders into RAM, as LoadDiffusionModel does: the model manager moves them
-            model = dit_from_state_dict(parts.pop("model"), {}, path, "cpu", ctx.dtype)
-            vae = vae_from_state_dict(parts.pop("vae"), {}, path, ctx.device, ctx.dtype)
+            # every part into RAM, as LoadDiffusionModel does: the model manager moves them
+            dit = parts.pop("model")
+            model = _with_weight_dtype(lambda dtype: dit_from_state_dict(dit, {}, path, "cpu", dtype), weight_dtype, ctx)
+            vae = vae_from_state_dict(parts.pop("vae"), {}, path, "cpu", ctx.dtype)
             encoders: dict = {}
             for name, part in sorted(parts.items()):
                 encoder = text_encoder_from_state_dict(part, {}, f"{path.name} text_encoders.{name}", "cpu", ctx.dtype)
@@ -250,7 +261,7 @@ class LoadDiffusersPipeline(Node):
                     input="file",
                 )
             model = load_dit(self._component(pipeline, "transformer"), "cpu", ctx.dtype)  # the manager moves it
-            vae = load_vae(self._component(pipeline, "vae"), ctx.device, ctx.dtype)
+            vae = load_vae(self._component(pipeline, "vae"), "cpu", ctx.dtype)
             encoders: dict = {}
             for name in ("text_encoder", "text_encoder_2"):
                 if (pipeline / name).is_dir():

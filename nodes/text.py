@@ -58,8 +58,9 @@ class LoadTextEncoder(Node):
 
     def execute(self, ctx: ExecutionContext, file: str):
         try:
-            # kept in float32 whatever ctx.dtype is: it is small, and consumers cast its output
-            return (load_text_encoder(ctx.model_file(FOLDER, file), ctx.device, torch.float32),)
+            # kept in float32 whatever ctx.dtype is: it is small, and consumers cast its output; into
+            # RAM like every loader (the model manager moves it when TextEncode runs)
+            return (load_text_encoder(ctx.model_file(FOLDER, file), "cpu", torch.float32),)
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
 
