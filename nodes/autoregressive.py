@@ -15,7 +15,8 @@ from tessera.engines.ar_decoding import DECODINGS, SCHEDULES, condition_prefix, 
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.generation import tokens_to_image
-from tessera.engines.gpt import GPT, load_gpt
+from tessera.engines.gpt import GPT, infer_gpt_config, load_gpt
+from tessera.engines.layouts import header_weights
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQModel, load_vq
 from tessera.images import tensor_to_pil
@@ -31,6 +32,16 @@ class LoadARModel(Node):
     version = 2  # 2: the file input is `file`, as in every loader (was `model_name`)
     inputs = (Input("file", "STRING", model_folder="ar_models", link="widget"),)
     outputs = (Output("model", "AR_MODEL"),)
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        """The caption width it takes (0: class-conditioned), from the file header (Node.describe)."""
+        path = ctx.model_file("ar_models", constants["file"], "file")
+        try:
+            sd, metadata, _ = header_weights(path)
+            return {"model": {"caption_dim": infer_gpt_config(sd, metadata).caption_dim}}
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return {"model": {}}  # execute names what is wrong with the file
 
     def execute(self, ctx: ExecutionContext, file: str):
         try:
@@ -122,6 +133,28 @@ class ARGenerateTokens(Node):
         Input("jacobi_window", "INT", default=16, min=1, max=1024),
     )
     outputs = (Output("tokens", "TOKENS"),)
+
+    @classmethod
+    def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
+        """A caption model's text input, refused when the workflow is compiled: a positive must be
+        linked, and its features must be as wide as the model's caption projection."""
+        caption_dim = upstream.get("model", {}).get("caption_dim")
+        if caption_dim:
+            if "positive" not in upstream:
+                raise NodeError(
+                    "this AR model is text-conditioned: link a positive CONDITIONING", input="positive"
+                )
+            for name in ("positive", "negative"):
+                cond = upstream.get(name, {})
+                if "tokens" in cond and cond["tokens"] != caption_dim:
+                    made_by = f" (made by {cond['source']})" if cond.get("source") else ""
+                    raise NodeError(
+                        f"{cls.type_name} {name}: text features{made_by} are {cond['tokens']}-dim but this AR "
+                        f"model expects {caption_dim} (use the text encoder it was trained with: FLAN-T5-XL "
+                        "through LlamaGenTextEncode for LlamaGen t2i)",
+                        input=name,
+                    )
+        return {"tokens": {}}
 
     def execute(
         self,

@@ -16,6 +16,7 @@ import pytest
 from real_model_fixtures import (
     CLIP,
     DIT_SCHNELL,
+    FLAN,
     T5,
     clip_state,
     random_state,
@@ -23,6 +24,7 @@ from real_model_fixtures import (
     save_sharded,
     t5_state,
     write_flux,
+    write_llamagen,
 )
 from tessera_harness import Server
 
@@ -36,12 +38,14 @@ from tessera.workflow import InvalidWorkflow
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 FLUX = json.loads((WORKFLOWS / "flux_schnell.json").read_text())
+LLAMAGEN_T2I = json.loads((WORKFLOWS / "llamagen_t2i.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     write_flux(root)
+    write_llamagen(root, "t2i")
     # Tessera's own character-level encoder, sized like the tiny Flux's text inputs: only what it
     # is (not its widths) can make it wrong for a real Flux; here its widths are wrong too.
     save_text_encoder(
@@ -204,3 +208,33 @@ def test_all_in_one_and_diffusers_loaders_describe_their_parts_from_headers(exec
     assert LoadCheckpoint.describe(ctx, {"file": "aio.safetensors"}, {}) == expected
     shard = "FLUX.1-tiny/transformer/diffusion_pytorch_model-00002-of-00002.safetensors"
     assert LoadDiffusersPipeline.describe(ctx, {"file": shard}, {}) == expected
+
+
+def test_llamagen_t2i_needs_flan_t5_features_of_its_caption_width(executor):
+    assert issues(executor, LLAMAGEN_T2I) == []
+    workflow = copy.deepcopy(LLAMAGEN_T2I)
+    del workflow["nodes"]["6"]["inputs"]["positive"]
+    [(node, name, reason)] = issues(executor, workflow)
+    assert (node, name, reason) == (
+        "6",
+        "positive",
+        "this AR model is text-conditioned: link a positive CONDITIONING",
+    )
+    workflow = copy.deepcopy(LLAMAGEN_T2I)
+    workflow["nodes"]["4"] = {
+        "type": "TextEncode",
+        "inputs": {"text_encoder": {"node": "3", "output": "text_encoder"}},
+    }
+    workflow["nodes"]["3"]["inputs"]["file"] = "clip_l.safetensors"
+    [(node, name, reason)] = issues(executor, workflow)
+    assert (node, name) == ("6", "positive")
+    assert (
+        f"text features (made by CLIP) are {CLIP.hidden_size}-dim but this AR model expects {FLAN.d_model}"
+        in reason
+    )
+    workflow["nodes"]["4"]["type"] = "LlamaGenTextEncode"  # FLAN-T5 is a T5: CLIP alone is refused there
+    [(node, name, reason)] = issues(executor, workflow)
+    assert (node, name) == (
+        "4",
+        "text_encoder",
+    ) and "LlamaGenTextEncode needs T5 but the text encoder has CLIP" in reason
