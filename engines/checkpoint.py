@@ -55,7 +55,9 @@ def _check_header(path: Path) -> None:
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(path, "malformed tensor entry", key) from None
         if end > data_len:
-            raise CheckpointError(path, f"file is truncated (tensor data ends at byte {end} of {data_len})", key)
+            raise CheckpointError(
+                path, f"file is truncated (tensor data ends at byte {end} of {data_len})", key
+            )
         dtype = info.get("dtype")
         if isinstance(dtype, str) and dtype.startswith("F8_") and not fp8.fp8_available():
             raise CheckpointError(
@@ -66,7 +68,9 @@ def _check_header(path: Path) -> None:
             )
 
 
-def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load every tensor of a `.safetensors` file plus its string metadata."""
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -85,7 +89,9 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> tu
     return tensors, metadata
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Write `tensors` (made contiguous, on the CPU) and string `metadata` to `path` atomically.
 
     The bytes go to a hidden temporary file in the same folder, are flushed to disk, and the file
@@ -107,7 +113,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
     return path
 
 
-def require(state_dict: dict[str, torch.Tensor], key: str, path: str | Path, shape: tuple | None = None) -> torch.Tensor:
+def require(
+    state_dict: dict[str, torch.Tensor], key: str, path: str | Path, shape: tuple | None = None
+) -> torch.Tensor:
     """Fetch a tensor a loader cannot do without, failing with file and key named."""
     if key not in state_dict:
         raise CheckpointError(path, "missing tensor", key)
@@ -131,9 +139,14 @@ def metadata_config(metadata: dict[str, str], path: str | Path) -> dict:
     return config
 
 
-def assign_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path,
-                   device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   ignored: tuple[str, ...] = ()) -> None:
+def assign_checked(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    ignored: tuple[str, ...] = (),
+) -> None:
     """Load exactly the model's keys at exactly its shapes, assigning tensors (the model may live on `meta`).
 
     Building on `meta` and assigning avoids a random init and a second copy of multi-GB weights.
@@ -144,6 +157,8 @@ def assign_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], 
         require(state_dict, key, path, tuple(t.shape))
     extra = sorted(k for k in set(state_dict) - set(expected) if not any(part in k for part in ignored))
     if extra:
-        raise CheckpointError(path, "unexpected tensor (not part of the model the other tensors describe)", extra[0])
+        raise CheckpointError(
+            path, "unexpected tensor (not part of the model the other tensors describe)", extra[0]
+        )
     model.load_state_dict({k: state_dict[k].to(device=device, dtype=dtype) for k in expected}, assign=True)
     model.eval().requires_grad_(False)

@@ -7,9 +7,10 @@ GPT on the VQ tokens. Both generators read the same frozen text encoder, see the
 and captions in the same order (same seed, batch and steps), and are sized to about the same
 parameter count, so what differs between them is the paradigm.
 
-Every loop shares one shape: a deterministic data stream indexed by step (so `resume_from`
-continues the same stream), bf16 autocast on CPU, AdamW with warmup and cosine decay,
-a resumable state file every `ckpt_every` steps, and one JSON line per logged step. The
+The four image models train through one loop, `fit()`: a deterministic data stream indexed by
+step (so `resume_from` continues the same stream), bf16 autocast on CPU, AdamW with warmup and
+cosine decay (`objectives.lr_at`), EMA where asked, deadline pacing, a resumable state file every
+`ckpt_every` steps, and one JSON line per logged step; each model gives only its step's loss. The
 result is written in fp16 as `.safetensors` with `tessera.config` (what the engine loaders
 read) and `tessera.card` (data, steps, examples seen, wall time, hardware, final loss).
 """
@@ -538,6 +539,61 @@ def _wait_for_peers(options, folder: Path, step: int) -> None:
         time.sleep(0.001)
 
 
+StepFn = Callable[[int, synthetic.Batch], tuple[Tensor, Callable[[], dict]]]
+
+
+def fit(
+    options: RunOptions,
+    kind: str,
+    modules: dict[str, nn.Module],
+    opt: torch.optim.Optimizer,
+    params: Sequence[Tensor],
+    step_fn: StepFn,
+    *,
+    lr: float,
+    warmup_divisor: int,
+    ema: tuple[EMA, nn.Module] | None = None,
+    before: Callable[[TrainLog], None] | None = None,
+) -> TrainLog:
+    """The one training loop of the image models: resume, pacing, learning rate, step, EMA, logging, state.
+
+    `step_fn(step, batch)` returns the loss and a function giving the step's statistics, called
+    after the optimizer step (so a step may also act on the updated weights). The learning rate
+    is `lr * lr_at(step, options.steps, warmup)`, gradients are clipped to norm 1, `ema` is
+    (average, the module it follows), and `modules` (with the optimizer) make the resumable state,
+    written every `options.ckpt_every` steps and at the end. Returns the run's log.
+    """
+    start = 0
+    if options.resume_from:
+        start, _ = _load_state(options.resume_from, modules, opt, options)
+    log = TrainLog(options.log, kind, options, append=start > 0)
+    if before is not None:
+        before(log)
+    clock: dict = {}
+    for step, batch in _stream(options, start):
+        if not pace_to_deadline(options, kind, step, clock):
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, warmup_divisor))
+        loss, stats = step_fn(step, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            ema[0].update(ema[1], step)
+        log.step(
+            step,
+            options.steps,
+            {"loss": loss.item(), **stats(), "grad_norm": float(gnorm)},
+            options.log_every,
+        )
+        if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
+            _save_state(options.state, step + 1, modules, opt, log)
+    _save_state(options.state, options.steps, modules, opt, log)
+    return log
+
+
 class EMA:
     """Exponential moving average of a module's parameters, warming up from a short horizon."""
 
@@ -668,17 +724,9 @@ def train_vae(
     model = model.to(options.device, memory_format=torch.channels_last).requires_grad_(not decoder_only)
     trainable = _decoder_side(model, decoder_only)
     opt = _adamw(trainable, options, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    start = 0
-    if options.resume_from:
-        start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
-    log = TrainLog(options.log, "vae", options, append=start > 0)
     model.train()
-    clock: dict = {}
-    for step, batch in _stream(options, start):
-        if not pace_to_deadline(options, "vae", step, clock):
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 50))
+
+    def vae_step(step: int, batch: synthetic.Batch) -> tuple[Tensor, Callable[[], dict]]:
         x = batch.images.contiguous(memory_format=torch.channels_last)
         with _autocast(options), torch.set_grad_enabled(not decoder_only):
             mean, logvar = model.encode_moments(x)
@@ -690,19 +738,10 @@ def train_vae(
             y = model.decoder(z.to(x.dtype)).float()
         recon, l1 = _recon_loss(y, x)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = recon + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        log.step(
-            step,
-            options.steps,
-            {"loss": loss.item(), "l1": l1.item(), "kl": kl.item(), "psnr": psnr(y.detach(), x)},
-            options.log_every,
-        )
-        if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
-            _save_state(options.state, step + 1, {"model": model}, opt, log)
+        stats = lambda: {"l1": l1.item(), "kl": kl.item(), "psnr": psnr(y.detach(), x)}  # noqa: E731
+        return recon + kl_weight * kl, stats
+
+    log = fit(options, "vae", {"model": model}, opt, trainable, vae_step, lr=lr, warmup_divisor=50)
     model.eval()
     model = model.to(memory_format=torch.contiguous_format)
     if not decoder_only:
@@ -710,7 +749,6 @@ def train_vae(
         model.config = VAEConfig.from_dict(
             {**asdict(model.config), "scaling_factor": scale, "shift_factor": shift}
         )
-    _save_state(options.state, options.steps, {"model": model}, opt, log)
     stored = _stored(model)
     evaluation = _heldout_reconstruction(lambda x: stored.float().decode(stored.float().encode(x)))
     log.write({"event": "heldout_reconstruction", **evaluation})
@@ -804,18 +842,10 @@ def train_vq(
     model = model.to(options.device, memory_format=torch.channels_last).requires_grad_(not decoder_only)
     trainable = _decoder_side(model, decoder_only)
     opt = _adamw(trainable, options, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    start = 0
-    if options.resume_from:
-        start, _ = _load_state(options.resume_from, {"model": model}, opt, options)
-    log = TrainLog(options.log, "vq", options, append=start > 0)
     usage = torch.zeros(config.codebook_size, device=options.device)
     model.train()
-    clock: dict = {}
-    for step, batch in _stream(options, start):
-        if not pace_to_deadline(options, "vq", step, clock):
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 50))
+
+    def vq_step(step: int, batch: synthetic.Batch) -> tuple[Tensor, Callable[[], dict]]:
         x = batch.images.contiguous(memory_format=torch.channels_last)
         with _autocast(options), torch.set_grad_enabled(not decoder_only):
             h = model.quant_conv(model.encoder(x))
@@ -829,34 +859,24 @@ def train_vq(
             y = model.decoder(model.post_quant_conv(zq.to(x.dtype))).float()
         recon, l1 = _recon_loss(y, x)
         loss = recon if decoder_only else recon + codebook_loss + beta * commit_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        usage += torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
-        if not decoder_only and (step + 1) % reinit_every == 0 and step + 1 < options.steps * 0.9:
-            _reseed_dead_codes(model, usage, z.detach(), step_generator(options.seed + 23, step))
-            usage.zero_()
-        counts = torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
-        p = counts / counts.sum()
-        perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-        log.step(
-            step,
-            options.steps,
-            {
-                "loss": loss.item(),
-                "l1": l1.item(),
-                "commit": commit_loss.item(),
-                "perplexity": perplexity,
-                "psnr": psnr(y.detach(), x),
-            },
-            options.log_every,
-        )
-        if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
-            _save_state(options.state, step + 1, {"model": model}, opt, log)
+
+        def after_update() -> dict:  # usage and dead codes are counted against the updated codebook
+            nonlocal usage
+            usage += torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
+            if not decoder_only and (step + 1) % reinit_every == 0 and step + 1 < options.steps * 0.9:
+                _reseed_dead_codes(model, usage, z.detach(), step_generator(options.seed + 23, step))
+                usage.zero_()
+            counts = torch.bincount(ids.flatten(), minlength=config.codebook_size).float()
+            p = counts / counts.sum()
+            perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+            return {"l1": l1.item(), "commit": commit_loss.item(), "perplexity": perplexity,
+                    "psnr": psnr(y.detach(), x)}  # fmt: skip
+
+        return loss, after_update
+
+    log = fit(options, "vq", {"model": model}, opt, trainable, vq_step, lr=lr, warmup_divisor=50)
     model.eval()
     model = model.to(memory_format=torch.contiguous_format)
-    _save_state(options.state, options.steps, {"model": model}, opt, log)
     stored = _stored(model).float()
     evaluation = _heldout_reconstruction(lambda x: stored.decode(stored.encode(x)))
     evaluation["codebook_usage"] = _codebook_usage(stored, options)
@@ -973,36 +993,21 @@ def train_dit(
     model.to(dev)
     ema = EMA(model, ema_decay)
     opt = _adamw(model.parameters(), options, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    start = 0
-    if options.resume_from:
-        start, _ = _load_state(options.resume_from, {"model": model, "ema": ema.shadow}, opt, options)
-    log = TrainLog(options.log, "dit", options, append=start > 0)
-    print(
-        f"[dit] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True
-    )
     model.train()
-    clock: dict = {}
-    for step, batch in _stream(options, start):
-        if not pace_to_deadline(options, "dit", step, clock):
-            break
+
+    def dit_step(step: int, batch: synthetic.Batch) -> tuple[Tensor, Callable[[], dict]]:
         gen = step_generator(options.seed, step)
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 25))
         captions, _ = drop_captions(batch.captions, gen)
         with torch.no_grad():
             cond = te.encode(captions)  # fp32, as the nodes run it
             with _autocast(options):
                 x0 = vae.encode(batch.images).float()
         loss = flow_matching_loss(model, x0, cond, gen, forward_context=lambda: _training_forward(options))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(model, step)
-        log.step(step, options.steps, {"loss": loss.item(), "grad_norm": float(gnorm)}, options.log_every)
-        if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
-            _save_state(options.state, step + 1, {"model": model, "ema": ema.shadow}, opt, log)
-    _save_state(options.state, options.steps, {"model": model, "ema": ema.shadow}, opt, log)
+        return loss, dict
+
+    shape = f"[dit] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}"
+    log = fit(options, "dit", {"model": model, "ema": ema.shadow}, opt, list(model.parameters()), dit_step,
+              lr=lr, warmup_divisor=25, ema=(ema, model), before=lambda _: print(shape, flush=True))  # fmt: skip
     card = _card(
         "dit",
         options,
@@ -1120,23 +1125,10 @@ def train_ar(
     ema = EMA(model, ema_decay)
     opt = _adamw([*model.parameters(), uncond], options, lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     holder = nn.ParameterDict({"uncond": uncond})
-    start = 0
-    if options.resume_from:
-        start, _ = _load_state(
-            options.resume_from, {"model": model, "ema": ema.shadow, "uncond": holder}, opt, options
-        )
-    log = TrainLog(options.log, "ar", options, append=start > 0)
-    print(
-        f"[ar] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}", flush=True
-    )
     model.train()
-    clock: dict = {}
-    for step, batch in _stream(options, start):
-        if not pace_to_deadline(options, "ar", step, clock):
-            break
+
+    def ar_step(step: int, batch: synthetic.Batch) -> tuple[Tensor, Callable[[], dict]]:
         gen = step_generator(options.seed, step)
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, 25))
         # the same draw as the DiT's, so both generators drop the same captions
         _, drop = drop_captions(batch.captions, gen)
         drop = drop.to(dev)
@@ -1148,18 +1140,12 @@ def train_ar(
         features = torch.where(drop[:, None, None], uncond[None].float(), features.float())
         with _autocast(options):
             logits = gpt_training_logits(model, features, valid, ids).float()
-        loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([*model.parameters(), uncond], 1.0)
-        opt.step()
-        ema.update(model, step)
-        log.step(step, options.steps, {"loss": loss.item(), "grad_norm": float(gnorm)}, options.log_every)
-        if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
-            _save_state(
-                options.state, step + 1, {"model": model, "ema": ema.shadow, "uncond": holder}, opt, log
-            )
-    _save_state(options.state, options.steps, {"model": model, "ema": ema.shadow, "uncond": holder}, opt, log)
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten()), dict
+
+    shape = f"[ar] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}"
+    log = fit(options, "ar", {"model": model, "ema": ema.shadow, "uncond": holder}, opt,
+              [*model.parameters(), uncond], ar_step, lr=lr, warmup_divisor=25, ema=(ema, model),
+              before=lambda _: print(shape, flush=True))  # fmt: skip
     final = ema.shadow
     final.cls_embedding.uncond_embedding.copy_(uncond.detach())
     card = _card(
