@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,7 @@ class TesseraServer:
         self.quota = OutputQuota(config.output_dir, self.budgets.output_quota_bytes)
         self.listeners: dict[web.WebSocketResponse, Listener] = {}
         self.owners: dict[str, str | None] = {}  # prompt id -> the client_id it was submitted with
+        self.event_hooks: list[Callable[[str, dict], None]] = []  # other event consumers (the ComfyUI API)
         self.loop: asyncio.AbstractEventLoop | None = None
         # Validation and compilation: off the event loop, two at a time at most.
         self.checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-validate")
@@ -265,6 +267,8 @@ class TesseraServer:
     def emit_threadsafe(self, kind: str, data: dict) -> None:
         if self.loop is None or self.loop.is_closed():
             return
+        for hook in self.event_hooks:
+            hook(kind, data)
         if kind == "preview":
             buffer = io.BytesIO()
             data["image"].save(buffer, format="PNG")

@@ -79,21 +79,15 @@ class ComfyAPI:
         r.add_get("/models/{folder}", self.models)
         r.add_get("/ws", self.websocket)  # ours too: without ?clientId= it is Tessera's event stream
         r.add_post("/api/import", self.import_document)
-        # Every event the queue sends (and the server's own status updates) also reach ComfyUI sockets.
-        send = self.server.emit_threadsafe
+        self.server.event_hooks.append(self._on_event)  # every event also reaches ComfyUI sockets
 
-        def tee(kind: str, data: dict) -> None:
-            prompt_id = data.get("prompt_id")
-            owner = (
-                self.server.owners.get(prompt_id, MISSING) if prompt_id else None
-            )  # before a final event drops it
-            send(kind, data)
-            loop = self.server.loop
-            if loop is not None and not loop.is_closed() and self.sockets:
-                loop.call_soon_threadsafe(self._translate, kind, dict(data), owner)
-
-        self.server.emit_threadsafe = tee
-        self.server.worker.emit = tee
+    def _on_event(self, kind: str, data: dict) -> None:
+        """Called in the emitting thread: translate the event for ComfyUI sockets on the loop."""
+        prompt_id = data.get("prompt_id")
+        owner = self.server.owners.get(prompt_id, MISSING) if prompt_id else None  # before a final event drops it
+        loop = self.server.loop
+        if loop is not None and not loop.is_closed() and self.sockets:
+            loop.call_soon_threadsafe(self._translate, kind, dict(data), owner)
 
     # -- prompts -------------------------------------------------------------------------------
     def convert(self, document: object) -> dict:
