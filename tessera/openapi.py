@@ -28,6 +28,7 @@ SUMMARIES = {
     ("PUT", "/api/workflows/{name}"): "Save a workflow",
     ("DELETE", "/api/workflows/{name}"): "Delete a saved workflow",
     ("GET", "/api/templates"): "The workflows shipped in the repository's workflows/ folder",
+    ("POST", "/api/import"): "A ComfyUI workflow (API or UI format, or a PNG's chunks) or an older Tessera workflow, as a current workflow",
     ("GET", "/api/system"): "Versions, device, memory and attention backend",
     ("GET", "/api/openapi.json"): "This document",
     ("GET", "/ws"): "WebSocket of execution events (JSON) and preview frames (binary)",
@@ -37,6 +38,7 @@ WORKFLOW_BODY = {"type": "object", "properties": {"workflow": {"$ref": "#/compon
 BODIES = {("POST", "/api/prompt"): WORKFLOW_BODY, ("POST", "/api/validate"): WORKFLOW_BODY, ("PUT", "/api/workflows/{name}"): {"$ref": "#/components/schemas/Workflow"}}
 INTERRUPT_BODY = {"type": "object", "properties": {"prompt_id": {"type": "string"}}}
 OPTIONAL_BODIES = {("POST", "/api/interrupt"): INTERRUPT_BODY}
+BODIES[("POST", "/api/import")] = {"type": "object"}
 
 STATUS_TEXT = {
     "101": "Switching to the WebSocket protocol",
@@ -64,6 +66,7 @@ RESPONSES = {
     ("GET", "/api/workflows/{name}"): ("404", "422"),
     ("PUT", "/api/workflows/{name}"): ("413", "503"),
     ("DELETE", "/api/workflows/{name}"): ("404", "503"),
+    ("POST", "/api/import"): ("413",),
     ("GET", "/ws"): ("101",),
 }
 ALWAYS = ("200", "400", "401", "403")

@@ -55,7 +55,7 @@ from tessera.queue import (
 )
 from tessera.registry import NodeRegistry
 from tessera.security import RequestGuard
-from tessera.workflow import InvalidWorkflow, schema_issues
+from tessera.workflow import InvalidWorkflow, migrate, schema_issues
 
 MAX_UPLOAD_BYTES = 20 << 20
 MULTIPART_OVERHEAD = 1 << 16  # boundaries and part headers around a file of up to MAX_UPLOAD_BYTES
@@ -561,9 +561,12 @@ class TesseraServer:
         if not path.is_file():
             return error("no such workflow", 404)
         try:
-            return json_response(parse_json(path.read_bytes()))
+            document = parse_json(path.read_bytes())
+            return json_response(migrate(document) if isinstance(document, dict) else document)
         except Refused as e:
             return error(f"saved workflow '{path.stem}' is not valid JSON ({e.message}); PUT a new version to replace it", 422)
+        except InvalidWorkflow as e:
+            return error(f"saved workflow '{path.stem}' cannot be opened: {e.issues[0].reason}", 422)
 
     async def workflow_put(self, request):
         path = self._workflow_path(request)

@@ -137,7 +137,7 @@ DOCUMENTED_ROUTES = {
     ("get", "/api/history/{prompt_id}"), ("get", "/api/models"), ("get", "/api/view"), ("post", "/api/upload/image"),
     ("get", "/api/workflows"), ("get", "/api/workflows/{name}"), ("put", "/api/workflows/{name}"),
     ("delete", "/api/workflows/{name}"), ("get", "/api/templates"), ("get", "/api/system"), ("get", "/api/openapi.json"),
-    ("get", "/ws"),
+    ("post", "/api/import"), ("get", "/ws"),
 }
 
 
@@ -640,3 +640,30 @@ def test_websocket_subscription_can_change(idle_api):
         assert not [e for e in rec.events[start:] if e[0] != "status" and e[1].get("prompt_id") == other]
     finally:
         rec.close()
+
+
+def test_older_workflows_open_migrated(idle_api):
+    """A version-1 workflow (renamed inputs `batch`, `model_name`) opens at the current version,
+    whether saved on the server or imported from a file: nothing the user set is dropped."""
+    from tessera.workflow import CURRENT_VERSION
+
+    v1 = {"version": 1, "nodes": {"1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8, "batch": 3}}}}
+    name = f"old-{unique()}"
+    (idle_api.user_dir / "workflows").mkdir(parents=True, exist_ok=True)
+    (idle_api.user_dir / "workflows" / f"{name}.json").write_text(json.dumps(v1))
+    for got in (idle_api.get_json(f"/api/workflows/{name}"), idle_api.request("POST", "/api/import", json_body=v1).json()["workflow"]):
+        assert got["version"] == CURRENT_VERSION
+        assert got["nodes"]["1"]["inputs"] == {"width": 8, "height": 8, "batch_size": 3}
+    r = idle_api.request("POST", "/api/import", json_body={"version": 1, "nodes": {"1": {"inputs": {}}}})  # a node without a type
+    assert r.status == 400 and r.json()["errors"]
+    newer = {"version": CURRENT_VERSION + 1, "nodes": {}}
+    (idle_api.user_dir / "workflows" / f"{name}.json").write_text(json.dumps(newer))
+    r = idle_api.get(f"/api/workflows/{name}")
+    assert r.status == 422 and "newer" in r.json()["error"]
+
+
+def test_editor_writes_the_runtime_workflow_version():
+    from tessera.workflow import CURRENT_VERSION
+
+    text = (ROOT / "web" / "js" / "graph-format.js").read_text()
+    assert re.search(r"export const WORKFLOW_VERSION = (\d+);", text).group(1) == str(CURRENT_VERSION)

@@ -31,12 +31,21 @@ from tessera.comfy.mapping import COMFY_TYPES, RULES, Rule
 from tessera.node import Input, Node
 from tessera.paths import MODEL_FOLDERS, UnsafePathError, confined_path
 from tessera.queue import STORAGE_ERRORS, TERMINAL, QueueError, describe_storage_error
-from tessera.workflow import InvalidWorkflow
+from tessera.workflow import InvalidWorkflow, migrate, schema_issues
 
 MAX_CLIENT_ID = 200
 KEPT_PROMPTS = 1000  # ComfyUI prompts remembered for /queue and /history (their Tessera form is stored)
 PREVIEW_IMAGE, PNG = 1, 2  # ComfyUI's binary frame: event type, image format, then the image
 MISSING = object()
+
+
+def _current(workflow: dict) -> dict:
+    """An older Tessera workflow upgraded to the current version; refused if it is no workflow document."""
+    upgraded = migrate(workflow)
+    issues = schema_issues(upgraded)
+    if issues:
+        raise InvalidWorkflow(issues)
+    return upgraded
 FOLDER_ALIASES = {"unet": "diffusion_models", "clip": "text_encoders"}
 
 
@@ -378,10 +387,12 @@ class ComfyAPI:
         return self._json(self.server.executor.model_files(folder))
 
     async def import_document(self, request):
-        """For the editor's drop handler: a ComfyUI document (API, UI, or a PNG's chunks) as our workflow."""
+        """For the editor's drop handler: a ComfyUI document (API, UI, or a PNG's chunks), or a
+        Tessera workflow of an older version, as a workflow of the current version."""
         body = await self.server._read_json(request)
+        convert = _current if isinstance(body, dict) and isinstance(body.get("nodes"), dict) else self.convert
         try:
-            workflow = await self.server._off_loop(self.convert, body)
+            workflow = await self.server._off_loop(convert, body)
         except InvalidWorkflow as e:
             return self._json(
                 {"error": "not an importable ComfyUI workflow", "errors": [i.to_json() for i in e.issues]},

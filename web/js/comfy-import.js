@@ -3,6 +3,7 @@
 // /api/import) through the same mapping table as its ComfyUI /prompt route. Texts are sent as
 // they are, so 64-bit seeds keep every digit.
 
+import { parse } from "./json-big.js";
 import { readPngText } from "./png-workflow.js";
 
 /** JSON.parse, or null for text that is not JSON (only used to recognise ComfyUI documents). */
@@ -33,10 +34,13 @@ export async function comfyPngText(file) {
   return texts.workflow && isComfyDocument(looseParse(texts.workflow)) ? texts.workflow : null;
 }
 
-/** A ComfyUI document's JSON text as a Tessera workflow; throws with every problem the server names. */
+/**
+ * A ComfyUI document's JSON text, or an older Tessera workflow's, as a Tessera workflow of the
+ * current version (the server migrates it); throws with every problem the server names.
+ */
 export async function importComfy(text) {
   const response = await fetch("/api/import", { method: "POST", headers: { "Content-Type": "application/json" }, body: text });
-  const body = await response.json();
+  const body = parse(await response.text());
   if (!response.ok) {
     const problems = (body.errors ?? []).map((e) => (e.node ? `node ${e.node}: ${e.reason}` : e.reason));
     throw new Error(problems.join("; ") || body.error);

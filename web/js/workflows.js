@@ -1,6 +1,7 @@
 // Workflows: save to / open from the server, templates, import and export of files.
 
 import { parse, stringify } from "./json-big.js";
+import { WORKFLOW_VERSION } from "./graph-format.js";
 import { toast } from "./toast.js";
 import { workflowFromPng } from "./png-workflow.js";
 import { comfyPngText, importComfy, isComfyDocument, looseParse } from "./comfy-import.js";
@@ -33,12 +34,18 @@ export async function workflowFromFile(file) {
     if (comfy) return importComfy(comfy);
     const workflow = await workflowFromPng(file);
     if (!workflow) throw new Error(`${file.name} carries no Tessera workflow`);
-    return workflow;
+    return current(workflow);
   }
   const text = await file.text();
   if (isComfyDocument(looseParse(text))) return importComfy(text); // ComfyUI's API or UI format
   const parsed = parse(text);
-  return parsed?.nodes ? parsed : parsed?.workflow ?? parsed;
+  return current(parsed?.nodes ? parsed : parsed?.workflow ?? parsed);
+}
+
+/** A workflow of an older version, upgraded by the server's migrations (renamed inputs kept). */
+async function current(workflow) {
+  const old = typeof workflow?.version === "number" && workflow.version < WORKFLOW_VERSION;
+  return old ? importComfy(stringify(workflow)) : workflow;
 }
 
 export class Workflows {
