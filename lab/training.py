@@ -472,6 +472,7 @@ def pace_to_deadline(options, kind: str, step: int, clock: dict) -> bool:
     pace_dir = Path(options.pace_dir) if paired else None
     if paired and (stop := _peer_stop(pace_dir)) is not None and stop <= step:
         options.steps = stop
+        print(f"[{kind}] a paired run stopped: stopping at step {stop}", flush=True)
         return False
     now = time.time()
     if step == PACE_FROM:
@@ -501,6 +502,7 @@ def pace_to_deadline(options, kind: str, step: int, clock: dict) -> bool:
         _wait_for_peers(options, pace_dir, step)
         if (stop := _peer_stop(pace_dir)) is not None and stop <= step:
             options.steps = stop
+            print(f"[{kind}] a paired run stopped: stopping at step {stop}", flush=True)
             return False
     return True
 
