@@ -96,12 +96,21 @@ def write_safetensors(
 
     The bytes go to a hidden temporary file in the same folder, are flushed to disk, and the file
     is renamed over `path` (`os.replace`, atomic on one file system); on any failure the
-    temporary file is removed and `path` is left as it was.
+    temporary file is removed and `path` is left as it was. Tensors sharing storage (tied
+    weights) are written as separate copies, which safetensors requires.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    flat: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            v = v.clone()
+        seen.add(ptr)
+        flat[k] = v
     try:
         save_file(flat, str(tmp), metadata=metadata)
         with tmp.open("rb+") as f:

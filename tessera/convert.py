@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Checked in this order; the first that holds a dict of tensors is the state dict.
@@ -178,31 +175,10 @@ def _check_shapes(build, sd: dict[str, torch.Tensor], path: str | Path) -> None:
             )
 
 
-def write_safetensors_atomic(sd: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write to a temporary file beside `out` and rename it into place: never a half-written file."""
-    seen: set[int] = set()
-    tensors = {}
-    for k, v in sd.items():
-        v = v.contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel():
-            v = v.clone()  # safetensors refuses tensors sharing storage (tied weights)
-        seen.add(ptr)
-        tensors[k] = v
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def convert(src: str | Path, out: str | Path, overrides: dict | None = None, force: bool = False) -> dict:
     """Convert `src` to `out`; returns a summary (family, tensors, bytes, wrapper key)."""
+    from tessera.engines.checkpoint import write_safetensors
+
     src, out = Path(src), Path(out)
     if src.suffix.lower() not in PICKLE_SUFFIXES:
         raise ConvertError(src, f"expected a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)})")
@@ -221,7 +197,7 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, for
         metadata["tessera.family"] = family
     if config is not None:
         metadata["tessera.config"] = json.dumps(config)
-    write_safetensors_atomic(sd, out, metadata)
+    write_safetensors(out, sd, metadata)
     return {
         "family": family,
         "tensors": len(sd),

@@ -57,7 +57,7 @@ def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     ):
         convert(src, out)
     assert not marker.exists()
-    assert not out.exists() and not list(tmp_path.glob("*.part"))
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_cli_refuses_malicious_pickle_with_nonzero_exit(tmp_path, capsys):
