@@ -111,3 +111,10 @@ def idle_api(api):
     api.wait_idle()
     yield api
     api.interrupt_all()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests run last: Playwright's sync API keeps an event loop running in the main
+    thread for the whole session, and tests that call `asyncio.run` (third-party clients, the
+    fake hub) cannot run after it has started."""
+    items.sort(key=lambda item: "browser" in item.path.parts)
