@@ -28,11 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera.engines.checkpoint import read_safetensors, write_safetensors
-from tessera.engines.conditioning import Conditioning
 from tessera.engines.controlnet import (
     ARControlConfig,
     ARControlNet,
@@ -54,14 +52,13 @@ from tessera.engines.vae import AutoencoderKL, load_vae
 from tessera.engines.vq import VQModel, load_vq
 
 from . import synthetic
-from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at, step_generator
+from .objectives import drop_captions, flow_matching_loss, lr_at, step_generator, token_loss
 from .training import (
     RunOptions,
     _cpu_seconds,
     _load_state,
     _save_state,
     _trainable_flux,
-    gpt_training_logits,
     hardware,
     pace_to_deadline,
 )
@@ -236,29 +233,6 @@ GPT_TARGETS = re.compile(r"^layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.w[1
 # ---------------------------------------------------------------- losses
 
 
-def token_loss(
-    model: GPT, cond: Conditioning, ids: torch.Tensor, g: torch.Generator, dropout: float = CAPTION_DROPOUT
-) -> torch.Tensor:
-    """Next-token cross-entropy of VQ ids [B, H, W] after the caption prefix (teacher forcing).
-
-    Dropped captions become the model's learned null caption under the caption's mask, which is
-    the uncond row `ar_decoding.condition_prefix` builds for CFG.
-    """
-    b, gh, gw = ids.shape
-    feats, valid = model.caption_features(cond)
-    drop = (torch.rand(b, generator=g) < dropout)[:, None, None].to(feats.device)
-    feats = torch.where(drop, model.uncond_features(b).to(feats), feats)
-    flat = ids.reshape(b, -1)
-    x = torch.cat([model.caption_prefix(feats), model.embed_tokens(flat[:, :-1])], dim=1)
-    model.setup_caches(b, gh, gw, valid, allocate_kv=False)
-    try:
-        logits = model(x, torch.arange(x.shape[1], device=x.device), use_cache=False)
-    finally:
-        model.clear_caches()
-    t = model.prefix_len
-    return F.cross_entropy(logits[:, t - 1 :].reshape(-1, logits.shape[-1]), flat.reshape(-1))
-
-
 # ---------------------------------------------------------------- training loops
 
 
@@ -385,12 +359,9 @@ def train_gpt_lora(
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = concept_batch(settings.batch, settings.seed, step, settings.fraction)
         with torch.no_grad():
-            ids = vq.encode(batch.images).flatten(1)
-            feats, valid = model.caption_features(text.encode(batch.captions))
-        drop = (torch.rand(len(ids), generator=g) < CAPTION_DROPOUT)[:, None, None].to(feats.device)
-        feats = torch.where(drop, model.uncond_features(len(ids)).to(feats), feats)
-        logits = gpt_training_logits(model, feats, valid, ids).float()
-        return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+            ids = vq.encode(batch.images)
+            cond = text.encode(batch.captions)
+        return token_loss(model, cond, ids, drop_captions(batch.captions, g)[1])
 
     _loop(settings, lora_parameters(lora), loss_at, log)
     return lora
@@ -461,7 +432,8 @@ def train_gpt_controlnet(
             uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
             edges = edge_map(uint8).to(gpt.output.weight.device)
             cond = text.encode(batch.captions)
-        return token_loss(with_ar_control(gpt, net, edges), cond, ids, g, CONTROL_CAPTION_DROPOUT)
+        drop = drop_captions(batch.captions, g, CONTROL_CAPTION_DROPOUT)[1]
+        return token_loss(with_ar_control(gpt, net, edges), cond, ids, drop)
 
     _loop(settings, list(net.parameters()), loss_at, log)
     return net.eval().requires_grad_(False)

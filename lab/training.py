@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tessera.engines.checkpoint import CheckpointError, read_safetensors, write_safetensors
 from tessera.engines.flux import Flux, FluxConfig, default_axes_dim, load_dit, save_dit
 from tessera.engines.generation import generate_autoregressive, generate_diffusion
-from tessera.engines.gpt import GPT, GPTConfig, load_gpt, rope_2d, save_gpt
+from tessera.engines.gpt import GPT, GPTConfig, load_gpt, save_gpt
 from tessera.engines.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
@@ -49,7 +49,7 @@ from tessera.engines.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
 from tessera.engines.vq import VQConfig, VQModel, load_vq, save_vq
 
 from . import synthetic
-from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at, step_generator
+from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at, step_generator, token_loss
 from .text_encoder_training import attribute_accuracy, pretrain_text_encoder
 
 STATE_KEY = "tessera.train_state"  # metadata of a resumable training state file
@@ -1067,32 +1067,6 @@ def _init_flux(model: Flux) -> None:
 # ---------------------------------------------------------------- GPT
 
 
-def gpt_training_logits(model: GPT, features: Tensor, valid: Tensor, ids: Tensor) -> Tensor:
-    """Teacher-forced logits [B, N, V] for the N tokens `ids` [B, N] after a caption prefix.
-
-    `features` [B, T, caption_dim] and `valid` [B, T] are right-aligned as `GPT.caption_features`
-    makes them. The prefix is trimmed to the longest caption in the batch: condition tokens carry
-    no position (LlamaGen zeroes their RoPE rows) and padding keys are masked, so fewer left
-    padding rows change nothing for the real tokens, only the cost.
-    """
-    keep = int(valid.sum(1).max())
-    features, valid = features[:, features.shape[1] - keep :], valid[:, valid.shape[1] - keep :]
-    b, n = ids.shape
-    grid_h, grid_w = model.grid if model.grid else (model.config.grid_size, model.config.grid_size)
-    x = torch.cat([model.caption_prefix(features), model.embed_tokens(ids[:, :-1])], dim=1)
-    seq = x.shape[1]
-    freqs = rope_2d(grid_h, grid_w, model.config.head_dim, model.config.rope_base, keep)[:seq].to(x.device)
-    keys = torch.cat([valid, valid.new_ones(b, n - 1)], dim=1)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
-    eye = torch.eye(seq, dtype=torch.bool, device=x.device)
-    mask = ((causal[None] & keys[:, None, :]) | eye[None]).unsqueeze(1)
-    pos = torch.arange(seq, device=x.device)
-    h = x
-    for layer in model.layers:
-        h = layer(h, freqs, pos, mask, use_cache=False)
-    return model.output(model.norm(h[:, keep - 1 :]))
-
-
 def train_ar(
     options: RunOptions,
     text_encoder_path: Path,
@@ -1137,12 +1111,8 @@ def train_ar(
         with torch.no_grad():
             cond = te.encode(batch.captions)  # fp32, as the nodes run it
             with _autocast(options):
-                ids = vq.encode(batch.images).flatten(1)
-        features, valid = model.caption_features(cond)
-        features = torch.where(drop[:, None, None], uncond[None].float(), features.float())
-        with _autocast(options):
-            logits = gpt_training_logits(model, features, valid, ids).float()
-        return F.cross_entropy(logits.flatten(0, 1), ids.flatten()), dict
+                ids = vq.encode(batch.images)
+        return token_loss(model, cond, ids, drop, uncond, lambda: _autocast(options)), dict
 
     shape = f"[ar] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}"
     log = fit(options, "ar", {"model": model, "ema": ema.shadow, "uncond": holder}, opt,

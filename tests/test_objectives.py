@@ -61,3 +61,46 @@ def test_flow_matching_loss_interpolates_and_feeds_guidance_only_to_models_that_
     else:
         assert call["guidance"] is None
     torch.testing.assert_close(loss, ((noise - x0) ** 2).mean())  # zero velocity: the target's power
+
+
+def test_token_loss_scores_what_cached_decoding_of_the_controlled_gpt_predicts():
+    """Teacher forcing (prefix trimmed to the longest caption) gives the logits the nodes' cached,
+    token-by-token decoding gives, control residuals included; dropped captions read the null caption."""
+    from tessera.engines.controlnet import ARControlConfig, ARControlNet, with_ar_control
+    from tessera.engines.gpt import GPT, GPTConfig
+    from tessera.lab.objectives import teacher_forced_logits, token_loss
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(dim=32, n_layer=2, n_head=4, n_kv_head=2, ffn_hidden=64, vocab_size=40)
+    gpt = GPT(GPTConfig(**{**cfg.__dict__, "caption_dim": 16, "cls_token_num": 8, "grid_size": 4}))
+    net = ARControlNet(ARControlConfig(dim=32, downsample=8, width=8))
+    for p in [*gpt.parameters(), *net.parameters()]:
+        p.data.normal_(0, 0.2)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    cond = Conditioning(torch.randn(3, 6, 16), torch.zeros(3, 16), mask)
+    ids = torch.randint(0, 40, (3, 4, 4))
+    controlled = with_ar_control(gpt, net, torch.rand(3, 32, 32, 3))
+
+    def decoded(model, features, valid):
+        """Logits of every token from a prefill of the whole prefix, then one cached step per token."""
+        t, flat = model.prefix_len, ids.flatten(1)
+        x = torch.cat([model.caption_prefix(features), model.embed_tokens(flat[:, :-1])], dim=1)
+        model.setup_caches(3, 4, 4, valid)
+        rows = [model(x[:, :t], torch.arange(t))[:, -1:]]
+        rows += [model(x[:, i : i + 1], torch.tensor([i])) for i in range(t, x.shape[1])]
+        model.clear_caches()
+        return torch.cat(rows, dim=1)
+
+    features, valid = gpt.caption_features(cond)
+    with torch.no_grad():
+        expected = decoded(controlled, features, valid)
+        assert (expected - decoded(gpt, features, valid)).abs().max() > 0.1  # the control shows
+        torch.testing.assert_close(teacher_forced_logits(controlled, features, valid, ids), expected)
+        drop = torch.tensor([False, True, False])
+        dropped = torch.where(drop[:, None, None], gpt.uncond_features(3), features)
+        loss = token_loss(controlled, cond, ids, drop)
+        want = torch.nn.functional.cross_entropy(
+            decoded(controlled, dropped, valid).flatten(0, 1), ids.flatten()
+        )
+    torch.testing.assert_close(loss, want)
+    assert gpt.freqs is None and controlled.freqs is None
