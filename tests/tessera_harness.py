@@ -32,6 +32,7 @@ TERMINAL = ("success", "error", "interrupted", "cancelled")
 # output/sleep_log.txt so tests can see what really ran, in which order.
 TESTING_PACK = '''
 """Test nodes: Sleep (progress, preview, interruption), Fail, Gate (slow validation), PickVAE (model dropdown)."""
+import os
 import time
 
 from PIL import Image
@@ -54,16 +55,22 @@ class Sleep(Node):
         Input("step_seconds", "FLOAT", default=0.01, min=0.0, max=5.0),
         Input("label", "STRING", default="", link="widget"),
         Input("preview", "BOOLEAN", default=False),
+        Input("gate", "STRING", default="", link="widget"),
     )
     outputs = ()
 
-    def execute(self, ctx, steps, step_seconds, label, preview):
+    def execute(self, ctx, steps, step_seconds, label, preview, gate):
+        """With `gate` (a file path), the node finishes only once that file exists, so a test
+        decides when a prompt may end instead of racing a timer."""
         _log(ctx, f"start {label}")
         for i in range(steps):
             time.sleep(step_seconds)
             picture = Image.new("RGB", (8, 4), (255, 0, 0)) if preview and i == 0 else None
             try:
                 ctx.progress(i + 1, steps, preview=picture)
+                while gate and i == steps - 1 and not os.path.exists(gate):
+                    time.sleep(0.01)
+                    ctx.check_interrupted()
             except Interrupted:
                 _log(ctx, f"interrupted {label} at {i + 1}")
                 raise

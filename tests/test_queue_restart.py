@@ -7,8 +7,9 @@ import sqlite3
 from tessera_harness import wait_until
 
 
-def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0) -> dict:
-    return {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": steps, "step_seconds": step_seconds, "label": label}}}}
+def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0, gate: str = "") -> dict:
+    inputs = {"steps": steps, "step_seconds": step_seconds, "label": label, "gate": gate}
+    return {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": inputs}}}
 
 
 def stored_statuses(server) -> dict[str, str]:
@@ -26,7 +27,8 @@ def test_queue_and_history_survive_sigkill_and_graceful_stop(restart_server):
     first = s.wait_status(finished)
     assert first["status"] == "success"
 
-    running = s.submit(sleep_wf("long", steps=40, step_seconds=0.05))
+    gate = s.root / "let-long-finish"  # the long prompt cannot finish before this file exists
+    running = s.submit(sleep_wf("long", gate=str(gate)))
     pending = [s.submit(sleep_wf(f"p{i}")) for i in (1, 2)]
     s.wait_status(running, ("running",))
     wait_until(lambda: "start long" in s.sleep_log(), message="the long prompt to be inside its node")
@@ -34,6 +36,7 @@ def test_queue_and_history_survive_sigkill_and_graceful_stop(restart_server):
     assert stored_statuses(s) == {finished: "success", running: "running", pending[0]: "pending", pending[1]: "pending"}
 
     s.start()
+    gate.touch()
     # the finished prompt is still in the history, unchanged
     assert s.entry(finished) == first
     # the prompt that was running goes back to the front of the queue; the pending ones follow
@@ -47,9 +50,9 @@ def test_queue_and_history_survive_sigkill_and_graceful_stop(restart_server):
     assert s.entry(running)["outputs"] == {"1": {"slept": ["long"]}}
 
     # a graceful stop (Ctrl-C) while a prompt runs leaves it in the state the kill left `running` in,
-    # which the restart above showed is run again; the prompt is far too long to finish before
-    # the stop arrives, however slow the machine
-    again = s.submit(sleep_wf("again", steps=100000, step_seconds=0.05))
+    # which the restart above showed is run again; its gate file never appears, so it cannot
+    # finish before the stop arrives, however slow the machine
+    again = s.submit(sleep_wf("again", gate=str(s.root / "never")))
     after = s.submit(sleep_wf("after"))
     s.wait_status(again, ("running",))
     wait_until(lambda: "start again" in s.sleep_log(), message="the prompt to be inside its node")
