@@ -23,7 +23,8 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +53,8 @@ from tessera.engines.vae import AutoencoderKL, load_vae
 from tessera.engines.vq import VQModel, load_vq
 
 from . import synthetic
-from .objectives import drop_captions, flow_matching_loss, lr_at, step_generator, token_loss
-from .training import (
-    RunOptions,
-    _cpu_seconds,
-    _load_state,
-    _save_state,
-    _trainable_flux,
-    hardware,
-    pace_to_deadline,
-)
+from .objectives import drop_captions, flow_matching_loss, step_generator, token_loss
+from .training import _trainable_flux, fit, hardware, step_numbers
 
 # A size word the built-in models never saw: every object they were shown is 17–22 px wide.
 # (A new colour word was tried first and dropped: the built-in VAE and VQ, trained on eight
@@ -252,6 +245,12 @@ class TrainSettings:
     state: Path | None = None  # where the resumable state goes (every `ckpt_every` steps and at the end)
     resume_from: Path | None = None  # a state an earlier run wrote: continue it
     ckpt_every: int = 200
+    log: Path | None = None  # JSON-lines log (None: progress is printed only)
+    warmup: int | None = None  # None: the first 5% of the steps
+    extra: dict = field(default_factory=dict)  # what `training.fit` carries across a resume
+
+
+LossAt = Callable[[int, torch.Generator], torch.Tensor]
 
 
 class _Trained(nn.Module):
@@ -262,50 +261,17 @@ class _Trained(nn.Module):
         self.params = nn.ParameterList(params)
 
 
-class _StateClock:
-    """What `training._save_state` reads from a run's log: its options' prior time and its times."""
+def _fit(settings: TrainSettings, kind: str, params: list[nn.Parameter], loss_at: LossAt) -> None:
+    """Train `params` through `training.fit` (AdamW, warmup over the first 5% then cosine to 0, state
+    every `ckpt_every` steps); `loss_at(step, generator)` makes its own batch and the step's loss."""
 
-    def __init__(self):
-        self.options = RunOptions(out=Path("adapter.safetensors"), steps=0, batch=1)
-        self.started = time.time(), _cpu_seconds()
+    def adapter_step(step: int, _batch: None) -> tuple[torch.Tensor, Callable[[], dict]]:
+        with torch.autocast(torch.device(settings.device).type, dtype=torch.bfloat16, enabled=settings.bf16):
+            return loss_at(step, step_generator(settings.seed, step)), dict
 
-    def times(self) -> tuple[float, float]:
-        return time.time() - self.started[0], _cpu_seconds() - self.started[1]
-
-
-def _loop(
-    settings: TrainSettings,
-    params: list[nn.Parameter],
-    loss_at: Callable[[int, torch.Generator], torch.Tensor],
-    log: Callable[[str], None],
-) -> list[float]:
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    trained, state_clock = {"adapter": _Trained(params)}, _StateClock()
-    losses, started, clock = [], time.perf_counter(), {}
-    device_type = torch.device(settings.device).type
-    step = 0
-    if settings.resume_from:
-        step, _ = _load_state(settings.resume_from, trained, opt, state_clock.options)
-    while step < settings.steps and pace_to_deadline(settings, "adapter", step, clock):
-        g = step_generator(settings.seed, step)  # a function of the step: resuming draws the same
-        for group in opt.param_groups:  # warmup over the first 5%, then cosine to 0 (pacing shortens `steps`)
-            group["lr"] = settings.lr * lr_at(step, settings.steps, max(1, settings.steps // 20), floor=0.0)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.bf16):
-            loss = loss_at(step, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if log and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
-            recent = sum(losses[-settings.log_every :]) / len(losses[-settings.log_every :])
-            log(f"step {step + 1}/{settings.steps}  loss {recent:.4f}  {time.perf_counter() - started:.0f}s")
-        step += 1
-        if settings.state and step % settings.ckpt_every == 0 and step < settings.steps:
-            _save_state(settings.state, step, trained, opt, state_clock)
-    if settings.state:
-        _save_state(settings.state, step, trained, opt, state_clock)
-    return losses
+    fit(settings, kind, {"adapter": _Trained(params)}, opt, params, adapter_step, lr=settings.lr,
+        warmup_divisor=20, floor=0.0, batches=partial(step_numbers, settings))  # fmt: skip
 
 
 def train_dit_lora(
@@ -313,7 +279,6 @@ def train_dit_lora(
     vae: AutoencoderKL,
     text: TextEncoder,
     settings: TrainSettings,
-    log: Callable[[str], None] = print,
     init_from: Path | None = None,
 ) -> Lora:
     """LoRA factors teaching the DiT the word CONCEPT; the DiT itself is not changed."""
@@ -333,7 +298,7 @@ def train_dit_lora(
         return flow_matching_loss(model, latents, cond, g)
 
     with _trainable_flux():  # flux.apply_rope writes into out= buffers, which autograd refuses
-        _loop(settings, lora_parameters(lora), loss_at, log)
+        _fit(settings, "lora-dit", lora_parameters(lora), loss_at)
     return lora
 
 
@@ -342,7 +307,6 @@ def train_gpt_lora(
     vq: VQModel,
     text: TextEncoder,
     settings: TrainSettings,
-    log: Callable[[str], None] = print,
     init_from: Path | None = None,
 ) -> Lora:
     """LoRA factors teaching the (caption-conditioned) GPT the word CONCEPT."""
@@ -363,7 +327,7 @@ def train_gpt_lora(
             cond = text.encode(batch.captions)
         return token_loss(model, cond, ids, drop_captions(batch.captions, g)[1])
 
-    _loop(settings, lora_parameters(lora), loss_at, log)
+    _fit(settings, "lora-gpt", lora_parameters(lora), loss_at)
     return lora
 
 
@@ -374,7 +338,6 @@ def train_dit_controlnet(
     settings: TrainSettings,
     depth: int = 2,
     depth_single: int = 0,
-    log: Callable[[str], None] = print,
     init_from: Path | None = None,
     pixel_hint: bool = True,
 ) -> FluxControlNet:
@@ -406,7 +369,7 @@ def train_dit_controlnet(
         return flow_matching_loss(controlled, latents, cond, g)
 
     with _trainable_flux():
-        _loop(settings, list(net.parameters()), loss_at, log)
+        _fit(settings, "controlnet-dit", list(net.parameters()), loss_at)
     return net.eval().requires_grad_(False)
 
 
@@ -416,7 +379,6 @@ def train_gpt_controlnet(
     text: TextEncoder,
     settings: TrainSettings,
     width: int = 64,
-    log: Callable[[str], None] = print,
 ) -> ARControlNet:
     """An AR ControlNet steering the GPT from Canny edges of the scene to the scene's tokens."""
     gpt.requires_grad_(False)
@@ -435,7 +397,7 @@ def train_gpt_controlnet(
         drop = drop_captions(batch.captions, g, CONTROL_CAPTION_DROPOUT)[1]
         return token_loss(with_ar_control(gpt, net, edges), cond, ids, drop)
 
-    _loop(settings, list(net.parameters()), loss_at, log)
+    _fit(settings, "controlnet-gpt", list(net.parameters()), loss_at)
     return net.eval().requires_grad_(False)
 
 
@@ -469,6 +431,9 @@ def _settings(args: argparse.Namespace, **extra) -> TrainSettings:
         state=args.state,
         resume_from=args.resume_from,
         ckpt_every=args.ckpt_every,
+        log=args.log,
+        log_every=args.log_every,
+        warmup=args.warmup,
         **extra,
     )
 

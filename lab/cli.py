@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--resume-from", type=Path, default=None, help="a state file written by an earlier run"
         )
         p.add_argument("--ckpt-every", type=int, default=200)
+        p.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: printed only)")
+        p.add_argument("--log-every", type=int, default=A.TrainSettings().log_every)
+        p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
         add_own(p)
     ev = sub.add_parser("eval", help="score the shipped generators on held-out captions (lab.scorers)")
     ev.add_argument("--models-dir", type=Path, default=default_models_dir())

@@ -1,20 +1,19 @@
 """Pre-training the built-in text encoder, text only: masked-character reconstruction on the
 token features (they must keep spelling and context) plus predicting the scene's attributes
 from the pooled vector (it must carry the meaning); `lab.synthetic.caption_batches` supplies
-both. The encoder is then frozen while the DiT and the GPT train on top of it.
+both. The encoder is then frozen while the DiT and the GPT train on top of it. The loop is
+`lab.training.fit`'s, as for every kind (`lab.training.pretrain_text_encoder`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tessera.engines.text_encoder import BYTE_OFFSET, MASK, VOCAB_SIZE, TextEncoder, TextEncoderConfig
-
-from .objectives import lr_at, step_generator
 
 
 class PretrainingHeads(nn.Module):
@@ -63,50 +62,6 @@ def pretraining_loss(
             stats[name] = part.item()
     stats["loss"] = loss.item()
     return loss, stats
-
-
-def pretrain_text_encoder(
-    model: TextEncoder,
-    batches: Iterator[tuple[Sequence[str], Mapping[str, torch.Tensor]]],
-    attribute_classes: Mapping[str, int],
-    steps: int,
-    lr: float = 1e-3,
-    mask_prob: float = 0.15,
-    seed: int = 0,
-    callback: Callable[[dict], None] | None = None,
-    resume: Callable[[dict[str, nn.Module], torch.optim.Optimizer], int] | None = None,
-    checkpoint: Callable[[int, dict[str, nn.Module], torch.optim.Optimizer], None] | None = None,
-) -> PretrainingHeads:
-    """Train `model` in place on (captions, attribute labels) batches; returns the heads for evaluation.
-
-    Labels are class indices per attribute field with -100 where a caption lacks the field
-    (`lab.synthetic.caption_batches` and `ATTRIBUTE_CLASSES` give both). `resume(modules,
-    optimizer)` restores a saved state and returns the step to continue from (the batches
-    before it are skipped); `checkpoint(steps_done, modules, optimizer)` runs after every step.
-    """
-    heads = PretrainingHeads(model.config, attribute_classes).to(model.device)
-    model.train().requires_grad_(True)
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    trained = {"model": model, "heads": heads}
-    start = resume(trained, opt) if resume is not None else 0
-    for _ in range(start):  # the batches already seen (captions only: cheap to skip)
-        next(batches)
-    for i in range(start, steps):
-        captions, labels = next(batches)
-        for group in opt.param_groups:  # warmup over the first 5%, then constant
-            group["lr"] = lr * lr_at(i, steps, max(1, steps // 20), floor=1.0)
-        loss, stats = pretraining_loss(model, heads, captions, labels, mask_prob, step_generator(seed, i))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if callback is not None:
-            callback({"i": i, "total": steps, **stats})
-        if checkpoint is not None:
-            checkpoint(i + 1, trained, opt)
-    model.eval()
-    return heads
 
 
 @torch.no_grad()

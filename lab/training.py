@@ -27,9 +27,11 @@ import random
 import resource
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +52,7 @@ from tessera.engines.vq import VQConfig, VQModel, load_vq, save_vq
 
 from . import synthetic
 from .objectives import CAPTION_DROPOUT, drop_captions, flow_matching_loss, lr_at, step_generator, token_loss
-from .text_encoder_training import attribute_accuracy, pretrain_text_encoder
+from .text_encoder_training import PretrainingHeads, attribute_accuracy, pretraining_loss
 
 STATE_KEY = "tessera.train_state"  # metadata of a resumable training state file
 
@@ -166,19 +168,23 @@ class RunOptions:
 
 
 class TrainLog:
-    """Prints progress and appends one JSON object per logged step; keeps the loss tail for the card."""
+    """Prints progress and appends one JSON object per logged step (to `path`, if any); keeps the loss
+    tail for the card."""
 
-    def __init__(self, path: Path, kind: str, options: RunOptions, append: bool):
+    def __init__(self, path: Path | None, kind: str, options: RunOptions, append: bool):
         self.path, self.kind, self.options = path, kind, options
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a" if append else "w")
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = path.open("a" if append else "w")
         self.start_wall, self.start_cpu = time.time(), _cpu_seconds()
         self.tail: dict[str, list[float]] = {}
         self.write({"event": "start", "kind": kind, "options": _jsonable(asdict(options))})
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def step(self, i: int, total: int, stats: dict, every: int) -> None:
         for k, v in stats.items():
@@ -222,7 +228,8 @@ class TrainLog:
         return time.time() - self.start_wall, _cpu_seconds() - self.start_cpu
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def _cpu_seconds() -> float:
@@ -554,16 +561,21 @@ def fit(
     *,
     lr: float,
     warmup_divisor: int,
+    floor: float = 0.1,
     ema: tuple[EMA, nn.Module] | None = None,
     before: Callable[[TrainLog], None] | None = None,
+    batches: Callable[[int], Iterable[tuple[int, Any]]] | None = None,
 ) -> TrainLog:
-    """The one training loop of the image models: resume, pacing, learning rate, step, EMA, logging, state.
+    """The one training loop of every kind (text encoder, VAE, VQ, DiT, GPT and their adapters):
+    resume, pacing, learning rate, step, EMA, logging, state.
 
+    `batches(start)` yields (step, batch) from `start` (default: the synthetic image stream);
     `step_fn(step, batch)` returns the loss and a function giving the step's statistics, called
     after the optimizer step (so a step may also act on the updated weights). The learning rate
-    is `lr * lr_at(step, options.steps, warmup)`, gradients are clipped to norm 1, `ema` is
+    is `lr * lr_at(step, options.steps, warmup, floor)`, gradients are clipped to norm 1, `ema` is
     (average, the module it follows), and `modules` (with the optimizer) make the resumable state,
-    written every `options.ckpt_every` steps and at the end. Returns the run's log.
+    written to `options.state` (if set) every `options.ckpt_every` steps and at the end. Returns
+    the run's log (`options.log`; None: printed only).
     """
     start = 0
     if options.resume_from:
@@ -572,11 +584,11 @@ def fit(
     if before is not None:
         before(log)
     clock: dict = {}
-    for step, batch in _stream(options, start):
+    for step, batch in (batches or partial(_stream, options))(start):
         if not pace_to_deadline(options, kind, step, clock):
             break
         for group in opt.param_groups:
-            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, warmup_divisor))
+            group["lr"] = lr * lr_at(step, options.steps, _warmup(options, warmup_divisor), floor)
         loss, stats = step_fn(step, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -590,10 +602,20 @@ def fit(
             {"loss": loss.item(), **stats(), "grad_norm": float(gnorm)},
             options.log_every,
         )
-        if (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
+        if options.state and (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
             _save_state(options.state, step + 1, modules, opt, log)
-    _save_state(options.state, options.steps, modules, opt, log)
+    if options.state:
+        _save_state(options.state, options.steps, modules, opt, log)
     return log
+
+
+def step_numbers(options: RunOptions, start: int) -> Iterator[tuple[int, None]]:
+    """(step, None) from `start` up to `options.steps` (read at every step), for kinds that make
+    their own batch from the step number."""
+    step = start
+    while step < options.steps:
+        yield step, None
+        step += 1
 
 
 class EMA:
@@ -613,38 +635,52 @@ class EMA:
 # ---------------------------------------------------------------- text encoder
 
 
+def pretrain_text_encoder(
+    options: RunOptions,
+    model: TextEncoder,
+    batches: Iterator[tuple[Sequence[str], Mapping[str, Tensor]]],
+    attribute_classes: Mapping[str, int],
+    lr: float,
+    mask_prob: float = 0.15,
+) -> tuple[PretrainingHeads, TrainLog]:
+    """Train `model` in place through `fit` on `batches` of (captions, attribute labels), from the
+    first (a resumed run skips those before its step); returns the heads (for evaluation) and the log.
+
+    Labels are class indices per attribute field with -100 where a caption lacks the field
+    (`lab.synthetic.caption_batches` and `ATTRIBUTE_CLASSES` give both). The learning rate warms
+    up over the first 5%, then stays constant.
+    """
+    heads = PretrainingHeads(model.config, attribute_classes).to(model.device)
+    model.train().requires_grad_(True)
+    params = [*model.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def numbered(start: int) -> Iterator[tuple[int, tuple]]:
+        for (step, _), batch in zip(step_numbers(options, 0), batches):
+            if step >= start:  # the batches already seen are captions only: cheap to skip
+                yield step, batch
+
+    def text_step(step: int, batch: tuple) -> tuple[Tensor, Callable[[], dict]]:
+        captions, labels = batch
+        with _autocast(options):
+            loss, stats = pretraining_loss(
+                model, heads, captions, labels, mask_prob, step_generator(options.seed, step)
+            )
+        return loss, lambda: stats
+
+    log = fit(options, "text-encoder", {"model": model, "heads": heads}, opt, params, text_step, lr=lr,
+              warmup_divisor=20, floor=1.0, batches=numbered)  # fmt: skip
+    model.eval()
+    return heads, log
+
+
 def train_text_encoder(options: RunOptions, config: TextEncoderConfig = TEXT_ENCODER_CONFIG) -> dict:
     """Pre-train the shared character-level encoder (masked characters + scene attributes), then freeze it."""
     _setup(options)
-    lr = options.lr or 1e-3
     model = TextEncoder(config)
     classes = {k: len(v) for k, v in synthetic.ATTRIBUTE_CLASSES.items()}
-    log = TrainLog(options.log, "text-encoder", options, append=bool(options.resume_from))
-
-    def resume(modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> int:
-        return _load_state(options.resume_from, modules, opt, options)[0]
-
-    def checkpoint(done: int, modules: dict[str, nn.Module], opt: torch.optim.Optimizer) -> None:
-        if done % options.ckpt_every == 0 or done == options.steps:
-            _save_state(options.state, done, modules, opt, log)
-
-    def on_step(info: dict) -> None:
-        stats = {k: v for k, v in info.items() if k not in ("i", "total")}
-        log.step(info["i"], info["total"], stats, options.log_every)
-
     batches = synthetic.caption_batches(options.batch, seed=options.seed, split="train", kinds=TRAIN_KINDS)
-    with _autocast(options):
-        heads = pretrain_text_encoder(
-            model,
-            batches,
-            classes,
-            options.steps,
-            lr=lr,
-            seed=options.seed,
-            callback=on_step,
-            resume=resume if options.resume_from else None,
-            checkpoint=checkpoint,
-        )
+    heads, log = pretrain_text_encoder(options, model, batches, classes, lr=options.lr or 1e-3)
 
     heldout = synthetic.caption_batches(256, seed=options.seed + 1, split="heldout")
     accuracy = attribute_accuracy(model, heads, heldout, steps=4)

@@ -5,6 +5,7 @@ changed; unmatched keys are reported and a file matching nothing is an error nam
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -628,29 +629,38 @@ def test_a_resumed_adapter_run_equals_an_uninterrupted_one_bit_for_bit(tiny_mode
                                                                        monkeypatch):  # fmt: skip
     """Stopped right after its state at step 2 of 3 is written, then resumed, an adapter run writes the
     very tensors an uninterrupted 3-step run writes (CPU)."""
-    from tessera.lab import adapter_training
+    from tessera.lab import training
     from tessera.lab.cli import main as train
 
     def train_to(name: str, *extra: str) -> None:
         own = ["--rank", "2"] if kind == "lora" else ["--depth", "1", "--width", "8"]
         assert train([kind, "--engine", engine, *own, "--models-dir", str(tiny_models), "--steps", "3",
                       "--batch", "2", "--ckpt-every", "1", "--out", str(tmp_path / f"{name}.safetensors"),
-                      "--state", str(tmp_path / f"{name}.state.safetensors"), *extra]) == 0  # fmt: skip
+                      "--state", str(tmp_path / f"{name}.state.safetensors"), "--log", str(tmp_path / f"{name}.jsonl"),
+                      "--log-every", "1", *extra]) == 0  # fmt: skip
 
     train_to("whole")
-    save_state = adapter_training._save_state
+    save_state = training._save_state
 
     def stop_after_step_2(path, step, *args, **kwargs):
         save_state(path, step, *args, **kwargs)
         if step == 2:
             raise Interrupted
 
-    monkeypatch.setattr(adapter_training, "_save_state", stop_after_step_2)
+    monkeypatch.setattr(training, "_save_state", stop_after_step_2)
     with pytest.raises(Interrupted):
         train_to("parts")
-    monkeypatch.setattr(adapter_training, "_save_state", save_state)
+    monkeypatch.setattr(training, "_save_state", save_state)
     train_to("parts", "--resume-from", str(tmp_path / "parts.state.safetensors"))
     whole, _ = read_safetensors(tmp_path / "whole.safetensors")
     parts, _ = read_safetensors(tmp_path / "parts.safetensors")
     assert whole.keys() == parts.keys()
     assert [k for k in whole if not torch.equal(whole[k], parts[k])] == []
+    # the one training loop's log: every step once, the resumed run appending to the stopped one's
+    logs = {
+        n: [json.loads(line) for line in (tmp_path / f"{n}.jsonl").read_text().splitlines()]
+        for n in ("whole", "parts")
+    }
+    assert [r.get("step", "start") for r in logs["whole"]] == ["start", 0, 1, 2]
+    assert [r.get("step", "start") for r in logs["parts"]] == ["start", 0, 1, "start", 2]
+    assert logs["whole"][-1]["loss"] == logs["parts"][-1]["loss"]

@@ -13,7 +13,8 @@ from tessera.engines import text_encoder as T
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.lab import synthetic as S
-from tessera.lab.text_encoder_training import attribute_accuracy, pretrain_text_encoder
+from tessera.lab.text_encoder_training import attribute_accuracy
+from tessera.lab.training import RunOptions, pretrain_text_encoder
 from tessera.node import ExecutionContext, NodeError
 from tessera.nodes.text import LoadTextEncoder, TextEncode
 from tessera.registry import NodeRegistry
@@ -125,21 +126,22 @@ def test_config_refuses_inconsistent_sizes():
         T.TextEncoderConfig(width=30, heads=4)
 
 
-def test_pretraining_learns_the_attributes_of_captions():
+def test_pretraining_learns_the_attributes_of_captions(tmp_path):
     torch.manual_seed(0)
     model = T.TextEncoder(T.TextEncoderConfig(max_length=80, width=32, depth=1, heads=2, context_dim=32,
                                               pooled_dim=32))  # fmt: skip
     classes = {k: len(v) for k, v in S.ATTRIBUTE_CLASSES.items()}
-    losses = []
+    options = RunOptions(out=tmp_path / "te.safetensors", steps=60, batch=16, autocast=False,
+                         state=tmp_path / "te.state.safetensors", log=tmp_path / "te.jsonl")  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to threading on a busy machine
     try:
-        heads = pretrain_text_encoder(
-            model, S.caption_batches(16, seed=1, kinds=("shape",)), classes, steps=60, lr=5e-3,
-            callback=lambda d: losses.append(d["loss"]),
-        )  # fmt: skip
+        heads, log = pretrain_text_encoder(
+            options, model, S.caption_batches(16, seed=1, kinds=("shape",)), classes, lr=5e-3
+        )
     finally:
         torch.set_num_threads(threads)
+    losses = log.tail["loss"]
     assert len(losses) == 60 and sum(losses[-5:]) / 5 < 0.75 * losses[0]
     # captions whose attribute combination it never saw: the colour is read off, not memorised
     held_out = attribute_accuracy(
