@@ -51,7 +51,7 @@ def _check_header(path: Path) -> None:
         if key == "__metadata__":
             continue
         try:
-            start, end = info["data_offsets"]
+            _, end = info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(path, "malformed tensor entry", key) from None
         if end > data_len:

@@ -274,6 +274,20 @@ def _fit(settings: TrainSettings, kind: str, params: list[nn.Parameter], loss_at
         warmup_divisor=20, floor=0.0, batches=partial(step_numbers, settings))  # fmt: skip
 
 
+def _lora_on(
+    base: nn.Module, targets: re.Pattern, settings: TrainSettings, init_from: Path | None
+) -> tuple[Lora, nn.Module]:
+    """Fresh (or `init_from`'s) trainable factors on the `targets` linears of the frozen `base`, and
+    the base running them through `with_loras`, as the LoadLoRA node applies them."""
+    base.requires_grad_(False)
+    lora = trainable_lora(
+        base, settings.rank, settings.alpha, lambda n: bool(targets.match(n)), settings.seed
+    )
+    if init_from:
+        continue_lora(lora, init_from, base)
+    return lora, with_loras(base, [(lora, 1.0)])
+
+
 def train_dit_lora(
     dit: Flux,
     vae: AutoencoderKL,
@@ -282,13 +296,7 @@ def train_dit_lora(
     init_from: Path | None = None,
 ) -> Lora:
     """LoRA factors teaching the DiT the word CONCEPT; the DiT itself is not changed."""
-    dit.requires_grad_(False)
-    lora = trainable_lora(
-        dit, settings.rank, settings.alpha, lambda n: bool(DIT_TARGETS.match(n)), settings.seed
-    )
-    if init_from:
-        continue_lora(lora, init_from, dit)
-    model = with_loras(dit, [(lora, 1.0)])
+    lora, model = _lora_on(dit, DIT_TARGETS, settings, init_from)
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = concept_batch(settings.batch, settings.seed, step, settings.fraction)
@@ -312,13 +320,7 @@ def train_gpt_lora(
     """LoRA factors teaching the (caption-conditioned) GPT the word CONCEPT."""
     if not gpt.config.is_caption:
         raise ValueError("a new word can only be taught to a caption-conditioned GPT")
-    gpt.requires_grad_(False)
-    lora = trainable_lora(
-        gpt, settings.rank, settings.alpha, lambda n: bool(GPT_TARGETS.match(n)), settings.seed
-    )
-    if init_from:
-        continue_lora(lora, init_from, gpt)
-    model = with_loras(gpt, [(lora, 1.0)])
+    lora, model = _lora_on(gpt, GPT_TARGETS, settings, init_from)
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = concept_batch(settings.batch, settings.seed, step, settings.fraction)

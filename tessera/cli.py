@@ -178,7 +178,7 @@ def cmd_run(args) -> int:
     printer = ProgressPrinter(sys.stderr, enabled=not args.quiet)
     result = executor.run(workflow, "cli", printer)
     printer.close()
-    for node_id, ui in result.outputs.items():
+    for ui in result.outputs.values():
         for image in ui.get("images", []):
             print(out / image["subfolder"] / image["filename"])
     if result.status != "success":
