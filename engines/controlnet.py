@@ -41,10 +41,9 @@ from .flux import (
     SingleStreamBlock,
     convert_diffusers_dit,
     detect_dit_layout,
+    embed_inputs,
     infer_dit_config,
     patchify,
-    rope_cos_sin,
-    timestep_embedding,
 )
 from .gpt import GPT
 from .lora import copy_structure
@@ -133,19 +132,10 @@ class FluxControlNet(nn.Module):
 
         Inputs are the base DiT's `forward_tokens` inputs plus `hint`, packed tokens [B, N, C·p²].
         """
-        dt = self.dtype
-        vec = self.time_in(timestep_embedding(t).to(dt))
-        if self.guidance_in is not None:
-            if guidance is None:
-                raise ValueError("this ControlNet has a guidance input; the model it controls passed none")
-            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dt))
-        vec = vec + self.vector_in(y.to(dt))
-        img = self.img_in(img.to(dt)) + self.controlnet_x_embedder(hint.to(dt))
-        txt = self.txt_in(txt.to(dt))
-        pe = rope_cos_sin(torch.cat([txt_ids, img_ids]), self.config.axes_dim, self.config.theta)
-        key_mask = None
-        if txt_mask is not None and not bool(txt_mask.all()):
-            key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
+        if self.guidance_in is not None and guidance is None:
+            raise ValueError("this ControlNet has a guidance input; the model it controls passed none")
+        img, txt, vec, pe, key_mask = embed_inputs(self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
+        img = img + self.controlnet_x_embedder(hint.to(self.dtype))
 
         double, single = [], []
         for block, head in zip(self.double_blocks, self.controlnet_blocks):

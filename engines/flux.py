@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from tessera.engines.attention import attention
 from tessera.engines.checkpoint import (
     CheckpointError,
@@ -32,7 +34,6 @@ from tessera.engines.checkpoint import (
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.layouts import header_weights, read_weights, wrong_family
 from tessera.engines.step_cache import StepCache
-from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,34 @@ class LastLayer(nn.Module):
         return self.linear(_modulate(x, shift, scale))
 
 
+def embed_inputs(
+    model: nn.Module,
+    img: Tensor,
+    img_ids: Tensor,
+    txt: Tensor,
+    txt_ids: Tensor,
+    t: Tensor,
+    y: Tensor,
+    guidance: Tensor | None,
+    txt_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """What the blocks of a DiT or of its ControlNet read (one path for both): image and text tokens
+    embedded in the model's dtype, the vector of time, guidance (models with a guidance input) and
+    pooled text, the RoPE table of the joint sequence, and the key mask hiding text padding (None
+    when nothing is padded)."""
+    dt = model.dtype
+    vec = model.time_in(timestep_embedding(t).to(dt))
+    if model.guidance_in is not None:
+        vec = vec + model.guidance_in(timestep_embedding(guidance).to(dt))
+    vec = vec + model.vector_in(y.to(dt))
+    img, txt = model.img_in(img.to(dt)), model.txt_in(txt.to(dt))
+    pe = rope_cos_sin(torch.cat([txt_ids, img_ids]), model.config.axes_dim, model.config.theta)
+    key_mask = None
+    if txt_mask is not None and not bool(txt_mask.all()):
+        key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
+    return img, txt, vec, pe, key_mask
+
+
 class Flux(nn.Module):
     """Flow-matching DiT: predicts the velocity (noise − data) of a latent at time t∈[0,1]."""
 
@@ -360,17 +389,7 @@ class Flux(nn.Module):
         """
         if self.guidance_in is not None and guidance is None:
             raise ValueError("this DiT was distilled with a guidance input; pass guidance (e.g. 3.5)")
-        dt = self.dtype
-        vec = self.time_in(timestep_embedding(t).to(dt))
-        if self.guidance_in is not None:
-            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dt))
-        vec = vec + self.vector_in(y.to(dt))
-        img, txt = self.img_in(img.to(dt)), self.txt_in(txt.to(dt))
-        pe = rope_cos_sin(torch.cat([txt_ids, img_ids]), self.config.axes_dim, self.config.theta)
-        key_mask = None
-        if txt_mask is not None and not bool(txt_mask.all()):
-            key_mask = torch.cat([txt_mask.bool(), txt_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)
-
+        img, txt, vec, pe, key_mask = embed_inputs(self, img, img_ids, txt, txt_ids, t, y, guidance, txt_mask)
         double = controlnet_double or [None] * len(self.double_blocks)
         single = controlnet_single or [None] * len(self.single_blocks)
         cache = step_cache if step_cache is not None and step_cache.threshold > 0 else None
@@ -517,7 +536,13 @@ def guided_velocity(
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         cond, mask, g = inputs_for(x.shape[0])
         out = model(
-            x.to(dev).repeat(n, 1, 1, 1), sigma.to(dev).repeat(n), cond.tokens, cond.pooled, g, mask, step_cache
+            x.to(dev).repeat(n, 1, 1, 1),
+            sigma.to(dev).repeat(n),
+            cond.tokens,
+            cond.pooled,
+            g,
+            mask,
+            step_cache,
         )
         out = out.float()
         if not use_cfg:
@@ -699,7 +724,9 @@ def diffusers_dit_overrides(config_json: dict, patch_size: int = 2) -> dict:
     diffusers packs 2x2 latent patches outside the model, so its `in_channels` (64) is our
     `in_channels * patch_size**2`.
     """
-    out = {ours: config_json[theirs] for theirs, ours in _DIFFUSERS_DIT_FIELDS.items() if theirs in config_json}
+    out = {
+        ours: config_json[theirs] for theirs, ours in _DIFFUSERS_DIT_FIELDS.items() if theirs in config_json
+    }
     if "axes_dim" in out:
         out["axes_dim"] = tuple(out["axes_dim"])
     packed = patch_size * patch_size
