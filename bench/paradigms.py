@@ -153,6 +153,14 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------- the two generators
 
 
+def palette_images(device: torch.device) -> torch.Tensor:
+    """A flat image of each palette colour at the synthetic scenes' size, as the models take them
+    ([K, 3, S, S] in [-1, 1]): what each engine's palette is read from."""
+    size = synthetic.IMAGE_SIZE
+    flat = np.stack([np.full((size, size, 3), c, np.uint8) for c in synthetic.COLORS.values()])
+    return synthetic.to_training_tensor(flat).to(device)
+
+
 class DiTEngine:
     """The DiT through `engines.generation` (`sample`), and a sampler loop that can corrupt one
     latent cell at a chosen step (`sample_latents`; without a corruption it gives the same
@@ -172,9 +180,9 @@ class DiTEngine:
     def palette(self) -> torch.Tensor:
         """Latent [K, C] of a flat image of each palette colour (centre cell)."""
         if self._palette is None:
-            flat = np.stack([np.full((64, 64, 3), c, np.uint8) for c in synthetic.COLORS.values()])
+            flat = palette_images(self.device)
             with torch.no_grad():
-                z = self.vae.encode(synthetic.to_training_tensor(flat).to(self.device)).float()
+                z = self.vae.encode(flat).float()
             self._palette = z[:, :, 3:5, 3:5].mean((2, 3))
         return self._palette
 
@@ -279,9 +287,9 @@ class AREngine:
     def palette(self) -> torch.Tensor:
         """Token id [K] of a flat image of each palette colour (the most common id of its grid)."""
         if self._palette is None:
-            flat = np.stack([np.full((64, 64, 3), c, np.uint8) for c in synthetic.COLORS.values()])
+            flat = palette_images(self.device)
             with torch.no_grad():
-                ids = self.vq.encode(synthetic.to_training_tensor(flat).to(self.device)).flatten(1).cpu()
+                ids = self.vq.encode(flat).flatten(1).cpu()
             self._palette = torch.mode(ids, dim=1).values
         return self._palette
 
