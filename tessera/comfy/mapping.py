@@ -130,14 +130,6 @@ RULES: dict[str, Rule] = {
         widgets=("width", "height", "batch_size"),
         constants={"channels": 16},
     ),
-    "EmptySD3LatentImage": Rule(
-        "EmptyLatent",
-        _same("width", "height", "batch_size"),
-        ("latent",),
-        ("LATENT",),
-        widgets=("width", "height", "batch_size"),
-        constants={"channels": 16},
-    ),
     "KSampler": Rule(
         "DiTSampler",
         {
@@ -312,6 +304,8 @@ RULES: dict[str, Rule] = {
         link_types={"samples": "LATENT", "mask": "MASK"},
     ),
 }
+
+RULES["EmptySD3LatentImage"] = RULES["EmptyLatentImage"]  # the same empty latent for ComfyUI's SD3/Flux node
 
 # UI-format nodes that are not part of the executed graph.
 UI_ONLY = ("Note", "MarkdownNote", "PrimitiveNode", "Reroute")
