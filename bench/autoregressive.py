@@ -17,6 +17,7 @@ import resource
 import time
 
 import torch
+
 from tessera.engines.ar_decoding import condition_prefix, decode_one_token, generate
 from tessera.engines.gpt import GPT, GPTConfig, find_multiple
 
@@ -123,7 +124,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (1 avoids spin-waits on a shared machine)"
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run for CI: a one-layer model, 4x4 grid")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run for CI: a one-layer model, 4x4 grid"
+    )
     args = parser.parse_args()
     if args.quick:
         args.dim, args.layers, args.heads, args.vocab, args.grid, args.repeats = 64, 1, 2, 64, 4, 1

@@ -301,10 +301,18 @@ def main() -> None:
     )
     parser.add_argument("--worker", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="a smoke run for CI: 32 px, 4 text tokens, one repeat")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run for CI: 32 px, 4 text tokens, one repeat"
+    )
     args = parser.parse_args()
     if args.quick:
-        args.size, args.text, args.repeats, args.warmup, args.threads = args.size or 32, args.text or 4, 1, 0, 1
+        args.size, args.text, args.repeats, args.warmup, args.threads = (
+            args.size or 32,
+            args.text or 4,
+            1,
+            0,
+            1,
+        )
 
     import torch
 

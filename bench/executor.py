@@ -25,10 +25,23 @@ def build_workflow(n: int) -> dict:
     nodes = {"0": {"type": "SolidColor", "inputs": {"width": 1, "height": 1, "red": 0.2}}}
     for i in range(1, n - 1):
         if i % 3 == 0 and i >= 3:
-            nodes[str(i)] = {"type": "ImageBlend", "inputs": {"image_a": {"node": str(i - 1), "output": "image"}, "image_b": {"node": str(i - 3), "output": "image"}, "factor": 0.5}}
+            nodes[str(i)] = {
+                "type": "ImageBlend",
+                "inputs": {
+                    "image_a": {"node": str(i - 1), "output": "image"},
+                    "image_b": {"node": str(i - 3), "output": "image"},
+                    "factor": 0.5,
+                },
+            }
         else:
-            nodes[str(i)] = {"type": "ImageInvert", "inputs": {"image": {"node": str(i - 1), "output": "image"}}}
-    nodes[str(n - 1)] = {"type": "PreviewImage", "inputs": {"images": {"node": str(n - 2), "output": "image"}}}
+            nodes[str(i)] = {
+                "type": "ImageInvert",
+                "inputs": {"image": {"node": str(i - 1), "output": "image"}},
+            }
+    nodes[str(n - 1)] = {
+        "type": "PreviewImage",
+        "inputs": {"images": {"node": str(n - 2), "output": "image"}},
+    }
     return {"version": 1, "nodes": nodes}
 
 
@@ -75,18 +88,30 @@ def main() -> None:
             again = executor.run(workflow)
             cached_s.append(time.perf_counter() - start)
             assert first.status == again.status == "success" and len(again.executed) == 0
-    best = {k: statistics.median(v[1:] or v) for k, v in {"validate_compile_s": compile_s, "first_run_s": first_s, "cached_rerun_s": cached_s, "bare_execute_s": bare_s}.items()}
+    best = {
+        k: statistics.median(v[1:] or v)
+        for k, v in {
+            "validate_compile_s": compile_s,
+            "first_run_s": first_s,
+            "cached_rerun_s": cached_s,
+            "bare_execute_s": bare_s,
+        }.items()
+    }
     n = args.nodes
     record = {
         "bench": "executor",
         "nodes": n,
         **{k: round(v, 5) for k, v in best.items()},
         "first_run_per_node_us": round(best["first_run_s"] / n * 1e6, 1),
-        "overhead_per_node_us": round((best["first_run_s"] - best["validate_compile_s"] - best["bare_execute_s"]) / n * 1e6, 1),
+        "overhead_per_node_us": round(
+            (best["first_run_s"] - best["validate_compile_s"] - best["bare_execute_s"]) / n * 1e6, 1
+        ),
         "cached_rerun_per_node_us": round(best["cached_rerun_s"] / n * 1e6, 1),
         "device": "cpu",
     }
-    print(f"executor benchmark, {n} nodes, median of {max(1, args.repeats - 1)} after a warm-up (CPU, 1 thread)")
+    print(
+        f"executor benchmark, {n} nodes, median of {max(1, args.repeats - 1)} after a warm-up (CPU, 1 thread)"
+    )
     print(f"{'measure':34} {'value':>12}")
     print(f"{'validate + compile':34} {best['validate_compile_s'] * 1e3:10.1f} ms")
     print(f"{'first run (incl. validate+compile)':34} {best['first_run_s'] * 1e3:10.1f} ms")

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from tessera.engines.samplers import SAMPLERS
 from torch import Tensor
+
+from tessera.engines.samplers import SAMPLERS
 
 _U64 = (1 << 64) - 1
 

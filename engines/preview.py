@@ -13,8 +13,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tessera.engines.vae import AutoencoderKL
 from torch import Tensor
+
+from tessera.engines.vae import AutoencoderKL
 
 _fits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

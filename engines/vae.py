@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tessera.engines.conv_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
+from torch import Tensor, nn
+
 from tessera.engines.checkpoint import (
     CheckpointError,
     assign_checked,
@@ -23,8 +24,8 @@ from tessera.engines.checkpoint import (
     require,
     write_safetensors,
 )
+from tessera.engines.conv_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 from tessera.engines.layouts import read_weights, wrong_family
-from torch import Tensor, nn
 
 # (scaling_factor, shift_factor) per family: z_normalised = (z - shift) * scale.
 FAMILIES: dict[str, tuple[float, float]] = {
@@ -375,7 +376,9 @@ _DIFFUSERS_VAE_FIELDS = {
 
 def diffusers_vae_overrides(config_json: dict) -> dict:
     """The VAEConfig fields a diffusers `vae/config.json` sets (`shift_factor: null` means no shift)."""
-    out = {ours: config_json[theirs] for theirs, ours in _DIFFUSERS_VAE_FIELDS.items() if theirs in config_json}
+    out = {
+        ours: config_json[theirs] for theirs, ours in _DIFFUSERS_VAE_FIELDS.items() if theirs in config_json
+    }
     if "shift_factor" in out and out["shift_factor"] is None:
         out["shift_factor"] = 0.0
     return out

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
+from .conv_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.controlnet import (
     ARControlNet,
@@ -23,7 +24,6 @@ from tessera.engines.flux import Flux
 from tessera.engines.lora import load_lora, with_loras
 from tessera.engines.preprocess import canny_image, scribble_image
 from tessera.engines.tokens import TokenGrid
-
 from tessera.node import ExecutionContext, Input, Node, NodeError, Output, Result
 
 

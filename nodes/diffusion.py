@@ -133,7 +133,9 @@ class LoadVAE(Node):
     def execute(self, ctx: ExecutionContext, file: str, family: str = "auto"):
         path = ctx.model_file("vae", file)
         try:
-            vae = load_vae(path, "cpu", ctx.dtype)  # into RAM: the model manager moves it when a node needs it
+            vae = load_vae(
+                path, "cpu", ctx.dtype
+            )  # into RAM: the model manager moves it when a node needs it
         except CheckpointError as e:
             raise NodeError(str(e), input="file") from None
         vae = with_family(vae, family) if family != "auto" else vae
@@ -161,8 +163,13 @@ class LoadCheckpoint(Node):
     def fingerprint(cls, ctx: ExecutionContext, inputs: dict) -> str | None:
         """The tokenizers it reads join the cache key (the runtime keys the checkpoint file itself)."""
         path = ctx.model_file("checkpoints", inputs["file"])
-        return _identity([*path.parent.glob("*.json"), *path.parent.glob("*.txt"),
-                          *(Path(ctx.models_dir) / "tokenizers").rglob("*")])
+        return _identity(
+            [
+                *path.parent.glob("*.json"),
+                *path.parent.glob("*.txt"),
+                *(Path(ctx.models_dir) / "tokenizers").rglob("*"),
+            ]
+        )
 
     @classmethod
     def describe(cls, ctx: ExecutionContext, constants: dict, upstream: dict[str, dict]) -> dict[str, dict]:
@@ -170,7 +177,11 @@ class LoadCheckpoint(Node):
         path = ctx.model_file("checkpoints", constants["file"])
         try:
             parts = split_checkpoint(header_weights(path)[0])
-            model = _dit_facts(infer_dit_config(bfl_state_dict(parts.pop("model"), path), path)) if "model" in parts else {}
+            model = (
+                _dit_facts(infer_dit_config(bfl_state_dict(parts.pop("model"), path), path))
+                if "model" in parts
+                else {}
+            )
             parts.pop("vae", None)
             widths = dict(text_encoder_width(part, path) for part in parts.values())
         except CheckpointError as e:
@@ -192,14 +203,21 @@ class LoadCheckpoint(Node):
                 )
             # every part into RAM, as LoadDiffusionModel does: the model manager moves them
             dit = parts.pop("model")
-            model = _with_weight_dtype(lambda dtype: dit_from_state_dict(dit, {}, path, "cpu", dtype), weight_dtype, ctx)
+            model = _with_weight_dtype(
+                lambda dtype: dit_from_state_dict(dit, {}, path, "cpu", dtype), weight_dtype, ctx
+            )
             vae = vae_from_state_dict(parts.pop("vae"), {}, path, "cpu", ctx.dtype)
             encoders: dict = {}
             for name, part in sorted(parts.items()):
-                encoder = text_encoder_from_state_dict(part, {}, f"{path.name} text_encoders.{name}", "cpu", ctx.dtype)
+                encoder = text_encoder_from_state_dict(
+                    part, {}, f"{path.name} text_encoders.{name}", "cpu", ctx.dtype
+                )
                 family = family_of(encoder)
                 if family in encoders:
-                    raise NodeError(f"{self.type_name}: {path.name} holds two {family.upper()} text encoders", input="file")
+                    raise NodeError(
+                        f"{self.type_name}: {path.name} holds two {family.upper()} text encoders",
+                        input="file",
+                    )
                 encoders[family] = (encoder, tokenizer_for(encoder, where, Path(ctx.models_dir)))
         except (CheckpointError, TokenizerError) as e:
             raise NodeError(f"{self.type_name}: {e}", input="file") from None
@@ -241,11 +259,16 @@ class LoadDiffusersPipeline(Node):
             pipeline = locate(path).pipeline
             if pipeline is None:
                 return {}  # execute says what to load instead
-            first = {name: sorted((pipeline / name).glob("*.safetensors")) for name in
-                     ("transformer", "text_encoder", "text_encoder_2")}
+            first = {
+                name: sorted((pipeline / name).glob("*.safetensors"))
+                for name in ("transformer", "text_encoder", "text_encoder_2")
+            }
             model = _dit_facts(dit_config(first["transformer"][0])) if first["transformer"] else {}
-            widths = dict(text_encoder_width(header_weights(files[0])[0], files[0])
-                          for name, files in first.items() if name != "transformer" and files)
+            widths = dict(
+                text_encoder_width(header_weights(files[0])[0], files[0])
+                for name, files in first.items()
+                if name != "transformer" and files
+            )
         except CheckpointError as e:
             raise NodeError(f"{cls.type_name}: {e}", input="file") from None
         return {"model": model, "vae": {}, "text_encoder": {"encoders": widths} if widths else {}}
@@ -260,13 +283,18 @@ class LoadDiffusersPipeline(Node):
                     "in the folder above it); load a single file with LoadDiffusionModel",
                     input="file",
                 )
-            model = load_dit(self._component(pipeline, "transformer"), "cpu", ctx.dtype)  # the manager moves it
+            model = load_dit(
+                self._component(pipeline, "transformer"), "cpu", ctx.dtype
+            )  # the manager moves it
             vae = load_vae(self._component(pipeline, "vae"), "cpu", ctx.dtype)
             encoders: dict = {}
             for name in ("text_encoder", "text_encoder_2"):
                 if (pipeline / name).is_dir():
                     encoder, where = load_text_encoder(self._component(pipeline, name), "cpu", ctx.dtype)
-                    encoders[family_of(encoder)] = (encoder, tokenizer_for(encoder, where, Path(ctx.models_dir)))
+                    encoders[family_of(encoder)] = (
+                        encoder,
+                        tokenizer_for(encoder, where, Path(ctx.models_dir)),
+                    )
         except (CheckpointError, TokenizerError) as e:
             raise NodeError(f"{self.type_name}: {e}", input="file") from None
         return model, vae, RealTextEncoder(**encoders)
@@ -275,7 +303,8 @@ class LoadDiffusersPipeline(Node):
         files = sorted((pipeline / name).glob("*.safetensors"))
         if not files:
             raise NodeError(
-                f"{self.type_name}: the pipeline folder {pipeline.name} has no {name}/*.safetensors", input="file"
+                f"{self.type_name}: the pipeline folder {pipeline.name} has no {name}/*.safetensors",
+                input="file",
             )
         return files[0]
 
@@ -340,8 +369,10 @@ class EmptyLatent(Node):
         projection = rgb_projection_for(vae) if vae is not None else None
         latent = Latent(torch.zeros(batch_size, c, h, w), rgb_projection=projection)
         if native and max(width, height) > 2 * native:
-            warning = (f"{width}x{height} is far above the VAE's native {native}x{native}: sampling will be slow "
-                       "and may not look right (set width and height to 0 for the native size)")
+            warning = (
+                f"{width}x{height} is far above the VAE's native {native}x{native}: sampling will be slow "
+                "and may not look right (set width and height to 0 for the native size)"
+            )
             return Result(outputs=(latent,), ui={"warnings": [warning]})
         return (latent,)
 
@@ -476,8 +507,14 @@ def _check_conditioning_widths(node: type[Node], upstream: dict[str, dict]) -> N
         cond = upstream.get(input_name, {})
         if "tokens" in cond:
             try:
-                check_widths(model["context_dim"], model["vec_dim"], cond["tokens"], cond["pooled"],
-                             cond.get("source", ""), f"{node.type_name} {input_name}")
+                check_widths(
+                    model["context_dim"],
+                    model["vec_dim"],
+                    cond["tokens"],
+                    cond["pooled"],
+                    cond.get("source", ""),
+                    f"{node.type_name} {input_name}",
+                )
             except ValueError as e:
                 raise NodeError(str(e), input=input_name) from None
 
@@ -486,11 +523,13 @@ def _guidance_problems(node: type[Node], constants: dict, linked: frozenset[str]
     """cfg other than 1 needs a negative: refused when the workflow is checked, not after sampling."""
     cfg = constants.get("cfg")
     if "negative" not in linked and "cfg" not in linked and cfg != 1.0:
-        return [NodeError(
-            f"{node.type_name}: cfg {cfg} needs a negative conditioning: connect one (a TextEncode of the "
-            "empty prompt is the usual choice), or set cfg to 1",
-            input="negative",
-        )]
+        return [
+            NodeError(
+                f"{node.type_name}: cfg {cfg} needs a negative conditioning: connect one (a TextEncode of the "
+                "empty prompt is the usual choice), or set cfg to 1",
+                input="negative",
+            )
+        ]
     return []
 
 
@@ -542,7 +581,17 @@ class DiTSampler(Node):
         step_cache=0.0,
     ):
         velocity, sigmas = _prepare(
-            self, model, positive, negative, latent, schedule, steps, cfg, guidance, denoise, StepCache(step_cache)
+            self,
+            model,
+            positive,
+            negative,
+            latent,
+            schedule,
+            steps,
+            cfg,
+            guidance,
+            denoise,
+            StepCache(step_cache),
         )
         out = run_denoise(
             velocity,
@@ -572,9 +621,12 @@ class DiTDenoiseStep(Node):
         problems = _guidance_problems(cls, constants, linked)
         step, steps = constants.get("step"), constants.get("steps")
         if "step" not in linked and "steps" not in linked and step >= steps:
-            problems.append(NodeError(
-                f"step {step} is past the last step ({steps - 1}) of a {steps}-step schedule", input="step"
-            ))
+            problems.append(
+                NodeError(
+                    f"step {step} is past the last step ({steps - 1}) of a {steps}-step schedule",
+                    input="step",
+                )
+            )
         return problems
 
     @classmethod

@@ -118,8 +118,14 @@ def write_images(ctx: ExecutionContext, images: torch.Tensor, prefix: str, subfo
             while True:
                 name = f"{stem}_{_next_counter(folder, stem):05d}.png"
                 try:
-                    save_png(picture, ctx.output_dir, f"{subfolder}/{name}" if subfolder else name, ctx.workflow,
-                             ctx.prompt_id, exclusive=True)
+                    save_png(
+                        picture,
+                        ctx.output_dir,
+                        f"{subfolder}/{name}" if subfolder else name,
+                        ctx.workflow,
+                        ctx.prompt_id,
+                        exclusive=True,
+                    )
                     break
                 except FileExistsError:
                     continue  # a file of that name appeared meanwhile: take the next number
@@ -127,8 +133,11 @@ def write_images(ctx: ExecutionContext, images: torch.Tensor, prefix: str, subfo
     except UnsafePathError as e:
         raise NodeError(str(e), input="filename_prefix") from None
     except OSError as e:  # e.g. a full disk: the node fails by name, the server keeps going
-        raise NodeError(f"could not write {subfolder + '/' if subfolder else ''}{stem}_*.png in the output folder: "
-                        f"{e.strerror or e}", input="images") from e
+        raise NodeError(
+            f"could not write {subfolder + '/' if subfolder else ''}{stem}_*.png in the output folder: "
+            f"{e.strerror or e}",
+            input="images",
+        ) from e
     return refs
 
 
@@ -154,7 +163,11 @@ class SolidColor(Node):
     outputs = (Output("image", "IMAGE"),)
 
     def execute(self, ctx, width, height, red, green, blue, batch_size):
-        return (torch.tensor([red, green, blue], dtype=torch.float32).expand(batch_size, height, width, 3).clone(),)
+        return (
+            torch.tensor([red, green, blue], dtype=torch.float32)
+            .expand(batch_size, height, width, 3)
+            .clone(),
+        )
 
 
 class ImageScale(Node):
@@ -165,7 +178,13 @@ class ImageScale(Node):
         Input("image", "IMAGE"),
         Input("width", "INT", default=512, min=1, max=MAX_SIDE),
         Input("height", "INT", default=512, min=1, max=MAX_SIDE),
-        Input("method", "STRING", default="bilinear", choices=("nearest", "bilinear", "bicubic", "area"), link="widget"),
+        Input(
+            "method",
+            "STRING",
+            default="bilinear",
+            choices=("nearest", "bilinear", "bicubic", "area"),
+            link="widget",
+        ),
     )
     outputs = (Output("image", "IMAGE"),)
 
@@ -189,9 +208,13 @@ class ImageBlend(Node):
 
     def execute(self, ctx, image_a, image_b, factor):
         if image_b.shape[1:3] != image_a.shape[1:3]:
-            image_b = F.interpolate(image_b.movedim(-1, 1), size=image_a.shape[1:3], mode="bilinear").movedim(1, -1)
+            image_b = F.interpolate(image_b.movedim(-1, 1), size=image_a.shape[1:3], mode="bilinear").movedim(
+                1, -1
+            )
         if image_b.shape[0] not in (1, image_a.shape[0]):
-            raise NodeError(f"batch sizes differ ({image_a.shape[0]} and {image_b.shape[0]})", input="image_b")
+            raise NodeError(
+                f"batch sizes differ ({image_a.shape[0]} and {image_b.shape[0]})", input="image_b"
+            )
         return ((1 - factor) * image_a + factor * image_b,)
 
 

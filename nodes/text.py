@@ -300,7 +300,9 @@ class DualCLIPLoader(Node):
 
 def _lacking(node_name: str, needs: tuple[str, ...], have: str, hint: str) -> NodeError:
     wanted = " and ".join(NAMES[n] for n in needs)
-    return NodeError(f"{node_name} needs {wanted} but the text encoder has {have or 'none'}; {hint}", input="text_encoder")
+    return NodeError(
+        f"{node_name} needs {wanted} but the text encoder has {have or 'none'}; {hint}", input="text_encoder"
+    )
 
 
 def _real(node: Node, text_encoder, needs: tuple[str, ...], hint: str) -> RealTextEncoder:

@@ -21,7 +21,9 @@ def memory_footprint(value: object, seen: set | None = None) -> dict[str, int]:
     def add(tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
         device = str(tensor.device)
-        key = (device, storage.data_ptr()) if storage.data_ptr() else id(tensor)  # meta tensors have no address
+        key = (
+            (device, storage.data_ptr()) if storage.data_ptr() else id(tensor)
+        )  # meta tensors have no address
         if key in seen or storage.nbytes() == 0:
             return
         seen.add(key)

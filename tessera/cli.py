@@ -13,45 +13,88 @@ from tessera.paths import SOURCE_ROOT, default_models_dir
 
 
 def _dirs(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models-dir", type=Path, default=default_models_dir(), help="models folder (default: the shipped models/)")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=default_models_dir(),
+        help="models folder (default: the shipped models/)",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("output"))
     parser.add_argument("--input-dir", type=Path, default=Path("input"))
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--compile", choices=("off", "default", "max"), default=None,
-                        help="torch.compile the DiT blocks and the AR decode step (default: off on CPU, default on CUDA)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("off", "default", "max"),
+        default=None,
+        help="torch.compile the DiT blocks and the AR decode step (default: off on CPU, default on CUDA)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description="Node-based image generation: diffusion and autoregressive.")
+    parser = argparse.ArgumentParser(
+        prog="tessera", description="Node-based image generation: diffusion and autoregressive."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the editor and HTTP API")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8188)
     serve.add_argument("--listen", metavar="HOST", help="listen on a non-loopback address (requires a token)")
-    serve.add_argument("--token", help="access token (generated and printed when --listen is used without one)")
-    serve.add_argument("--user-dir", type=Path, default=Path("user"), help="queue database and saved workflows")
+    serve.add_argument(
+        "--token", help="access token (generated and printed when --listen is used without one)"
+    )
+    serve.add_argument(
+        "--user-dir", type=Path, default=Path("user"), help="queue database and saved workflows"
+    )
     serve.add_argument("--custom-nodes-dir", type=Path, default=Path("custom_nodes"))
     serve.add_argument("--cache-ram-gb", type=float, default=8.0, help="byte budget of cached outputs in RAM")
-    serve.add_argument("--cache-vram-gb", type=float, default=16.0, help="byte budget of cached outputs on the GPU")
-    serve.add_argument("--vram-budget", metavar="SIZE", help="model weights kept on the GPU, e.g. 12GiB (default: free "
-                       "memory minus 2 GiB); least recently used models go to pinned RAM, larger ones stream their blocks")
-    limits = serve.add_argument_group("budgets (a request over one is refused with a 4xx before any work starts)")
-    limits.add_argument("--max-body-mb", type=float, default=4.0, help="largest JSON request body (413 beyond)")
+    serve.add_argument(
+        "--cache-vram-gb", type=float, default=16.0, help="byte budget of cached outputs on the GPU"
+    )
+    serve.add_argument(
+        "--vram-budget",
+        metavar="SIZE",
+        help="model weights kept on the GPU, e.g. 12GiB (default: free "
+        "memory minus 2 GiB); least recently used models go to pinned RAM, larger ones stream their blocks",
+    )
+    limits = serve.add_argument_group(
+        "budgets (a request over one is refused with a 4xx before any work starts)"
+    )
+    limits.add_argument(
+        "--max-body-mb", type=float, default=4.0, help="largest JSON request body (413 beyond)"
+    )
     limits.add_argument("--max-nodes", type=int, default=10_000, help="nodes per workflow")
-    limits.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="pixels per image (made or loaded)")
+    limits.add_argument(
+        "--max-image-pixels", type=int, default=8192 * 8192, help="pixels per image (made or loaded)"
+    )
     limits.add_argument("--max-batch-pixels", type=int, default=1 << 28, help="pixels per batch of images")
-    limits.add_argument("--output-quota-gb", type=float, default=50.0, help="size of the output folder (0: no quota)")
-    limits.add_argument("--max-embedded-workflow-kb", type=float, default=256.0,
-                        help="largest workflow copied into each PNG; larger ones are referenced by prompt id")
+    limits.add_argument(
+        "--output-quota-gb", type=float, default=50.0, help="size of the output folder (0: no quota)"
+    )
+    limits.add_argument(
+        "--max-embedded-workflow-kb",
+        type=float,
+        default=256.0,
+        help="largest workflow copied into each PNG; larger ones are referenced by prompt id",
+    )
     _dirs(serve)
 
     run = sub.add_parser("run", help="run a workflow (.json, or a .png made by Tessera) headless")
     run.add_argument("workflow", type=Path)
-    run.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input (JSON value or text)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NODE.INPUT=VALUE",
+        help="override an input (JSON value or text)",
+    )
     run.add_argument("--out", type=Path, help="output folder (default: output/)")
     run.add_argument("--quiet", action="store_true")
-    run.add_argument("--vram-budget", metavar="SIZE", help="model weights kept on the GPU, e.g. 12GiB (as for serve)")
+    run.add_argument(
+        "--vram-budget", metavar="SIZE", help="model weights kept on the GPU, e.g. 12GiB (as for serve)"
+    )
     _dirs(run)
 
     validate = sub.add_parser("validate", help="check a workflow without running it")
@@ -61,27 +104,51 @@ def build_parser() -> argparse.ArgumentParser:
     nodes = sub.add_parser("nodes", help="list the registered node types")
     nodes.add_argument("--json", action="store_true", help="print the full catalogue as JSON")
 
-    train = sub.add_parser("train", help="train a built-in model (see `tessera train --help`)", add_help=False)
+    train = sub.add_parser(
+        "train", help="train a built-in model (see `tessera train --help`)", add_help=False
+    )
     train.add_argument("args", nargs=argparse.REMAINDER)
-    bench = sub.add_parser("bench", help="run a benchmark from bench/ (executor, diffusion, autoregressive, paradigms)", add_help=False)
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark from bench/ (executor, diffusion, autoregressive, paradigms)",
+        add_help=False,
+    )
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
-    convert = sub.add_parser("convert", help="convert a PyTorch pickle (.pt/.pth/.bin/.ckpt) to .safetensors, explicitly")
+    convert = sub.add_parser(
+        "convert", help="convert a PyTorch pickle (.pt/.pth/.bin/.ckpt) to .safetensors, explicitly"
+    )
     convert.add_argument("input", type=Path, help="a PyTorch pickle: .pt, .pth, .bin or .ckpt")
     convert.add_argument("output", type=Path, help="the .safetensors file to write")
-    convert.add_argument("--config", default="{}", help='JSON settings the tensors cannot tell, e.g. \'{"n_head": 20}\'')
+    convert.add_argument(
+        "--config", default="{}", help="JSON settings the tensors cannot tell, e.g. '{\"n_head\": 20}'"
+    )
     convert.add_argument("--force", action="store_true", help="replace an existing output file")
 
-    comfy = sub.add_parser("import", help="convert a ComfyUI workflow (API or UI JSON, or a ComfyUI PNG) to a Tessera workflow")
-    comfy.add_argument("input", type=Path, help="a ComfyUI workflow .json (API or UI format) or a PNG saved by ComfyUI")
+    comfy = sub.add_parser(
+        "import", help="convert a ComfyUI workflow (API or UI JSON, or a ComfyUI PNG) to a Tessera workflow"
+    )
+    comfy.add_argument(
+        "input", type=Path, help="a ComfyUI workflow .json (API or UI format) or a PNG saved by ComfyUI"
+    )
     comfy.add_argument("output", type=Path, help="the Tessera workflow .json to write")
-    comfy.add_argument("--models-dir", type=Path, default=default_models_dir(), help="tells CLIP from T5 files by their headers")
+    comfy.add_argument(
+        "--models-dir",
+        type=Path,
+        default=default_models_dir(),
+        help="tells CLIP from T5 files by their headers",
+    )
 
-    models = sub.add_parser("models", help="list the real models Tessera runs, or pull one from the Hugging Face Hub")
+    models = sub.add_parser(
+        "models", help="list the real models Tessera runs, or pull one from the Hugging Face Hub"
+    )
     models_sub = models.add_subparsers(dest="action", required=True)
     models_sub.add_parser("list", help="the catalogue, with what is installed").add_argument(
-        "--models-dir", type=Path, default=default_models_dir())
-    pull = models_sub.add_parser("pull", help="download (resumably, checksum-verified) the files of one model")
+        "--models-dir", type=Path, default=default_models_dir()
+    )
+    pull = models_sub.add_parser(
+        "pull", help="download (resumably, checksum-verified) the files of one model"
+    )
     pull.add_argument("name", help="a name from `tessera models list`")
     pull.add_argument("--models-dir", type=Path, default=default_models_dir())
     return parser
@@ -155,15 +222,17 @@ def _set_compile(mode: str | None, device) -> None:
 
     chosen = set_compile_mode(mode, device)
     if chosen != "off":
-        print(f"tessera: compiling DiT blocks and the AR decode step ({chosen}); each new shape compiles on "
-              "first use", file=sys.stderr)
+        print(
+            f"tessera: compiling DiT blocks and the AR decode step ({chosen}); each new shape compiles on "
+            "first use",
+            file=sys.stderr,
+        )
 
 
 def cmd_run(args) -> int:
     from tessera.executor import Executor
-    from tessera.progress import ProgressPrinter
-
     from tessera.model_manager import ModelManager, parse_bytes
+    from tessera.progress import ProgressPrinter
 
     try:
         vram_budget = None if args.vram_budget is None else parse_bytes(args.vram_budget)
@@ -183,7 +252,11 @@ def cmd_run(args) -> int:
             print(out / image["subfolder"] / image["filename"])
     if result.status != "success":
         for e in result.errors:
-            where = f"node {e['node']}" + (f" ({e['node_type']})" if e.get("node_type") else "") + (f", input '{e['input']}'" if e.get("input") else "")
+            where = (
+                f"node {e['node']}"
+                + (f" ({e['node_type']})" if e.get("node_type") else "")
+                + (f", input '{e['input']}'" if e.get("input") else "")
+            )
             print(f"tessera: {where}: {e['message']}", file=sys.stderr)
         if result.status == "interrupted":
             print("tessera: interrupted", file=sys.stderr)
@@ -223,11 +296,10 @@ def cmd_serve(args) -> int:
     from aiohttp import web
 
     from tessera.budgets import Budgets
-    from tessera.security import is_loopback
-    from tessera.registry import default_registry
-    from tessera.server import ServerConfig, TesseraServer
-
     from tessera.model_manager import ModelManager, parse_bytes
+    from tessera.registry import default_registry
+    from tessera.security import is_loopback
+    from tessera.server import ServerConfig, TesseraServer
 
     try:
         vram_budget = None if args.vram_budget is None else parse_bytes(args.vram_budget)
@@ -241,12 +313,21 @@ def cmd_serve(args) -> int:
     for name, problem in registry.failed_packs.items():
         print(f"tessera: node pack {name} failed to load and was skipped:\n{problem}", file=sys.stderr)
     config = ServerConfig(
-        host=host, port=args.port, models_dir=args.models_dir, output_dir=args.output_dir, input_dir=args.input_dir,
-        user_dir=args.user_dir, device=args.device, token=token,
-        cache_ram_bytes=int(args.cache_ram_gb * 2**30), cache_vram_bytes=int(args.cache_vram_gb * 2**30),
+        host=host,
+        port=args.port,
+        models_dir=args.models_dir,
+        output_dir=args.output_dir,
+        input_dir=args.input_dir,
+        user_dir=args.user_dir,
+        device=args.device,
+        token=token,
+        cache_ram_bytes=int(args.cache_ram_gb * 2**30),
+        cache_vram_bytes=int(args.cache_vram_gb * 2**30),
         budgets=Budgets(
-            max_body_bytes=int(args.max_body_mb * 2**20), max_nodes=args.max_nodes,
-            max_image_pixels=args.max_image_pixels, max_batch_pixels=args.max_batch_pixels,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            max_nodes=args.max_nodes,
+            max_image_pixels=args.max_image_pixels,
+            max_batch_pixels=args.max_batch_pixels,
             output_quota_bytes=int(args.output_quota_gb * 2**30) or None,
             embedded_workflow_bytes=int(args.max_embedded_workflow_kb * 1024),
         ),
@@ -256,7 +337,9 @@ def cmd_serve(args) -> int:
     if vram_budget is not None:
         server.executor.models = ModelManager(server.executor.device, vram_budget)
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{args.port}/" + (f"?token={token}" if token else "")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else shown}:{args.port}/" + (
+        f"?token={token}" if token else ""
+    )
     print(f"Tessera {server.executor.device} — open {url}", flush=True)
     web.run_app(server.make_app(), host=host, port=args.port, print=None, handle_signals=True)
     return 0

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -70,15 +70,22 @@ class Executor:
         root = self.models_dir / folder
         if not root.is_dir():
             return []
-        return sorted(name for p in root.rglob("*.safetensors") if p.is_file() and _loadable(root, name := p.relative_to(root).as_posix()))
+        return sorted(
+            name
+            for p in root.rglob("*.safetensors")
+            if p.is_file() and _loadable(root, name := p.relative_to(root).as_posix())
+        )
 
     def input_images(self) -> list[str]:
         """The images LoadImage can pick: the input folder's, then the shipped examples'."""
         names = set()
         for root in (self.input_dir, example_inputs_dir()):
             if root.is_dir():
-                names.update(p.relative_to(root).as_posix() for p in root.rglob("*")
-                             if p.is_file() and p.suffix.lower() in INPUT_IMAGE_SUFFIXES)
+                names.update(
+                    p.relative_to(root).as_posix()
+                    for p in root.rglob("*")
+                    if p.is_file() and p.suffix.lower() in INPUT_IMAGE_SUFFIXES
+                )
         return sorted(names)
 
     def validate(self, workflow: object) -> dict:
@@ -86,7 +93,13 @@ class Executor:
 
     def context(self, node_id: str = "", **kwargs) -> ExecutionContext:
         return ExecutionContext(
-            self.device, self.dtype, self.models_dir, self.input_dir, self.output_dir, node_id=node_id, **kwargs
+            self.device,
+            self.dtype,
+            self.models_dir,
+            self.input_dir,
+            self.output_dir,
+            node_id=node_id,
+            **kwargs,
         )
 
     def compile(self, workflow: dict, targets: list[str] | None = None) -> Plan:
@@ -95,8 +108,11 @@ class Executor:
         def fingerprint(cls, node_id, constants):
             ctx = self.context(node_id)
             try:
-                files = [ctx.model_file_identity(i.model_folder, constants[i.name]) for i in cls.inputs
-                         if i.model_folder and isinstance(constants.get(i.name), str)]
+                files = [
+                    ctx.model_file_identity(i.model_folder, constants[i.name])
+                    for i in cls.inputs
+                    if i.model_folder and isinstance(constants.get(i.name), str)
+                ]
                 return json.dumps([cls.fingerprint(ctx, constants), files])
             except Exception as e:
                 raise InvalidWorkflow([WorkflowIssue(node_id, getattr(e, "input", None), str(e))]) from None
@@ -123,7 +139,9 @@ class Executor:
             workflow = self.validate(workflow)
             plan = self.compile(workflow, targets)
         except InvalidWorkflow as e:
-            errors = [{"node": i.node, "node_type": None, "input": i.input, "message": i.reason} for i in e.issues]
+            errors = [
+                {"node": i.node, "node_type": None, "input": i.input, "message": i.reason} for i in e.issues
+            ]
             emit("execution_error", {"prompt_id": prompt_id, **errors[0]})
             return RunResult("error", errors=errors)
         emit("execution_start", {"prompt_id": prompt_id})
@@ -140,7 +158,9 @@ class Executor:
             if preview is not None:
                 emit("preview", {"prompt_id": prompt_id, "node": node_id, "image": preview})
 
-        ctx = self.context(prompt_id=prompt_id, workflow=workflow, on_progress=on_progress, is_interrupted=is_interrupted)
+        ctx = self.context(
+            prompt_id=prompt_id, workflow=workflow, on_progress=on_progress, is_interrupted=is_interrupted
+        )
         cached_now: list[str] = []
         for index, step in enumerate(plan.steps):
             current["node"] = step.node_id
@@ -185,7 +205,10 @@ class Executor:
                 }
                 result.status = "error"
                 result.errors.append(error)
-                emit("execution_error", {"prompt_id": prompt_id, **{k: v for k, v in error.items() if k != "traceback"}})
+                emit(
+                    "execution_error",
+                    {"prompt_id": prompt_id, **{k: v for k, v in error.items() if k != "traceback"}},
+                )
                 return result
             for up, _ in step.links.values():
                 if plan.steps[self._position(plan, up)].release_after == index:

@@ -58,8 +58,14 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy())[None]
 
 
-def save_png(image: Image.Image, root: Path, name: str, workflow: dict | None = None, prompt_id: str = "",
-             exclusive: bool = False) -> Path:
+def save_png(
+    image: Image.Image,
+    root: Path,
+    name: str,
+    workflow: dict | None = None,
+    prompt_id: str = "",
+    exclusive: bool = False,
+) -> Path:
     """Write `name` inside `root` as a PNG that carries its workflow (or, when that is larger
     than the embedding limit, its prompt id); see `paths.write_confined` for how it is written."""
     info = PngImagePlugin.PngInfo()
@@ -69,7 +75,9 @@ def save_png(image: Image.Image, root: Path, name: str, workflow: dict | None = 
             info.add_text(WORKFLOW_CHUNK, text)
         elif prompt_id:
             info.add_text(PROMPT_CHUNK, prompt_id)
-    return write_confined(root, name, lambda f: image.save(f, format="PNG", pnginfo=info), exclusive=exclusive)
+    return write_confined(
+        root, name, lambda f: image.save(f, format="PNG", pnginfo=info), exclusive=exclusive
+    )
 
 
 def read_workflow_from_png(path: Path) -> dict:
@@ -82,7 +90,9 @@ def read_workflow_from_png(path: Path) -> dict:
     if text is None:
         prompt_id = image.text.get(PROMPT_CHUNK) if hasattr(image, "text") else None
         if prompt_id:
-            raise ValueError(f"{path}: its workflow was too large to embed; it is in the history of prompt {prompt_id}")
+            raise ValueError(
+                f"{path}: its workflow was too large to embed; it is in the history of prompt {prompt_id}"
+            )
         raise ValueError(f"{path}: this PNG carries no Tessera workflow")
     try:
         return json.loads(text)
@@ -101,8 +111,10 @@ def check_pixels(name: str, width: int, height: int) -> None:
 
 def too_many_pixels(name: str, error: Image.DecompressionBombError) -> ValueError:
     """Pillow's own guard fired (at twice our limit) while reading the header."""
-    return ValueError(f"{name}: over the limit of {LIMITS.max_pixels:,} pixels per image "
-                      f"(tessera serve --max-image-pixels): {error}")
+    return ValueError(
+        f"{name}: over the limit of {LIMITS.max_pixels:,} pixels per image "
+        f"(tessera serve --max-image-pixels): {error}"
+    )
 
 
 def image_header(path: Path) -> tuple[str, int, int]:

@@ -7,9 +7,10 @@ the catalogue entry the editor builds widgets from, and workflow validation.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -252,12 +253,19 @@ class Node:
 
     @classmethod
     def info(
-        cls, model_files: Callable[[str], list[str]] | None = None, input_images: Callable[[], list[str]] | None = None
+        cls,
+        model_files: Callable[[str], list[str]] | None = None,
+        input_images: Callable[[], list[str]] | None = None,
     ) -> dict:
         """The catalogue entry served to the editor (`input_images` lists an image_upload input's choices)."""
         inputs = []
         for spec in cls.inputs:
-            entry: dict = {"name": spec.name, "type": spec.type, "optional": spec.optional, "link": spec.link_mode}
+            entry: dict = {
+                "name": spec.name,
+                "type": spec.type,
+                "optional": spec.optional,
+                "link": spec.link_mode,
+            }
             for key in ("default", "min", "max", "step", "widget", "model_folder"):
                 if getattr(spec, key) is not None:
                     entry[key] = getattr(spec, key)

@@ -11,7 +11,10 @@ import tessera
 from tessera.workflow import workflow_schema
 
 SUMMARIES = {
-    ("GET", "/api/nodes"): "Node catalogue: every node type with its typed inputs, outputs and input JSON Schema",
+    (
+        "GET",
+        "/api/nodes",
+    ): "Node catalogue: every node type with its typed inputs, outputs and input JSON Schema",
     ("POST", "/api/validate"): "Validate a workflow without running it",
     ("POST", "/api/prompt"): "Validate and queue a workflow; answers its prompt id",
     ("GET", "/api/queue"): "The running and pending prompts",
@@ -28,14 +31,25 @@ SUMMARIES = {
     ("PUT", "/api/workflows/{name}"): "Save a workflow",
     ("DELETE", "/api/workflows/{name}"): "Delete a saved workflow",
     ("GET", "/api/templates"): "The workflows shipped in the repository's workflows/ folder",
-    ("POST", "/api/import"): "A ComfyUI workflow (API or UI format, or a PNG's chunks) or an older Tessera workflow, as a current workflow",
+    (
+        "POST",
+        "/api/import",
+    ): "A ComfyUI workflow (API or UI format, or a PNG's chunks) or an older Tessera workflow, as a current workflow",
     ("GET", "/api/system"): "Versions, device, memory and attention backend",
     ("GET", "/api/openapi.json"): "This document",
     ("GET", "/ws"): "WebSocket of execution events (JSON) and preview frames (binary)",
 }
 
-WORKFLOW_BODY = {"type": "object", "properties": {"workflow": {"$ref": "#/components/schemas/Workflow"}, "client_id": {"type": "string"}}, "required": ["workflow"]}
-BODIES = {("POST", "/api/prompt"): WORKFLOW_BODY, ("POST", "/api/validate"): WORKFLOW_BODY, ("PUT", "/api/workflows/{name}"): {"$ref": "#/components/schemas/Workflow"}}
+WORKFLOW_BODY = {
+    "type": "object",
+    "properties": {"workflow": {"$ref": "#/components/schemas/Workflow"}, "client_id": {"type": "string"}},
+    "required": ["workflow"],
+}
+BODIES = {
+    ("POST", "/api/prompt"): WORKFLOW_BODY,
+    ("POST", "/api/validate"): WORKFLOW_BODY,
+    ("PUT", "/api/workflows/{name}"): {"$ref": "#/components/schemas/Workflow"},
+}
 INTERRUPT_BODY = {"type": "object", "properties": {"prompt_id": {"type": "string"}}}
 OPTIONAL_BODIES = {("POST", "/api/interrupt"): INTERRUPT_BODY}
 BODIES[("POST", "/api/import")] = {"type": "object"}
@@ -88,17 +102,40 @@ def openapi_document(app: web.Application) -> dict:
         if key not in SUMMARIES:
             continue
         codes = sorted(set(ALWAYS) | set(RESPONSES.get(key, ())))
-        operation: dict = {"summary": SUMMARIES[key], "responses": {code: {"description": STATUS_TEXT[code]} for code in codes}}
-        parameters = [{"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in ("prompt_id", "name") if "{" + n + "}" in path]
+        operation: dict = {
+            "summary": SUMMARIES[key],
+            "responses": {code: {"description": STATUS_TEXT[code]} for code in codes},
+        }
+        parameters = [
+            {"name": n, "in": "path", "required": True, "schema": {"type": "string"}}
+            for n in ("prompt_id", "name")
+            if "{" + n + "}" in path
+        ]
         parameters += [{"name": n, "in": "query", "schema": {"type": "string"}} for n in QUERIES.get(key, [])]
         if parameters:
             operation["parameters"] = parameters
         if key in BODIES:
-            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": BODIES[key]}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": BODIES[key]}},
+            }
         if key in OPTIONAL_BODIES:
-            operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": OPTIONAL_BODIES[key]}}}
+            operation["requestBody"] = {
+                "required": False,
+                "content": {"application/json": {"schema": OPTIONAL_BODIES[key]}},
+            }
         if key == ("POST", "/api/upload/image"):
-            operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}}}}
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    }
+                },
+            }
         paths.setdefault(path, {})[route.method.lower()] = operation
     schema = {k: v for k, v in workflow_schema().items() if k not in ("$schema", "$id")}
     schema = json.loads(json.dumps(schema).replace('"#/$defs/', '"#/components/schemas/Workflow/$defs/'))

@@ -27,7 +27,9 @@ def confined_path(folder: Path, name: str, suffixes: tuple[str, ...] | None = No
     """Resolve `name` inside `folder`; raise UnsafePathError if it escapes or has a wrong suffix."""
     if not isinstance(name, str) or not name or "\x00" in name:
         raise UnsafePathError(f"invalid file name {name!r}")
-    if len(name) > MAX_NAME_CHARS or any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in name.split("/")):
+    if len(name) > MAX_NAME_CHARS or any(
+        len(p.encode("utf-8", "surrogateescape")) > 255 for p in name.split("/")
+    ):
         raise UnsafePathError(f"file name {name[:40]!r}… is too long")  # the OS would fail with ENAMETOOLONG
     if "\\" in name or name.startswith(("/", "~")) or (len(name) > 1 and name[1] == ":"):
         raise UnsafePathError(f"file name {name!r} must be relative to its folder")
@@ -46,7 +48,9 @@ def confined_path(folder: Path, name: str, suffixes: tuple[str, ...] | None = No
 def confined_folder(root: Path, subfolder: str) -> Path:
     """Create `subfolder` ("" or "a/b") inside `root` one level at a time, each level checked
     to resolve inside the root before the next is made; returns its resolved path."""
-    root.mkdir(parents=True, exist_ok=True)  # the root itself is ours to create (e.g. `tessera run --out DIR`)
+    root.mkdir(
+        parents=True, exist_ok=True
+    )  # the root itself is ours to create (e.g. `tessera run --out DIR`)
     base = root.resolve()
     if not subfolder:
         return base
@@ -59,7 +63,9 @@ def confined_folder(root: Path, subfolder: str) -> Path:
                 os.mkdir(folder)  # never follows a link: a planted (even dangling) one makes this fail
             except FileExistsError:
                 if not folder.is_dir():
-                    raise UnsafePathError(f"folder {subfolder!r}: {part!r} exists and is not a folder") from None
+                    raise UnsafePathError(
+                        f"folder {subfolder!r}: {part!r} exists and is not a folder"
+                    ) from None
         folder = folder.resolve()
         if folder != base and base not in folder.parents:
             raise UnsafePathError(f"folder {subfolder!r} leaves its root")
@@ -100,7 +106,14 @@ def write_confined(root: Path, name: str, write: Callable[[BinaryIO], None], exc
 # Folders of .safetensors files that loaders read (`/api/models` lists each); tokenizers/ holds
 # tokenizer files beside these, looked up by the text-encoder loaders, and is not listed.
 MODEL_FOLDERS = (
-    "diffusion_models", "checkpoints", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models",
+    "diffusion_models",
+    "checkpoints",
+    "vae",
+    "text_encoders",
+    "loras",
+    "controlnet",
+    "vq_models",
+    "ar_models",
 )
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from tessera.node import Node
 from tessera.registry import NodeRegistry
@@ -42,7 +42,9 @@ class Plan:
 def _needed(nodes: dict, registry: NodeRegistry, targets: list[str] | None) -> set[str]:
     roots = targets if targets else [i for i, n in nodes.items() if registry.get(n["type"]).is_output]
     if not roots:
-        raise InvalidWorkflow([WorkflowIssue(None, None, "the workflow has no output node (e.g. SaveImage) to run")])
+        raise InvalidWorkflow(
+            [WorkflowIssue(None, None, "the workflow has no output node (e.g. SaveImage) to run")]
+        )
     needed: set[str] = set()
     stack = list(roots)
     while stack:
@@ -122,7 +124,13 @@ def apply_modes(nodes: dict, registry: NodeRegistry) -> dict:
         if runnable:
             active[node_id] = {**node, "inputs": inputs}
     if not any(registry.get(n["type"]).is_output for n in active.values()):
-        raise InvalidWorkflow([WorkflowIssue(None, None, "nothing to run: every output node is muted, bypassed or needs a muted node")])
+        raise InvalidWorkflow(
+            [
+                WorkflowIssue(
+                    None, None, "nothing to run: every output node is muted, bypassed or needs a muted node"
+                )
+            ]
+        )
     return active
 
 

@@ -18,12 +18,16 @@ class ProgressPrinter:
         elif kind == "progress":
             value, total = data["value"], max(1, data["max"])
             filled = int(30 * value / total)
-            self._line(f"node {data['node']} [{'#' * filled}{'.' * (30 - filled)}] {value}/{total}", newline=False)
+            self._line(
+                f"node {data['node']} [{'#' * filled}{'.' * (30 - filled)}] {value}/{total}", newline=False
+            )
         elif kind == "execution_cached":
             self._line(f"cached: {', '.join(data['nodes'])}")
 
     def _line(self, text: str, newline: bool = True) -> None:
-        self.stream.write(("\r" if not newline and self._open_line else ("\n" if self._open_line else "")) + text)
+        self.stream.write(
+            ("\r" if not newline and self._open_line else ("\n" if self._open_line else "")) + text
+        )
         self._open_line = not newline
         if newline:
             self.stream.write("\n")

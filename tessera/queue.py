@@ -96,17 +96,31 @@ class PromptStore:
     def claim_next(self) -> dict | None:
         """Mark the oldest pending prompt as running and return it."""
         with self._lock:
-            row = self._db.execute("SELECT * FROM prompts WHERE status='pending' ORDER BY number LIMIT 1").fetchone()
+            row = self._db.execute(
+                "SELECT * FROM prompts WHERE status='pending' ORDER BY number LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
-            self._db.execute("UPDATE prompts SET status='running', started=? WHERE number=?", (time.time(), row["number"]))
+            self._db.execute(
+                "UPDATE prompts SET status='running', started=? WHERE number=?", (time.time(), row["number"])
+            )
         return self.get(row["prompt_id"])
 
-    def finish(self, prompt_id: str, status: str, outputs: dict, errors: list, timings: dict, cached: list) -> None:
+    def finish(
+        self, prompt_id: str, status: str, outputs: dict, errors: list, timings: dict, cached: list
+    ) -> None:
         with self._lock:
             self._db.execute(
                 "UPDATE prompts SET status=?, finished=?, outputs=?, errors=?, timings=?, cached=? WHERE prompt_id=?",
-                (status, time.time(), json.dumps(outputs), json.dumps(errors), json.dumps(timings), json.dumps(cached), prompt_id),
+                (
+                    status,
+                    time.time(),
+                    json.dumps(outputs),
+                    json.dumps(errors),
+                    json.dumps(timings),
+                    json.dumps(cached),
+                    prompt_id,
+                ),
             )
 
     def cancel(self, prompt_id: str) -> None:
@@ -115,15 +129,26 @@ class PromptStore:
             if row is None:
                 raise QueueError(f"no prompt '{prompt_id}'", 404)
             if row["status"] != "pending":
-                raise QueueError(f"prompt '{prompt_id}' is {row['status']}, only pending prompts can be cancelled", 409)
-            self._db.execute("UPDATE prompts SET status='cancelled', finished=? WHERE prompt_id=?", (time.time(), prompt_id))
+                raise QueueError(
+                    f"prompt '{prompt_id}' is {row['status']}, only pending prompts can be cancelled", 409
+                )
+            self._db.execute(
+                "UPDATE prompts SET status='cancelled', finished=? WHERE prompt_id=?",
+                (time.time(), prompt_id),
+            )
 
     def cancel_pending(self, client_id: str | None = None) -> list[str]:
         """Cancel every pending prompt (only `client_id`'s, when given); returns their ids."""
-        where, args = ("status='pending' AND client_id=?", (client_id,)) if client_id else ("status='pending'", ())
+        where, args = (
+            ("status='pending' AND client_id=?", (client_id,)) if client_id else ("status='pending'", ())
+        )
         with self._lock:
-            ids = [r["prompt_id"] for r in self._db.execute(f"SELECT prompt_id FROM prompts WHERE {where}", args)]
-            self._db.execute(f"UPDATE prompts SET status='cancelled', finished=? WHERE {where}", (time.time(), *args))
+            ids = [
+                r["prompt_id"] for r in self._db.execute(f"SELECT prompt_id FROM prompts WHERE {where}", args)
+            ]
+            self._db.execute(
+                f"UPDATE prompts SET status='cancelled', finished=? WHERE {where}", (time.time(), *args)
+            )
         return ids
 
     def get(self, prompt_id: str) -> dict | None:
@@ -134,7 +159,8 @@ class PromptStore:
     def items(self, status: str) -> list[dict]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT prompt_id, number, status, created FROM prompts WHERE status=? ORDER BY number", (status,)
+                "SELECT prompt_id, number, status, created FROM prompts WHERE status=? ORDER BY number",
+                (status,),
             ).fetchall()
         return [dict(r) for r in rows]
 
@@ -145,7 +171,9 @@ class PromptStore:
 
     def remaining(self) -> int:
         with self._lock:
-            (count,) = self._db.execute("SELECT COUNT(*) FROM prompts WHERE status IN ('pending', 'running')").fetchone()
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM prompts WHERE status IN ('pending', 'running')"
+            ).fetchone()
         return count
 
 
@@ -267,7 +295,9 @@ class PromptWorker:
             if not self.health.ok:
                 backoff = min(backoff * 2, 2.0)
 
-    def _record(self, prompt_id: str, status: str, outputs: dict, errors: list, timings: dict, cached: list) -> bool:
+    def _record(
+        self, prompt_id: str, status: str, outputs: dict, errors: list, timings: dict, cached: list
+    ) -> bool:
         """Store a finished prompt, retrying through storage faults; False if stopped first."""
         delay = 0.05
         while True:
@@ -318,7 +348,9 @@ class PromptWorker:
                 return  # shutting down: left 'running', so it is run again at the next start
             if result.status == "error":
                 self.health.probe()  # a node that failed on a full disk pauses the queue until writes succeed
-            stored = self._record(prompt_id, result.status, result.outputs, result.errors, result.timings, result.cached)
+            stored = self._record(
+                prompt_id, result.status, result.outputs, result.errors, result.timings, result.cached
+            )
         finally:
             with self._lock:
                 self._running = None

@@ -30,7 +30,9 @@ class NodeRegistry:
         name = node_class.type_name
         existing = self.nodes.get(name)
         if existing is not None and existing is not node_class:
-            raise ValueError(f"node type '{name}' is registered twice ({existing.__module__}, {node_class.__module__})")
+            raise ValueError(
+                f"node type '{name}' is registered twice ({existing.__module__}, {node_class.__module__})"
+            )
         self.nodes[name] = node_class
 
     def register_module(self, module: ModuleType) -> int:
@@ -40,7 +42,9 @@ class NodeRegistry:
             classes = [
                 obj
                 for obj in vars(module).values()
-                if inspect.isclass(obj) and issubclass(obj, Node) and obj is not Node
+                if inspect.isclass(obj)
+                and issubclass(obj, Node)
+                and obj is not Node
                 and (obj.__module__ == module.__name__ or obj.__module__.startswith(module.__name__ + "."))
                 and not inspect.isabstract(obj)
                 and "execute" in _defined_methods(obj)

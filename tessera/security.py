@@ -36,7 +36,9 @@ def _bearer(header: str) -> str:
 class RequestGuard:
     def __init__(self, host: str, port: int, token: str | None):
         if token is not None and len(token) < MIN_TOKEN_CHARS:  # '' would let every request in
-            raise ValueError(f"the access token must have at least {MIN_TOKEN_CHARS} characters (got {len(token)})")
+            raise ValueError(
+                f"the access token must have at least {MIN_TOKEN_CHARS} characters (got {len(token)})"
+            )
         self.port = port
         self.token = token
         self.any_host = host in ("0.0.0.0", "::", "")
@@ -72,7 +74,9 @@ class RequestGuard:
         if request.method in UNSAFE_METHODS or request.path == "/ws":
             origin = request.headers.get("Origin")
             if origin is not None and not self.origin_allowed(origin, host):
-                return web.json_response({"error": f"cross-origin request from {origin!r} refused"}, status=403)
+                return web.json_response(
+                    {"error": f"cross-origin request from {origin!r} refused"}, status=403
+                )
             if request.headers.get("Sec-Fetch-Site") == "cross-site":
                 return web.json_response({"error": "cross-site request refused"}, status=403)
         if not self.token_ok(request):

@@ -125,7 +125,9 @@ def _no_constant(name: str):
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text.lstrip('-')):,} digits is too long (at most {MAX_INT_DIGITS})")
+        raise ValueError(
+            f"an integer of {len(text.lstrip('-')):,} digits is too long (at most {MAX_INT_DIGITS})"
+        )
     return int(text)
 
 
@@ -156,9 +158,13 @@ def parse_json(raw: bytes) -> object:
     except UnicodeDecodeError:
         raise Refused(400, "request body is not valid JSON (not UTF-8)") from None
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float)
+        value = json.loads(
+            text, parse_constant=_no_constant, parse_int=_bounded_int, parse_float=_finite_float
+        )
     except RecursionError:
-        raise Refused(400, f"request body is not valid JSON: nested more than {MAX_JSON_DEPTH} levels deep") from None
+        raise Refused(
+            400, f"request body is not valid JSON: nested more than {MAX_JSON_DEPTH} levels deep"
+        ) from None
     except ValueError as e:  # JSONDecodeError and the parse hooks above
         raise Refused(400, f"request body is not valid JSON: {e}") from None
     if _too_deep(value):
@@ -175,11 +181,15 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         while chunk := await request.content.read(1 << 16):
             total += len(chunk)
             if total > limit:
-                raise Refused(413, f"request body is larger than {limit:,} bytes (tessera serve --max-body-mb)")
+                raise Refused(
+                    413, f"request body is larger than {limit:,} bytes (tessera serve --max-body-mb)"
+                )
             chunks.append(chunk)
     except (HttpProcessingError, web.RequestPayloadError, ValueError, EOFError) as e:
         request.content.feed_eof()  # nothing more is read from this connection; it closes after the answer
-        raise Refused(400, f"request body could not be read ({_first_line(e)}); check its Content-Encoding", close=True) from None
+        raise Refused(
+            400, f"request body could not be read ({_first_line(e)}); check its Content-Encoding", close=True
+        ) from None
     return b"".join(chunks)
 
 
@@ -208,7 +218,11 @@ async def _routed_methods(request: web.Request) -> set[str]:
 
 def _not_allowed(request: web.Request, methods: set[str]) -> web.Response:
     allowed = ", ".join(sorted(methods))
-    return json_response({"error": f"{request.method} is not allowed here (allowed: {allowed})"}, 405, headers={"Allow": allowed})
+    return json_response(
+        {"error": f"{request.method} is not allowed here (allowed: {allowed})"},
+        405,
+        headers={"Allow": allowed},
+    )
 
 
 @web.middleware
@@ -252,7 +266,9 @@ class TesseraServer:
         except STORAGE_ERRORS as e:
             raise SystemExit(f"tessera: cannot start: {describe_storage_error(e)}") from None
         cache = OutputCache(config.cache_ram_bytes, config.cache_vram_bytes)
-        self.executor = Executor(registry, config.models_dir, config.input_dir, config.output_dir, config.device, cache)
+        self.executor = Executor(
+            registry, config.models_dir, config.input_dir, config.output_dir, config.device, cache
+        )
         self.health = StorageHealth(self.store, [config.output_dir, config.user_dir])
         self.quota = OutputQuota(config.output_dir, self.budgets.output_quota_bytes)
         self.listeners: dict[web.WebSocketResponse, Listener] = {}
@@ -272,7 +288,9 @@ class TesseraServer:
         if kind == "preview":
             buffer = io.BytesIO()
             data["image"].save(buffer, format="PNG")
-            header = json.dumps({"prompt_id": data["prompt_id"], "node": data["node"], "format": "png"}).encode()
+            header = json.dumps(
+                {"prompt_id": data["prompt_id"], "node": data["node"], "format": "png"}
+            ).encode()
             frame: str | bytes = len(header).to_bytes(4, "big") + header + buffer.getvalue()
         else:
             frame = dumps({"type": kind, "data": data})
@@ -300,7 +318,10 @@ class TesseraServer:
 
     # -- app ------------------------------------------------------------------------------
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.guard.middleware, refusals], client_max_size=MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD)
+        app = web.Application(
+            middlewares=[self.guard.middleware, refusals],
+            client_max_size=MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD,
+        )
         r = app.router
         r.add_get("/api/nodes", self.nodes)
         r.add_post("/api/validate", self.validate)
@@ -354,14 +375,19 @@ class TesseraServer:
     async def index(self, request):
         page = WEB_DIR / "index.html"
         if not page.is_file():
-            return web.Response(text="Tessera API is running; the editor (web/) is not installed.", content_type="text/plain")
+            return web.Response(
+                text="Tessera API is running; the editor (web/) is not installed.", content_type="text/plain"
+            )
         return web.FileResponse(page)
 
     async def nodes(self, request):
         files = self.executor.model_files
         images = self.executor.input_images
         catalogue = {name: cls.info(files, images) for name, cls in sorted(self.registry.nodes.items())}
-        types = sorted({i["type"] for n in catalogue.values() for i in n["inputs"]} | {o["type"] for n in catalogue.values() for o in n["outputs"]})
+        types = sorted(
+            {i["type"] for n in catalogue.values() for i in n["inputs"]}
+            | {o["type"] for n in catalogue.values() for o in n["outputs"]}
+        )
         return json_response({"nodes": catalogue, "types": types, "failed_packs": self.registry.failed_packs})
 
     def _checked(self, body: object) -> dict:
@@ -411,7 +437,9 @@ class TesseraServer:
 
     @staticmethod
     def _invalid(e: InvalidWorkflow):
-        issues = [i.to_json() for i in e.issues] or [{"node": None, "input": None, "reason": "body must be {\"workflow\": {...}}"}]
+        issues = [i.to_json() for i in e.issues] or [
+            {"node": None, "input": None, "reason": 'body must be {"workflow": {...}}'}
+        ]
         return error("invalid workflow", 400, errors=issues)
 
     async def queue(self, request):
@@ -481,15 +509,23 @@ class TesseraServer:
             return error(str(e), 400)
         if not path.is_file():
             return error("no such file", 404)
-        return web.FileResponse(path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+        return web.FileResponse(
+            path, headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+        )
 
     async def upload(self, request):
         too_large = f"upload is larger than {MAX_UPLOAD_BYTES >> 20} MiB"
-        if request.content_length is not None and request.content_length > MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD:
+        if (
+            request.content_length is not None
+            and request.content_length > MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD
+        ):
             return error(too_large, 413)
         try:
             form = await request.post()
-        except (HttpProcessingError, web.RequestPayloadError):  # e.g. a NUL byte in a part header, a bad encoding
+        except (
+            HttpProcessingError,
+            web.RequestPayloadError,
+        ):  # e.g. a NUL byte in a part header, a bad encoding
             return error("the upload is not a well-formed multipart/form-data body")
         except (ValueError, web.HTTPRequestEntityTooLarge):
             return error(too_large, 413)
@@ -564,7 +600,10 @@ class TesseraServer:
             document = parse_json(path.read_bytes())
             return json_response(migrate(document) if isinstance(document, dict) else document)
         except Refused as e:
-            return error(f"saved workflow '{path.stem}' is not valid JSON ({e.message}); PUT a new version to replace it", 422)
+            return error(
+                f"saved workflow '{path.stem}' is not valid JSON ({e.message}); PUT a new version to replace it",
+                422,
+            )
         except InvalidWorkflow as e:
             return error(f"saved workflow '{path.stem}' cannot be opened: {e.issues[0].reason}", 422)
 
@@ -608,8 +647,11 @@ class TesseraServer:
         info["healthy"], info["health"] = self.health.ok, self.health.reason
         b = self.budgets
         info["budgets"] = {
-            "max_body_bytes": b.max_body_bytes, "max_nodes": b.max_nodes, "max_image_pixels": b.max_image_pixels,
-            "max_batch_pixels": b.max_batch_pixels, "output_quota_bytes": b.output_quota_bytes,
+            "max_body_bytes": b.max_body_bytes,
+            "max_nodes": b.max_nodes,
+            "max_image_pixels": b.max_image_pixels,
+            "max_batch_pixels": b.max_batch_pixels,
+            "output_quota_bytes": b.output_quota_bytes,
             "embedded_workflow_bytes": b.embedded_workflow_bytes,
         }
         info["output_bytes"] = self.quota.used
@@ -634,7 +676,11 @@ class TesseraServer:
                 if message.type == aiohttp.WSMsgType.ERROR:
                     break
                 if message.type == aiohttp.WSMsgType.TEXT and self._subscribe(listener, message.data):
-                    await ws.send_str(dumps({"type": "subscribed", "data": {"scope": "all" if listener.everything else "own"}}))
+                    await ws.send_str(
+                        dumps(
+                            {"type": "subscribed", "data": {"scope": "all" if listener.everything else "own"}}
+                        )
+                    )
         finally:
             self.listeners.pop(ws, None)
         return ws
@@ -646,7 +692,11 @@ class TesseraServer:
             message = json.loads(text)
         except (ValueError, RecursionError):
             return False
-        if isinstance(message, dict) and message.get("type") == "subscribe" and isinstance(message.get("data"), dict):
+        if (
+            isinstance(message, dict)
+            and message.get("type") == "subscribe"
+            and isinstance(message.get("data"), dict)
+        ):
             scope = message["data"].get("scope")
             if scope in ("all", "own"):
                 listener.everything = scope == "all"
@@ -676,7 +726,12 @@ def system_info(executor: Executor) -> dict:
     memory["cache"] = executor.cache.usage()
     memory["models"] = executor.models.state()  # VRAM budget and where each loaded model is
     return {
-        "versions": {"tessera": tessera.__version__, "python": sys.version.split()[0], "torch": torch.__version__, "aiohttp": aiohttp.__version__},
+        "versions": {
+            "tessera": tessera.__version__,
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "aiohttp": aiohttp.__version__,
+        },
         "platform": platform.platform(),
         "device": str(executor.device),
         "dtype": str(executor.dtype).removeprefix("torch."),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Callable
 
 import jsonschema
 
@@ -87,10 +87,18 @@ def migrate(workflow: dict) -> dict:
     if not isinstance(version, int):
         return workflow  # the schema check reports it
     if version > CURRENT_VERSION:
-        raise InvalidWorkflow([WorkflowIssue(None, None, f"workflow version {version} is newer than this Tessera ({CURRENT_VERSION})")])
+        raise InvalidWorkflow(
+            [
+                WorkflowIssue(
+                    None, None, f"workflow version {version} is newer than this Tessera ({CURRENT_VERSION})"
+                )
+            ]
+        )
     while version < CURRENT_VERSION:
         if version not in MIGRATIONS:
-            raise InvalidWorkflow([WorkflowIssue(None, None, f"no migration from workflow version {version}")])
+            raise InvalidWorkflow(
+                [WorkflowIssue(None, None, f"no migration from workflow version {version}")]
+            )
         workflow = MIGRATIONS[version](workflow)
         version += 1
         workflow["version"] = version
@@ -124,7 +132,9 @@ def schema_issues(workflow: object) -> list[WorkflowIssue]:
     return issues
 
 
-def validate(workflow: object, registry: NodeRegistry, model_files: Callable[[str], list[str]] | None = None) -> dict:
+def validate(
+    workflow: object, registry: NodeRegistry, model_files: Callable[[str], list[str]] | None = None
+) -> dict:
     """Return the migrated workflow, or raise InvalidWorkflow listing every problem found."""
     issues = schema_issues(workflow)
     if issues:
@@ -161,15 +171,21 @@ def _node_issues(node_id, node, nodes, registry, model_files) -> list[WorkflowIs
         if is_link(value):
             issues.extend(_link_issues(node_id, spec, value, nodes, registry))
         elif not spec.accepts_constant:
-            issues.append(WorkflowIssue(node_id, spec.name, f"needs a link from a {spec.type} output, got a constant"))
+            issues.append(
+                WorkflowIssue(node_id, spec.name, f"needs a link from a {spec.type} output, got a constant")
+            )
         else:
             if isinstance(value, float) and not math.isfinite(value):  # NaN/±Infinity are not JSON
                 issues.append(WorkflowIssue(node_id, spec.name, f"value {value!r} is not a finite number"))
                 continue
             choices = model_files(spec.model_folder) if (spec.model_folder and model_files) else None
-            for error in _value_validator(json.dumps(spec.value_schema(choices), sort_keys=True)).iter_errors(value):
+            for error in _value_validator(json.dumps(spec.value_schema(choices), sort_keys=True)).iter_errors(
+                value
+            ):
                 issues.append(WorkflowIssue(node_id, spec.name, _value_reason(error, value)))
-    if not issues and node.get("mode") != "bypass":  # own checks: values that passed the schema, of a node that runs
+    if (
+        not issues and node.get("mode") != "bypass"
+    ):  # own checks: values that passed the schema, of a node that runs
         linked = frozenset(name for name, value in given.items() if is_link(value))
         constants = {i.name: given.get(i.name, i.default) for i in cls.inputs if i.name not in linked}
         issues.extend(WorkflowIssue(node_id, e.input, str(e)) for e in cls.check(constants, linked))
@@ -213,9 +229,21 @@ def _link_issues(node_id, spec, link, nodes, registry) -> list[WorkflowIssue]:
         return []  # reported on the upstream node itself
     output_type = upstream_cls.output_type(link["output"])
     if output_type is None:
-        return [WorkflowIssue(node_id, spec.name, f"dangling link: {upstream['type']} (node {link['node']}) has no output '{link['output']}'")]
+        return [
+            WorkflowIssue(
+                node_id,
+                spec.name,
+                f"dangling link: {upstream['type']} (node {link['node']}) has no output '{link['output']}'",
+            )
+        ]
     if output_type != spec.type and "*" not in (output_type, spec.type):
-        return [WorkflowIssue(node_id, spec.name, f"type mismatch: {upstream['type']}.{link['output']} is {output_type}, input needs {spec.type}")]
+        return [
+            WorkflowIssue(
+                node_id,
+                spec.name,
+                f"type mismatch: {upstream['type']}.{link['output']} is {output_type}, input needs {spec.type}",
+            )
+        ]
     return []
 
 
@@ -228,18 +256,26 @@ def passthrough_input(cls: type, output: str) -> Input | None:
 def _bypass_issues(nodes: dict, registry: NodeRegistry) -> list[WorkflowIssue]:
     """A bypassed node must have an input to pass on for every output that something reads."""
     issues = []
-    read = {(v["node"], v["output"]) for n in nodes.values() if n.get("mode") != "mute"
-            for v in n.get("inputs", {}).values() if is_link(v)}
+    read = {
+        (v["node"], v["output"])
+        for n in nodes.values()
+        if n.get("mode") != "mute"
+        for v in n.get("inputs", {}).values()
+        if is_link(v)
+    }
     for node_id, node in nodes.items():
         cls = registry.get(node["type"]) if node.get("mode") == "bypass" else None
         if cls is None:
             continue
         for out in cls.outputs:
             if (node_id, out.name) in read and passthrough_input(cls, out.name) is None:
-                issues.append(WorkflowIssue(
-                    node_id, None,
-                    f"{cls.type_name} is bypassed but has no {out.type} input to pass on as its output '{out.name}'",
-                ))
+                issues.append(
+                    WorkflowIssue(
+                        node_id,
+                        None,
+                        f"{cls.type_name} is bypassed but has no {out.type} input to pass on as its output '{out.name}'",
+                    )
+                )
     return issues
 
 

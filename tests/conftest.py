@@ -24,7 +24,7 @@ def _no_unhandled_server_errors(request):
     marks = {id(s): len(s.log_text()) for s in _STARTED}
     yield
     for s in _STARTED:
-        new = s.log_text()[marks.get(id(s), 0):]
+        new = s.log_text()[marks.get(id(s), 0) :]
         # aiohttp also logs requests its own parser refuses with a 400 (no Host header); those
         # never reach Tessera's code, so only blocks whose traceback passes through it count
         blocks = new.split("Error handling request")[1:]
@@ -56,8 +56,15 @@ def server(tmp_path_factory, custom_nodes):
     Every process it started is stopped at the end of the session."""
     started: list[Server] = []
 
-    def start(name: str = "server", *, token: str | None = None, root: Path | None = None,
-              custom_nodes_dir: Path | None | str = "default", extra_args: tuple = (), wait: bool = True) -> Server:
+    def start(
+        name: str = "server",
+        *,
+        token: str | None = None,
+        root: Path | None = None,
+        custom_nodes_dir: Path | None | str = "default",
+        extra_args: tuple = (),
+        wait: bool = True,
+    ) -> Server:
         """wait=False launches the process and returns at once: call `wait_ready()` (starts overlap)."""
         folder = root or tmp_path_factory.mktemp(name)
         packs = custom_nodes if custom_nodes_dir == "default" else custom_nodes_dir

@@ -173,14 +173,16 @@ def png_bytes(size=(4, 3), color=(10, 200, 30), fmt="PNG") -> bytes:
     return buffer.getvalue()
 
 
-def multipart(field: str, filename: str | bytes, data: bytes, content_type: str = "image/png") -> tuple[bytes, str]:
+def multipart(
+    field: str, filename: str | bytes, data: bytes, content_type: str = "image/png"
+) -> tuple[bytes, str]:
     """A multipart/form-data body with one file field (the file name is sent verbatim)."""
     boundary = "tessera" + uuid.uuid4().hex
     name = filename if isinstance(filename, bytes) else filename.encode("utf-8")
     head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"".encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="'.encode()
         + name
-        + f"\"\r\nContent-Type: {content_type}\r\n\r\n".encode()
+        + f'"\r\nContent-Type: {content_type}\r\n\r\n'.encode()
     )
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
@@ -251,10 +253,26 @@ class Server:
     # process control
     def command(self, port: int) -> list[str]:
         cmd = [
-            PYTHON, "-m", "tessera", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--models-dir", str(self.models_dir), "--output-dir", str(self.output_dir),
-            "--input-dir", str(self.input_dir), "--user-dir", str(self.user_dir), "--device", "cpu",
-            "--custom-nodes-dir", str(self.custom_nodes_dir or (self.root / "no_custom_nodes")),
+            PYTHON,
+            "-m",
+            "tessera",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--models-dir",
+            str(self.models_dir),
+            "--output-dir",
+            str(self.output_dir),
+            "--input-dir",
+            str(self.input_dir),
+            "--user-dir",
+            str(self.user_dir),
+            "--device",
+            "cpu",
+            "--custom-nodes-dir",
+            str(self.custom_nodes_dir or (self.root / "no_custom_nodes")),
         ]
         if self.token:
             cmd += ["--token", self.token]
@@ -287,7 +305,7 @@ class Server:
             if self.proc.poll() is None:
                 self.kill()
                 raise AssertionError(f"server did not answer within {timeout}s:\n{self.log_text()}")
-            this_run = self.log_text()[self._log_start:]
+            this_run = self.log_text()[self._log_start :]
             if "address already in use" not in this_run.lower():
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{this_run}")
             self.launch()
@@ -343,7 +361,9 @@ class Server:
     def auth(self) -> dict:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    def request(self, method, path, body=None, headers=None, json_body=None, timeout=20, host=True) -> Response:
+    def request(
+        self, method, path, body=None, headers=None, json_body=None, timeout=20, host=True
+    ) -> Response:
         """Send exactly this request (the path is not normalised or re-encoded)."""
         headers = {**self.auth(), **(headers or {})}
         if json_body is not None:
@@ -420,7 +440,13 @@ class EventRecorder:
     sends a socket only the events of its own client's prompts (`subscribe="all"`: every prompt's).
     """
 
-    def __init__(self, server: Server, client_id: str = "pytest", headers: dict | None = None, subscribe: str | None = None):
+    def __init__(
+        self,
+        server: Server,
+        client_id: str = "pytest",
+        headers: dict | None = None,
+        subscribe: str | None = None,
+    ):
         self.server = server
         self.events: list[tuple[str, object]] = []
         self._cond = threading.Condition()
@@ -428,7 +454,9 @@ class EventRecorder:
         self._error: BaseException | None = None
         self._loop = asyncio.new_event_loop()
         self._closing: asyncio.Event | None = None
-        self._url = f"{server.url}/ws?client_id={client_id}" + (f"&subscribe={subscribe}" if subscribe else "")
+        self._url = f"{server.url}/ws?client_id={client_id}" + (
+            f"&subscribe={subscribe}" if subscribe else ""
+        )
         self._headers = {**server.auth(), **(headers or {})}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -448,7 +476,10 @@ class EventRecorder:
 
         self._closing = asyncio.Event()
         try:
-            async with aiohttp.ClientSession() as session, session.ws_connect(self._url, headers=self._headers) as ws:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(self._url, headers=self._headers) as ws,
+            ):
                 self._ws = ws
                 self._ready.set()
                 reader = asyncio.ensure_future(self._read(ws))

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
 import tessera.nodes.adapters as adapter_nodes
 import tessera.nodes.autoregressive as ar_nodes
 import tessera.nodes.diffusion as dn
 import tessera.nodes.image as image_nodes
-import torch
-from PIL import Image
-from safetensors.torch import save_file
 from tessera.engines.checkpoint import read_safetensors
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.controlnet import controlnet_from_dit, save_controlnet
@@ -21,7 +22,6 @@ from tessera.engines.gpt import GPT, GPTConfig, gpt_config_metadata
 from tessera.engines.preprocess import canny, luma
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
-
 from tessera.executor import Executor
 from tessera.node import Input, Node, Output
 from tessera.registry import NodeRegistry
@@ -416,19 +416,46 @@ def test_gpt_controlnet_node_steers_generation_from_a_blended_scaled_image(execu
             "nodes": {
                 "gpt": {"type": "LoadARModel", "inputs": {"model_name": "tiny_gpt.safetensors"}},
                 "cn": {"type": "LoadControlNet", "inputs": {"file": "gpt_cn.safetensors"}},
-                "red": {"type": "SolidColor", "inputs": {"width": 24, "height": 24, "red": 1.0, "green": 0.0, "blue": 0.0}},
-                "blue": {"type": "SolidColor", "inputs": {"width": 6, "height": 6, "red": 0.0, "green": 0.0, "blue": 1.0}},
-                "blend": {"type": "ImageBlend", "inputs": {"image_a": link("red", "image"), "image_b": link("blue", "image"), "factor": 0.25}},
-                "scale": {"type": "ImageScale", "inputs": {"image": link("blend", "image"), "width": 12, "height": 12}},
+                "red": {
+                    "type": "SolidColor",
+                    "inputs": {"width": 24, "height": 24, "red": 1.0, "green": 0.0, "blue": 0.0},
+                },
+                "blue": {
+                    "type": "SolidColor",
+                    "inputs": {"width": 6, "height": 6, "red": 0.0, "green": 0.0, "blue": 1.0},
+                },
+                "blend": {
+                    "type": "ImageBlend",
+                    "inputs": {
+                        "image_a": link("red", "image"),
+                        "image_b": link("blue", "image"),
+                        "factor": 0.25,
+                    },
+                },
+                "scale": {
+                    "type": "ImageScale",
+                    "inputs": {"image": link("blend", "image"), "width": 12, "height": 12},
+                },
                 "strength": {"type": "Float", "inputs": {"value": strength}},
                 "apply": {
                     "type": "ApplyControlNetGPT",
-                    "inputs": {"model": link("gpt", "model"), "control_net": link("cn", "control_net"), "image": link("scale", "image"), "strength": link("strength", "value")},
+                    "inputs": {
+                        "model": link("gpt", "model"),
+                        "control_net": link("cn", "control_net"),
+                        "image": link("scale", "image"),
+                        "strength": link("strength", "value"),
+                    },
                 },
                 "gen_base": {"type": "ARGenerateTokens", "inputs": {"model": link("gpt", "model"), **gen}},
                 "gen_cn": {"type": "ARGenerateTokens", "inputs": {"model": link("apply", "model"), **gen}},
-                "keep_base": {"type": "CaptureTokens", "inputs": {"tokens": link("gen_base", "tokens"), "name": "base"}},
-                "keep_cn": {"type": "CaptureTokens", "inputs": {"tokens": link("gen_cn", "tokens"), "name": "cn"}},
+                "keep_base": {
+                    "type": "CaptureTokens",
+                    "inputs": {"tokens": link("gen_base", "tokens"), "name": "base"},
+                },
+                "keep_cn": {
+                    "type": "CaptureTokens",
+                    "inputs": {"tokens": link("gen_cn", "tokens"), "name": "cn"},
+                },
             },
         }
 
@@ -450,7 +477,9 @@ def test_image_blend_and_scale_values():
     b[..., 2] = 1.0
     blended = image_nodes.ImageBlend().execute(ctx, a, b, 0.25)[0]
     assert blended.shape == (2, 8, 8, 3)
-    assert torch.allclose(blended[..., 0], torch.full((2, 8, 8), 0.75)) and torch.allclose(blended[..., 2], torch.full((2, 8, 8), 0.25))
+    assert torch.allclose(blended[..., 0], torch.full((2, 8, 8), 0.75)) and torch.allclose(
+        blended[..., 2], torch.full((2, 8, 8), 0.25)
+    )
     checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2
     image = checker[None, ..., None].float().expand(1, 8, 8, 3)
     area = image_nodes.ImageScale().execute(ctx, image, 4, 2, "area")[0]

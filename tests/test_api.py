@@ -31,7 +31,10 @@ def link(node: str, output: str = "image") -> dict:
 
 
 def solid(width=8, height=6, red=0.2, green=0.4, blue=0.6) -> dict:
-    return {"type": "SolidColor", "inputs": {"width": width, "height": height, "red": red, "green": green, "blue": blue}}
+    return {
+        "type": "SolidColor",
+        "inputs": {"width": width, "height": height, "red": red, "green": green, "blue": blue},
+    }
 
 
 def save(images: dict, prefix: str = "tessera") -> dict:
@@ -43,8 +46,14 @@ def workflow(nodes: dict) -> dict:
 
 
 def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0, preview: bool = False) -> dict:
-    return workflow({"1": {"type": "Sleep", "inputs": {
-        "steps": steps, "step_seconds": step_seconds, "label": label, "preview": preview}}})
+    return workflow(
+        {
+            "1": {
+                "type": "Sleep",
+                "inputs": {"steps": steps, "step_seconds": step_seconds, "label": label, "preview": preview},
+            }
+        }
+    )
 
 
 def unique() -> str:
@@ -66,7 +75,15 @@ def test_nodes_catalogue(api):
         assert keys <= set(info), name
         assert info["type"] == name
     width = next(i for i in nodes["SolidColor"]["inputs"] if i["name"] == "width")
-    assert width == {"name": "width", "type": "INT", "optional": False, "link": "either", "default": 64, "min": 1, "max": 8192}
+    assert width == {
+        "name": "width",
+        "type": "INT",
+        "optional": False,
+        "link": "either",
+        "default": 64,
+        "min": 1,
+        "max": 8192,
+    }
     method = next(i for i in nodes["ImageScale"]["inputs"] if i["name"] == "method")
     assert method["choices"] == ["nearest", "bilinear", "bicubic", "area"] and method["link"] == "widget"
     image = nodes["LoadImage"]["inputs"][0]
@@ -77,7 +94,11 @@ def test_nodes_catalogue(api):
     assert nodes["Sleep"]["description"] == "Sleep in short steps, reporting progress after each one."
     assert all(info["description"] and "\n" not in info["description"] for info in nodes.values())
     schema = nodes["SaveImage"]["input_schema"]
-    assert schema["type"] == "object" and schema["required"] == ["images"] and schema["additionalProperties"] is False
+    assert (
+        schema["type"] == "object"
+        and schema["required"] == ["images"]
+        and schema["additionalProperties"] is False
+    )
     assert {"IMAGE", "INT", "FLOAT", "STRING", "BOOLEAN", "MASK"} <= set(body["types"])
     assert body["types"] == sorted(body["types"])
     # the broken pack is reported by name and skipped; the class it defined before failing is not registered
@@ -98,7 +119,14 @@ def test_model_folders_and_live_choices(api):
     (api.models_dir / "diffusion_models" / "tiny.safetensors").write_bytes(b"x")
     models = api.get_json("/api/models")
     assert set(models) == {
-        "diffusion_models", "checkpoints", "vae", "text_encoders", "loras", "controlnet", "vq_models", "ar_models"
+        "diffusion_models",
+        "checkpoints",
+        "vae",
+        "text_encoders",
+        "loras",
+        "controlnet",
+        "vq_models",
+        "ar_models",
     }
     assert models["vae"] == ["first.safetensors", "sub/nested.safetensors"]
     assert models["diffusion_models"] == ["tiny.safetensors"] and models["loras"] == []
@@ -110,7 +138,9 @@ def test_model_folders_and_live_choices(api):
     assert choices() == (["first.safetensors", "sub/nested.safetensors"],) * 2
     (api.models_dir / "vae" / "added.safetensors").write_bytes(b"x")  # the choices are the files there *now*
     assert choices()[0] == ["added.safetensors", "first.safetensors", "sub/nested.safetensors"]
-    picked = workflow({"1": {"type": "PickVAE", "inputs": {"vae_name": "added.safetensors"}}, "2": {"type": "Sleep"}})
+    picked = workflow(
+        {"1": {"type": "PickVAE", "inputs": {"vae_name": "added.safetensors"}}, "2": {"type": "Sleep"}}
+    )
     ok = api.request("POST", "/api/validate", json_body={"workflow": picked})
     assert ok.status == 200 and ok.json() == {"valid": True}
 
@@ -132,12 +162,27 @@ def test_templates(api):
 
 
 DOCUMENTED_ROUTES = {
-    ("get", "/api/nodes"), ("post", "/api/validate"), ("post", "/api/prompt"), ("get", "/api/queue"),
-    ("delete", "/api/queue/{prompt_id}"), ("delete", "/api/queue"), ("post", "/api/interrupt"), ("get", "/api/history"),
-    ("get", "/api/history/{prompt_id}"), ("get", "/api/models"), ("get", "/api/view"), ("post", "/api/upload/image"),
-    ("get", "/api/workflows"), ("get", "/api/workflows/{name}"), ("put", "/api/workflows/{name}"),
-    ("delete", "/api/workflows/{name}"), ("get", "/api/templates"), ("get", "/api/system"), ("get", "/api/openapi.json"),
-    ("post", "/api/import"), ("get", "/ws"),
+    ("get", "/api/nodes"),
+    ("post", "/api/validate"),
+    ("post", "/api/prompt"),
+    ("get", "/api/queue"),
+    ("delete", "/api/queue/{prompt_id}"),
+    ("delete", "/api/queue"),
+    ("post", "/api/interrupt"),
+    ("get", "/api/history"),
+    ("get", "/api/history/{prompt_id}"),
+    ("get", "/api/models"),
+    ("get", "/api/view"),
+    ("post", "/api/upload/image"),
+    ("get", "/api/workflows"),
+    ("get", "/api/workflows/{name}"),
+    ("put", "/api/workflows/{name}"),
+    ("delete", "/api/workflows/{name}"),
+    ("get", "/api/templates"),
+    ("get", "/api/system"),
+    ("get", "/api/openapi.json"),
+    ("post", "/api/import"),
+    ("get", "/ws"),
 }
 
 
@@ -148,12 +193,19 @@ def test_openapi_describes_every_documented_route(api):
     assert DOCUMENTED_ROUTES <= described
     # every route named in docs/API.md is in this test's list (so the list cannot drift from the docs)
     text = (ROOT / "docs" / "API.md").read_text()
-    in_docs = {(m.lower(), re.sub(r"\{\w+\}", "{}", p)) for m, p in re.findall(r"`(GET|POST|PUT|DELETE) (/api/[^`\s]*)`", text)}
+    in_docs = {
+        (m.lower(), re.sub(r"\{\w+\}", "{}", p))
+        for m, p in re.findall(r"`(GET|POST|PUT|DELETE) (/api/[^`\s]*)`", text)
+    }
     listed = {(m, re.sub(r"\{\w+\}", "{}", p)) for m, p in DOCUMENTED_ROUTES}
     assert in_docs and in_docs <= listed
     assert "Workflow" in doc["components"]["schemas"]
     assert doc["paths"]["/api/prompt"]["post"]["requestBody"]["required"] is True
-    assert {p["name"] for p in doc["paths"]["/api/view"]["get"]["parameters"]} == {"filename", "type", "subfolder"}
+    assert {p["name"] for p in doc["paths"]["/api/view"]["get"]["parameters"]} == {
+        "filename",
+        "type",
+        "subfolder",
+    }
 
 
 def test_index_serves_the_editor(api):
@@ -166,40 +218,97 @@ def test_index_serves_the_editor(api):
 VALID = workflow({"1": solid(), "2": save(link("1"), "never")})
 
 INVALID = {
-    "unknown node type": (workflow({"1": {"type": "NoSuchNode"}, "2": save(link("1"))}),
-                          [("1", None, "unknown node type 'NoSuchNode'")]),
-    "missing required input": (workflow({"1": {"type": "SaveImage", "inputs": {}}}),
-                               [("1", "images", "missing required input")]),
+    "unknown node type": (
+        workflow({"1": {"type": "NoSuchNode"}, "2": save(link("1"))}),
+        [("1", None, "unknown node type 'NoSuchNode'")],
+    ),
+    "missing required input": (
+        workflow({"1": {"type": "SaveImage", "inputs": {}}}),
+        [("1", "images", "missing required input")],
+    ),
     "dangling link (missing node)": (workflow({"1": save(link("9"))}), [("1", "images", "missing node '9'")]),
-    "dangling link (missing output)": (workflow({"1": solid(), "2": save(link("1", "pixels"))}),
-                                       [("2", "images", "has no output 'pixels'")]),
-    "link type mismatch": (workflow({"1": {"type": "Int", "inputs": {"value": 3}}, "2": save(link("1", "value"))}),
-                           [("2", "images", "type mismatch: Int.value is INT, input needs IMAGE")]),
-    "cycle": (workflow({"1": {"type": "ImageInvert", "inputs": {"image": link("2")}},
-                        "2": {"type": "ImageInvert", "inputs": {"image": link("1")}}, "3": save(link("2"))}),
-              [("1", None, "cycle")]),
-    "value below minimum": (workflow({"1": solid(width=0), "2": save(link("1"))}), [("1", "width", "out of range (must be at least 1)")]),
-    "value above maximum": (workflow({"1": solid(red=1.5), "2": save(link("1"))}), [("1", "red", "out of range (must be at most 1.0)")]),
-    "not in choices": (workflow({"1": solid(), "2": {"type": "ImageScale", "inputs": {"image": link("1"), "method": "lanczos"}},
-                                 "3": save(link("2"))}), [("2", "method", "'lanczos' is not one of the choices")]),
-    "model file not in choices": (workflow({"1": {"type": "PickVAE", "inputs": {"vae_name": "../../etc/passwd"}}}),
-                                  [("1", "vae_name", "is not one of the choices")]),
-    "wrong JSON type (string for INT)": (workflow({"1": solid(width="8"), "2": save(link("1"))}),
-                                         [("1", "width", "wrong JSON type (expected integer)")]),
-    "wrong JSON type (float for INT)": (workflow({"1": solid(width=8.0), "2": save(link("1"))}),
-                                        [("1", "width", "wrong JSON type (expected integer)")]),
-    "wrong JSON type (string for BOOLEAN)": (workflow({"1": {"type": "Boolean", "inputs": {"value": "yes"}}}),
-                                             [("1", "value", "wrong JSON type (expected boolean)")]),
-    "wrong JSON type (bool for FLOAT)": (workflow({"1": solid(red=True), "2": save(link("1"))}),
-                                         [("1", "red", "wrong JSON type (expected number)")]),
-    "constant where a link is needed": (workflow({"1": save(5)}), [("1", "images", "needs a link from a IMAGE output")]),
-    "link into a widget-only input": (workflow({"1": {"type": "String", "inputs": {"value": "x"}},
-                                                "2": solid(), "3": {"type": "SaveImage", "inputs": {"images": link("2"), "filename_prefix": link("1", "value")}}}),
-                                      [("3", "filename_prefix", "cannot take a link")]),
-    "unknown input": (workflow({"1": {"type": "SolidColor", "inputs": {"depth": 3}}, "2": save(link("1"))}),
-                      [("1", "depth", "SolidColor has no input 'depth'")]),
+    "dangling link (missing output)": (
+        workflow({"1": solid(), "2": save(link("1", "pixels"))}),
+        [("2", "images", "has no output 'pixels'")],
+    ),
+    "link type mismatch": (
+        workflow({"1": {"type": "Int", "inputs": {"value": 3}}, "2": save(link("1", "value"))}),
+        [("2", "images", "type mismatch: Int.value is INT, input needs IMAGE")],
+    ),
+    "cycle": (
+        workflow(
+            {
+                "1": {"type": "ImageInvert", "inputs": {"image": link("2")}},
+                "2": {"type": "ImageInvert", "inputs": {"image": link("1")}},
+                "3": save(link("2")),
+            }
+        ),
+        [("1", None, "cycle")],
+    ),
+    "value below minimum": (
+        workflow({"1": solid(width=0), "2": save(link("1"))}),
+        [("1", "width", "out of range (must be at least 1)")],
+    ),
+    "value above maximum": (
+        workflow({"1": solid(red=1.5), "2": save(link("1"))}),
+        [("1", "red", "out of range (must be at most 1.0)")],
+    ),
+    "not in choices": (
+        workflow(
+            {
+                "1": solid(),
+                "2": {"type": "ImageScale", "inputs": {"image": link("1"), "method": "lanczos"}},
+                "3": save(link("2")),
+            }
+        ),
+        [("2", "method", "'lanczos' is not one of the choices")],
+    ),
+    "model file not in choices": (
+        workflow({"1": {"type": "PickVAE", "inputs": {"vae_name": "../../etc/passwd"}}}),
+        [("1", "vae_name", "is not one of the choices")],
+    ),
+    "wrong JSON type (string for INT)": (
+        workflow({"1": solid(width="8"), "2": save(link("1"))}),
+        [("1", "width", "wrong JSON type (expected integer)")],
+    ),
+    "wrong JSON type (float for INT)": (
+        workflow({"1": solid(width=8.0), "2": save(link("1"))}),
+        [("1", "width", "wrong JSON type (expected integer)")],
+    ),
+    "wrong JSON type (string for BOOLEAN)": (
+        workflow({"1": {"type": "Boolean", "inputs": {"value": "yes"}}}),
+        [("1", "value", "wrong JSON type (expected boolean)")],
+    ),
+    "wrong JSON type (bool for FLOAT)": (
+        workflow({"1": solid(red=True), "2": save(link("1"))}),
+        [("1", "red", "wrong JSON type (expected number)")],
+    ),
+    "constant where a link is needed": (
+        workflow({"1": save(5)}),
+        [("1", "images", "needs a link from a IMAGE output")],
+    ),
+    "link into a widget-only input": (
+        workflow(
+            {
+                "1": {"type": "String", "inputs": {"value": "x"}},
+                "2": solid(),
+                "3": {
+                    "type": "SaveImage",
+                    "inputs": {"images": link("2"), "filename_prefix": link("1", "value")},
+                },
+            }
+        ),
+        [("3", "filename_prefix", "cannot take a link")],
+    ),
+    "unknown input": (
+        workflow({"1": {"type": "SolidColor", "inputs": {"depth": 3}}, "2": save(link("1"))}),
+        [("1", "depth", "SolidColor has no input 'depth'")],
+    ),
     "node without type": (workflow({"1": {"inputs": {}}}), [("1", None, "'type' is a required property")]),
-    "version of the wrong JSON type": ({"version": "1", "nodes": {"1": solid()}}, [(None, None, "is not of type 'integer'")]),
+    "version of the wrong JSON type": (
+        {"version": "1", "nodes": {"1": solid()}},
+        [(None, None, "is not of type 'integer'")],
+    ),
 }
 
 
@@ -241,8 +350,14 @@ def test_validation_error(idle_api, case):
 
 
 def test_every_problem_is_reported_at_once(api):
-    wf = workflow({"1": solid(width=0, blue="x"), "2": {"type": "ImageScale", "inputs": {"image": link("1"), "method": "lanczos"}},
-                   "3": save(link("2", "nope")), "4": {"type": "Nope"}})
+    wf = workflow(
+        {
+            "1": solid(width=0, blue="x"),
+            "2": {"type": "ImageScale", "inputs": {"image": link("1"), "method": "lanczos"}},
+            "3": save(link("2", "nope")),
+            "4": {"type": "Nope"},
+        }
+    )
     r = api.request("POST", "/api/validate", json_body={"workflow": wf})
     assert r.status == 400
     found = {(i["node"], i["input"]) for i in r.json()["errors"]}
@@ -261,9 +376,13 @@ def test_malformed_request_bodies(idle_api):
     # graph-valid, but refused before queueing, by /api/validate and /api/prompt alike:
     # nothing to run, and a LoadImage whose file is not there
     missing = f"missing_{unique()}.png"
-    for wf, expected in ((workflow({"1": solid()}), (None, None, "no output node")),
-                         (workflow({"1": {"type": "LoadImage", "inputs": {"image": missing}}, "2": save(link("1"))}),
-                          ("1", "image", f"input image '{missing}' does not exist"))):
+    for wf, expected in (
+        (workflow({"1": solid()}), (None, None, "no output node")),
+        (
+            workflow({"1": {"type": "LoadImage", "inputs": {"image": missing}}, "2": save(link("1"))}),
+            ("1", "image", f"input image '{missing}' does not exist"),
+        ),
+    ):
         for route in ("/api/validate", "/api/prompt"):
             r = api.request("POST", route, json_body={"workflow": wf})
             assert r.status == 400, (route, r.body)
@@ -275,12 +394,17 @@ def test_malformed_request_bodies(idle_api):
 def test_prompt_events_outputs_and_cache(idle_api, recorder):
     api = idle_api
     label = unique()
-    wf = workflow({
-        "1": solid(width=8, height=6, red=0.2, green=0.4, blue=0.6),
-        "2": {"type": "ImageInvert", "inputs": {"image": link("1")}},
-        "3": save(link("2"), f"events{label}/run"),
-        "4": {"type": "Sleep", "inputs": {"steps": 3, "step_seconds": 0.0, "label": label, "preview": True}},
-    })
+    wf = workflow(
+        {
+            "1": solid(width=8, height=6, red=0.2, green=0.4, blue=0.6),
+            "2": {"type": "ImageInvert", "inputs": {"image": link("1")}},
+            "3": save(link("2"), f"events{label}/run"),
+            "4": {
+                "type": "Sleep",
+                "inputs": {"steps": 3, "step_seconds": 0.0, "label": label, "preview": True},
+            },
+        }
+    )
     start = len(recorder.events)
     r = api.request("POST", "/api/prompt", json_body={"workflow": wf, "client_id": "pytest"})
     assert r.status == 200
@@ -293,7 +417,16 @@ def test_prompt_events_outputs_and_cache(idle_api, recorder):
 
     events = recorder.of_prompt(pid)
     kinds = [k for k, _ in events if k not in ("progress", "binary")]
-    assert kinds == ["execution_start", "executing", "executing", "executing", "executed", "executing", "executed", "execution_success"]
+    assert kinds == [
+        "execution_start",
+        "executing",
+        "executing",
+        "executing",
+        "executed",
+        "executing",
+        "executed",
+        "execution_success",
+    ]
     assert [d["node"] for k, d in events if k == "executing"] == ["1", "2", "3", "4"]
     progress = [d for k, d in events if k == "progress"]
     assert [(p["node"], p["value"], p["max"]) for p in progress] == [("4", 1, 3), ("4", 2, 3), ("4", 3, 3)]
@@ -303,7 +436,7 @@ def test_prompt_events_outputs_and_cache(idle_api, recorder):
     frame = previews[0]
     header = preview_header(frame)
     assert header == {"prompt_id": pid, "node": "4", "format": "png"}
-    image_bytes = frame[4 + int.from_bytes(frame[:4], "big"):]
+    image_bytes = frame[4 + int.from_bytes(frame[:4], "big") :]
     assert image_bytes[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(io.BytesIO(image_bytes)) as picture:
         assert picture.size == (8, 4) and picture.convert("RGB").getpixel((0, 0)) == (255, 0, 0)
@@ -361,7 +494,11 @@ def test_execution_error_event_and_history(idle_api, recorder):
     assert entry["status"] == "error" and entry["outputs"] == {}
     error = entry["errors"][0]
     assert {k: error[k] for k in ("node", "node_type", "input", "message")} == {
-        "node": "1", "node_type": "Fail", "input": "reason", "message": reason}
+        "node": "1",
+        "node_type": "Fail",
+        "input": "reason",
+        "message": reason,
+    }
     assert not any(k == "execution_success" for k, _ in recorder.of_prompt(pid))
 
 
@@ -375,7 +512,19 @@ def test_history_list_and_entry(idle_api):
     full = api.get_json("/api/history")["items"]
     numbers = [i["number"] for i in full]
     assert numbers == sorted(numbers, reverse=True)
-    keys = {"prompt_id", "number", "status", "created", "started", "finished", "workflow", "outputs", "errors", "timings", "cached"}
+    keys = {
+        "prompt_id",
+        "number",
+        "status",
+        "created",
+        "started",
+        "finished",
+        "workflow",
+        "outputs",
+        "errors",
+        "timings",
+        "cached",
+    }
     assert keys <= set(full[0])
     assert api.entry(ids[0])["workflow"] == full[[i["prompt_id"] for i in full].index(ids[0])]["workflow"]
     assert api.get("/api/history?limit=many").status == 400
@@ -438,7 +587,9 @@ def test_interrupt_stops_within_one_step(idle_api, recorder):
 
     r = api.request("POST", "/api/interrupt", json_body={"prompt_id": pid})
     assert r.status == 200 and r.json() == {"interrupted": pid}
-    _, data = recorder.wait_for(lambda k, d: k == "execution_interrupted" and d["prompt_id"] == pid, start=start, timeout=10)
+    _, data = recorder.wait_for(
+        lambda k, d: k == "execution_interrupted" and d["prompt_id"] == pid, start=start, timeout=10
+    )
     assert data == {"prompt_id": pid, "node": "1"}
     entry = api.entry(pid)  # stored before the event was sent
     assert entry["status"] == "interrupted" and entry["outputs"] == {}
@@ -454,7 +605,9 @@ def test_interrupt_stops_within_one_step(idle_api, recorder):
 # -- uploads -----------------------------------------------------------------------------------
 def upload(api, filename, data, content_type="image/png", field="image", **kw):
     body, ctype = multipart(field, filename, data, content_type)
-    return api.request("POST", "/api/upload/image", body=body, headers={"Content-Type": ctype, **kw.pop("headers", {})}, **kw)
+    return api.request(
+        "POST", "/api/upload/image", body=body, headers={"Content-Type": ctype, **kw.pop("headers", {})}, **kw
+    )
 
 
 def test_upload_png_is_stored_and_usable_by_load_image(idle_api):
@@ -467,8 +620,13 @@ def test_upload_png_is_stored_and_usable_by_load_image(idle_api):
     view = api.get(f"/api/view?filename={stem}.png&type=input")
     assert view.status == 200 and view.body == data
 
-    wf = workflow({"1": {"type": "LoadImage", "inputs": {"image": f"{stem}.png"}},
-                   "2": {"type": "ImageInvert", "inputs": {"image": link("1")}}, "3": save(link("2"), f"loaded_{stem}")})
+    wf = workflow(
+        {
+            "1": {"type": "LoadImage", "inputs": {"image": f"{stem}.png"}},
+            "2": {"type": "ImageInvert", "inputs": {"image": link("1")}},
+            "3": save(link("2"), f"loaded_{stem}"),
+        }
+    )
     entry = api.wait_status(api.submit(wf))
     assert entry["status"] == "success", entry["errors"]
     ref = entry["outputs"]["3"]["images"][0]
@@ -544,8 +702,13 @@ def test_upload_size_limit(idle_api):
 
     conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=60)
     try:
-        conn.request("POST", "/api/upload/image", body=iter([body[i:i + MIB] for i in range(0, len(body), MIB)]),
-                     headers={"Content-Type": ctype, "Host": api.host}, encode_chunked=True)
+        conn.request(
+            "POST",
+            "/api/upload/image",
+            body=iter([body[i : i + MIB] for i in range(0, len(body), MIB)]),
+            headers={"Content-Type": ctype, "Host": api.host},
+            encode_chunked=True,
+        )
         response = conn.getresponse()
         assert response.status == 413, response.read()
     finally:
@@ -566,7 +729,9 @@ def test_saved_workflows_crud(idle_api):
     quoted = name.replace(" ", "%20")
     assert name not in api.get_json("/api/workflows")["workflows"]
     assert api.get(f"/api/workflows/{quoted}").status == 404
-    doc = workflow({"1": solid(), "2": save(link("1"))}) | {"ui": {"viewport": {"offset": [1, 2], "scale": 1.5}}}
+    doc = workflow({"1": solid(), "2": save(link("1"))}) | {
+        "ui": {"viewport": {"offset": [1, 2], "scale": 1.5}}
+    }
     doc["nodes"]["1"]["ui"] = {"pos": [40, 60], "size": [260, 80], "title": "Colour"}
     r = api.request("PUT", f"/api/workflows/{quoted}", json_body=doc)
     assert r.status == 200 and r.json() == {"saved": name}
@@ -579,7 +744,12 @@ def test_saved_workflows_crud(idle_api):
     assert api.get_json(f"/api/workflows/{quoted}") == wip
     r = api.request("PUT", f"/api/workflows/{quoted}", json_body={"nodes": {}})
     assert r.status == 400 and r.json()["error"] == "not a workflow document"
-    assert api.request("PUT", f"/api/workflows/{quoted}", body=b"{oops", headers={"Content-Type": "application/json"}).status == 400
+    assert (
+        api.request(
+            "PUT", f"/api/workflows/{quoted}", body=b"{oops", headers={"Content-Type": "application/json"}
+        ).status
+        == 400
+    )
     assert api.get_json(f"/api/workflows/{quoted}") == wip  # the refused writes changed nothing
     r = api.request("DELETE", f"/api/workflows/{quoted}")
     assert r.status == 200 and r.json() == {"deleted": name}
@@ -594,7 +764,11 @@ def test_websocket_events_are_scoped_to_the_submitting_client(idle_api):
     """Each socket gets the events of its own client's prompts only (ComfyUI's client_id), the
     queue length goes to everyone, and a socket that subscribes to all sees every prompt."""
     api = idle_api
-    one, two, watcher = EventRecorder(api, "one"), EventRecorder(api, "two"), EventRecorder(api, "watcher", subscribe="all")
+    one, two, watcher = (
+        EventRecorder(api, "one"),
+        EventRecorder(api, "two"),
+        EventRecorder(api, "watcher", subscribe="all"),
+    )
     try:
         assert one.events[0] == ("status", {"queue_remaining": 0})
         pid_one = api.submit(sleep_wf(unique(), steps=2, preview=True), client_id="one")
@@ -617,7 +791,9 @@ def test_websocket_events_are_scoped_to_the_submitting_client(idle_api):
         assert prompts_seen(one) == {pid_one} and ("binary" in [k for k, _ in one.events])
         assert prompts_seen(two) == {pid_two}
         assert prompts_seen(watcher) >= {pid_one, pid_two, anonymous}
-        assert any(k == "status" and d["queue_remaining"] >= 1 for k, d in two.events)  # summaries reach everyone
+        assert any(
+            k == "status" and d["queue_remaining"] >= 1 for k, d in two.events
+        )  # summaries reach everyone
     finally:
         for rec in (one, two, watcher):
             rec.close()
@@ -647,14 +823,22 @@ def test_older_workflows_open_migrated(idle_api):
     whether saved on the server or imported from a file: nothing the user set is dropped."""
     from tessera.workflow import CURRENT_VERSION
 
-    v1 = {"version": 1, "nodes": {"1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8, "batch": 3}}}}
+    v1 = {
+        "version": 1,
+        "nodes": {"1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8, "batch": 3}}},
+    }
     name = f"old-{unique()}"
     (idle_api.user_dir / "workflows").mkdir(parents=True, exist_ok=True)
     (idle_api.user_dir / "workflows" / f"{name}.json").write_text(json.dumps(v1))
-    for got in (idle_api.get_json(f"/api/workflows/{name}"), idle_api.request("POST", "/api/import", json_body=v1).json()["workflow"]):
+    for got in (
+        idle_api.get_json(f"/api/workflows/{name}"),
+        idle_api.request("POST", "/api/import", json_body=v1).json()["workflow"],
+    ):
         assert got["version"] == CURRENT_VERSION
         assert got["nodes"]["1"]["inputs"] == {"width": 8, "height": 8, "batch_size": 3}
-    r = idle_api.request("POST", "/api/import", json_body={"version": 1, "nodes": {"1": {"inputs": {}}}})  # a node without a type
+    r = idle_api.request(
+        "POST", "/api/import", json_body={"version": 1, "nodes": {"1": {"inputs": {}}}}
+    )  # a node without a type
     assert r.status == 400 and r.json()["errors"]
     newer = {"version": CURRENT_VERSION + 1, "nodes": {}}
     (idle_api.user_dir / "workflows" / f"{name}.json").write_text(json.dumps(newer))

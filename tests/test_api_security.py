@@ -18,7 +18,12 @@ SECRET_COLOR = (13, 37, 171)
 
 
 def sleep_wf(label: str, steps: int = 1, step_seconds: float = 0.0) -> dict:
-    return {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": steps, "step_seconds": step_seconds, "label": label}}}}
+    return {
+        "version": 1,
+        "nodes": {
+            "1": {"type": "Sleep", "inputs": {"steps": steps, "step_seconds": step_seconds, "label": label}}
+        },
+    }
 
 
 def history_state(api) -> list[tuple[str, str]]:
@@ -27,13 +32,25 @@ def history_state(api) -> list[tuple[str, str]]:
 
 def upload_request(api, filename, data, headers=None):
     body, ctype = multipart("image", filename, data)
-    return api.request("POST", "/api/upload/image", body=body, headers={"Content-Type": ctype, **(headers or {})})
+    return api.request(
+        "POST", "/api/upload/image", body=body, headers={"Content-Type": ctype, **(headers or {})}
+    )
 
 
 def ws_handshake(api, path="/ws", headers=None, host=True):
     key = base64.b64encode(os.urandom(16)).decode()
-    return api.request("GET", path, host=host, headers={
-        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13", **(headers or {})})
+    return api.request(
+        "GET",
+        path,
+        host=host,
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Key": key,
+            "Sec-WebSocket-Version": "13",
+            **(headers or {}),
+        },
+    )
 
 
 # -- CSRF --------------------------------------------------------------------------------------
@@ -85,19 +102,26 @@ def test_cross_site_cannot_cancel_or_interrupt(idle_api):
     for make in ATTACKS.values():
         headers = make(api)
         assert api.request("DELETE", f"/api/queue/{pending}", headers=headers).status == 403
-        assert api.request("POST", "/api/interrupt", json_body={"prompt_id": gate}, headers=headers).status == 403
+        assert (
+            api.request("POST", "/api/interrupt", json_body={"prompt_id": gate}, headers=headers).status
+            == 403
+        )
     assert api.entry(gate)["status"] == "running" and api.entry(pending)["status"] == "pending"
     # the same requests from the server's own page succeed
     own = {"Origin": api.origin, "Sec-Fetch-Site": "same-origin"}
     assert api.request("DELETE", f"/api/queue/{pending}", headers=own).json() == {"cancelled": pending}
-    assert api.request("POST", "/api/interrupt", json_body={"prompt_id": gate}, headers=own).json() == {"interrupted": gate}
+    assert api.request("POST", "/api/interrupt", json_body={"prompt_id": gate}, headers=own).json() == {
+        "interrupted": gate
+    }
     assert api.wait_status(gate)["status"] == "interrupted"
 
 
 def test_same_origin_writes_are_allowed(idle_api):
     api = idle_api
     own = {"Origin": api.origin, "Sec-Fetch-Site": "same-origin"}
-    pid = api.request("POST", "/api/prompt", json_body={"workflow": sleep_wf(uuid.uuid4().hex)}, headers=own).json()["prompt_id"]
+    pid = api.request(
+        "POST", "/api/prompt", json_body={"workflow": sleep_wf(uuid.uuid4().hex)}, headers=own
+    ).json()["prompt_id"]
     assert api.wait_status(pid)["status"] == "success"
     name = f"own_{uuid.uuid4().hex[:8]}"
     assert api.request("PUT", f"/api/workflows/{name}", json_body=sleep_wf("x"), headers=own).status == 200
@@ -111,8 +135,19 @@ def test_same_origin_writes_are_allowed(idle_api):
 
 
 # -- Host header (DNS rebinding) ----------------------------------------------------------------
-@pytest.mark.parametrize("host", ["evil.com", "evil.com:{port}", "127.0.0.1:{other}", "localhost.evil.com:{port}",
-                                  "127.0.0.1", "attacker.example:80", "", None])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.com",
+        "evil.com:{port}",
+        "127.0.0.1:{other}",
+        "localhost.evil.com:{port}",
+        "127.0.0.1",
+        "attacker.example:80",
+        "",
+        None,
+    ],
+)
 def test_foreign_host_is_refused(idle_api, host):
     api = idle_api
     headers = {"Host": host.format(port=api.port, other=api.port + 1)} if host is not None else {}
@@ -125,7 +160,13 @@ def test_foreign_host_is_refused(idle_api, host):
     before = history_state(api)
     label = uuid.uuid4().hex
     origin = {"Origin": f"http://{headers['Host']}"} if headers.get("Host") else {}
-    r = api.request("POST", "/api/prompt", json_body={"workflow": sleep_wf(label)}, headers={**headers, **origin}, host=host is not None)
+    r = api.request(
+        "POST",
+        "/api/prompt",
+        json_body={"workflow": sleep_wf(label)},
+        headers={**headers, **origin},
+        host=host is not None,
+    )
     assert r.status in (400, 403)
     assert history_state(api) == before and f"start {label}" not in api.sleep_log()
 
@@ -185,11 +226,18 @@ def test_query_token_sets_a_cookie(token_server):
 def test_token_guards_writes_and_keeps_origin_checks(token_server):
     s = token_server
     label = uuid.uuid4().hex
-    r = s.request("POST", "/api/prompt", json_body={"workflow": sleep_wf(label)}, headers={"Authorization": None})
+    r = s.request(
+        "POST", "/api/prompt", json_body={"workflow": sleep_wf(label)}, headers={"Authorization": None}
+    )
     assert r.status == 401
     assert s.get_json("/api/history")["items"] == []
     # the right token does not excuse a cross-site request
-    r = s.request("POST", "/api/prompt", json_body={"workflow": sleep_wf(label)}, headers={"Origin": "http://evil.example"})
+    r = s.request(
+        "POST",
+        "/api/prompt",
+        json_body={"workflow": sleep_wf(label)},
+        headers={"Origin": "http://evil.example"},
+    )
     assert r.status == 403 and s.get_json("/api/history")["items"] == []
     rec = EventRecorder(s)  # Bearer header on the WebSocket
     try:
@@ -202,7 +250,9 @@ def test_token_guards_writes_and_keeps_origin_checks(token_server):
 
 def test_listen_on_all_interfaces_generates_a_token(guarded):
     s = guarded["listen"]
-    printed = wait_until(lambda: re.search(r"\?token=([A-Za-z0-9_\-]+)", s.log_text()), 10, message="the token line")
+    printed = wait_until(
+        lambda: re.search(r"\?token=([A-Za-z0-9_\-]+)", s.log_text()), 10, message="the token line"
+    )
     token = printed.group(1)
     assert len(token) >= 24
     assert s.get("/api/system").status == 401
@@ -235,7 +285,12 @@ def trap(api):
 
 
 def secret_leaked(body: bytes, trap) -> bool:
-    return trap["secret"] in body or b"TOP-SECRET-TEXT" in body or b"SENTINEL-WORKFLOW" in body or b"root:x:0:0" in body
+    return (
+        trap["secret"] in body
+        or b"TOP-SECRET-TEXT" in body
+        or b"SENTINEL-WORKFLOW" in body
+        or b"root:x:0:0" in body
+    )
 
 
 VIEW_QUERIES = {
@@ -281,8 +336,17 @@ def test_view_refuses_traversal(api, trap, case):
     assert not secret_leaked(r.body, trap)
 
 
-@pytest.mark.parametrize("path", ["/../secret.png", "/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/..%2F..%2F..%2Fetc%2Fpasswd",
-                                  "/js/..%2F..%2F..%2Fsecret.png", "//etc/passwd", "/%2Fetc%2Fpasswd"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../secret.png",
+        "/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/..%2F..%2F..%2Fetc%2Fpasswd",
+        "/js/..%2F..%2F..%2Fsecret.png",
+        "//etc/passwd",
+        "/%2Fetc%2Fpasswd",
+    ],
+)
 def test_static_files_refuse_traversal(api, trap, path):
     r = api.get(path)
     assert r.status == 404, (path, r.status)
@@ -290,9 +354,21 @@ def test_static_files_refuse_traversal(api, trap, path):
 
 
 UPLOAD_NAMES = [
-    "../escape.png", "../../escape.png", "..\\..\\escape.png", "{root}/abs_escape.png", "C:\\escape.png", "..",
-    "%2e%2e%2fescape.png", "in/../../escape.png", "x" * 1000 + ".png", b"nul\x00escape.png", "/etc/passwd",
-    "leakdir/escape.png", "leak.png", "....png", ".hidden.png",
+    "../escape.png",
+    "../../escape.png",
+    "..\\..\\escape.png",
+    "{root}/abs_escape.png",
+    "C:\\escape.png",
+    "..",
+    "%2e%2e%2fescape.png",
+    "in/../../escape.png",
+    "x" * 1000 + ".png",
+    b"nul\x00escape.png",
+    "/etc/passwd",
+    "leakdir/escape.png",
+    "leak.png",
+    "....png",
+    ".hidden.png",
 ]
 
 
@@ -308,7 +384,11 @@ def test_upload_names_stay_in_the_input_folder(idle_api, trap, name):
     assert r.status in (200, 400), r.body
     if r.status == 200:
         stored = r.json()["name"]
-        assert re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", stored) and ".." not in stored and not stored.startswith("."), stored
+        assert (
+            re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", stored)
+            and ".." not in stored
+            and not stored.startswith(".")
+        ), stored
         assert stored != "leak.png"  # never written through the symlink
         assert (api.input_dir / stored).read_bytes() == data and not (api.input_dir / stored).is_symlink()
     assert snapshot(trap["root"], skip=("in/", "user/queue.sqlite")) == outside
@@ -317,8 +397,22 @@ def test_upload_names_stay_in_the_input_folder(idle_api, trap, name):
 
 
 WORKFLOW_NAMES = [
-    "..", ".", "%2e%2e", "..%2Fsentinel", "%2e%2e%2fsentinel", "%2e%2e%2F%2e%2e%2Fsecret", "a%2Fb", "..%5Csentinel",
-    "a%00b", "C:%5Csentinel", "%2Fetc%2Fpasswd", "x" * 101, ".hidden", "a/b", "trailing.", "%20leading",
+    "..",
+    ".",
+    "%2e%2e",
+    "..%2Fsentinel",
+    "%2e%2e%2fsentinel",
+    "%2e%2e%2F%2e%2e%2Fsecret",
+    "a%2Fb",
+    "..%5Csentinel",
+    "a%00b",
+    "C:%5Csentinel",
+    "%2Fetc%2Fpasswd",
+    "x" * 101,
+    ".hidden",
+    "a/b",
+    "trailing.",
+    "%20leading",
     "..%2F..%2F" + "x" * 300,
 ]
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import pytest
-import tessera.nodes.autoregressive as ar_nodes
-import tessera.nodes.image as image_nodes
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+import tessera.nodes.autoregressive as ar_nodes
+import tessera.nodes.image as image_nodes
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.gpt import GPT, GPTConfig, gpt_config_metadata
 from tessera.engines.tokens import TokenGrid
 from tessera.engines.vq import VQConfig, VQModel, vq_config_metadata
-
 from tessera.executor import Executor
 from tessera.node import NodeError
 from tessera.registry import NodeRegistry

@@ -18,8 +18,14 @@ from tessera_harness import PYTHON, png_bytes, png_text_chunks, write_custom_nod
 WORKFLOW = {
     "version": 1,
     "nodes": {
-        "1": {"type": "SolidColor", "inputs": {"width": 6, "height": 4, "red": 0.1, "green": 0.2, "blue": 0.3}},
-        "2": {"type": "SaveImage", "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": "cli"}},
+        "1": {
+            "type": "SolidColor",
+            "inputs": {"width": 6, "height": 4, "red": 0.1, "green": 0.2, "blue": 0.3},
+        },
+        "2": {
+            "type": "SaveImage",
+            "inputs": {"images": {"node": "1", "output": "image"}, "filename_prefix": "cli"},
+        },
     },
 }
 BAD = {
@@ -45,7 +51,9 @@ def workdir(tmp_path, monkeypatch):
 
 
 def tessera(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "tessera", *args], cwd=cwd, capture_output=True, text=True, timeout=180, check=False)
+    return subprocess.run(
+        [PYTHON, "-m", "tessera", *args], cwd=cwd, capture_output=True, text=True, timeout=180, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +63,13 @@ def bad_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli_bad")
     (folder / "out").mkdir()
     (folder / "bad.json").write_text(json.dumps(BAD))
-    proc = subprocess.Popen([PYTHON, "-m", "tessera", "run", "bad.json", "--out", "out", *DIRS],
-                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "tessera", "run", "bad.json", "--out", "out", *DIRS],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.folder = folder
     yield proc
     if proc.poll() is None:
@@ -79,8 +92,19 @@ def main(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_run_with_set_then_rerun_the_png(workdir, capsys, bad_run):
-    status, out, err = main(capsys, "run", "wf.json", "--out", "out", *DIRS, "--quiet",
-                            "--set", "1.red=1.0", "--set", "2.filename_prefix=cli set")
+    status, out, err = main(
+        capsys,
+        "run",
+        "wf.json",
+        "--out",
+        "out",
+        *DIRS,
+        "--quiet",
+        "--set",
+        "1.red=1.0",
+        "--set",
+        "2.filename_prefix=cli set",
+    )
     assert status == 0, err
     assert out.splitlines() == [str(Path("out") / "cli set_00001.png")]
     first = workdir / "out" / "cli set_00001.png"
@@ -89,7 +113,9 @@ def test_run_with_set_then_rerun_the_png(workdir, capsys, bad_run):
     # the workflow that ran, overrides included, is in a tEXt chunk named `workflow`
     from tessera.workflow import migrate
 
-    expected = migrate(json.loads(json.dumps(WORKFLOW)))  # what ran: the workflow upgraded to the current version
+    expected = migrate(
+        json.loads(json.dumps(WORKFLOW))
+    )  # what ran: the workflow upgraded to the current version
     expected["nodes"]["1"]["inputs"]["red"] = 1.0
     expected["nodes"]["2"]["inputs"]["filename_prefix"] = "cli set"  # not JSON, so kept as text
     embedded = json.loads(png_text_chunks(first.read_bytes())["workflow"])
@@ -113,10 +139,16 @@ def test_run_a_bad_workflow_fails_naming_the_node(bad_run):
 
 
 def test_run_reports_a_failing_node_and_progress(workdir, capsys):
-    (workdir / "fail.json").write_text(json.dumps({"version": 1, "nodes": {"1": {"type": "Fail", "inputs": {"reason": "no luck"}}}}))
+    (workdir / "fail.json").write_text(
+        json.dumps({"version": 1, "nodes": {"1": {"type": "Fail", "inputs": {"reason": "no luck"}}}})
+    )
     status, _, err = main(capsys, "run", "fail.json", "--out", "out", *DIRS)
     assert status == 1 and "tessera: node 1 (Fail), input 'reason': no luck" in err
-    (workdir / "sleep.json").write_text(json.dumps({"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": 3, "step_seconds": 0}}}}))
+    (workdir / "sleep.json").write_text(
+        json.dumps(
+            {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": 3, "step_seconds": 0}}}}
+        )
+    )
     status, _, err = main(capsys, "run", "sleep.json", "--out", "out", *DIRS)
     assert status == 0 and "3/3" in err and "node 1" in err
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tessera.lab import synthetic
 from tessera.engines.checkpoint import read_safetensors
-from tessera.lab.scorers import score
 from tessera.executor import Executor
+from tessera.lab import synthetic
+from tessera.lab.scorers import score
 from tessera.paths import SOURCE_ROOT
 from tessera.registry import default_registry
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import tessera.nodes.diffusion as dn
-import tessera.nodes.image as image_nodes
 import torch
 from PIL import Image
+
+import tessera.nodes.diffusion as dn
+import tessera.nodes.image as image_nodes
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.flux import Flux, FluxConfig, save_dit
 from tessera.engines.latent import Latent
 from tessera.engines.vae import AutoencoderKL, VAEConfig, save_vae
-
 from tessera.executor import Executor
 from tessera.node import Input, Node, NodeError, Output
 from tessera.registry import NodeRegistry

@@ -37,7 +37,12 @@ class Encode(Node):
 
 
 class Sample(Node):
-    inputs = (Input("model", "MODEL"), Input("cond", "COND"), Input("seed", "INT", default=0, min=0), Input("steps", "INT", default=3, min=1, max=100))
+    inputs = (
+        Input("model", "MODEL"),
+        Input("cond", "COND"),
+        Input("seed", "INT", default=0, min=0),
+        Input("steps", "INT", default=3, min=1, max=100),
+    )
     outputs = (Output("x", "X"),)
 
     def execute(self, ctx, model, cond, seed, steps):
@@ -95,10 +100,16 @@ def two_branch_workflow(seed_a=1, seed_b=2) -> dict:
         "nodes": {
             "model": {"type": "LoadModel"},
             "text": {"type": "Encode", "inputs": {"model": link("model", "model"), "text": "a cat"}},
-            "sample_a": {"type": "Sample", "inputs": {"model": link("model", "model"), "cond": link("text", "cond"), "seed": seed_a}},
+            "sample_a": {
+                "type": "Sample",
+                "inputs": {"model": link("model", "model"), "cond": link("text", "cond"), "seed": seed_a},
+            },
             "decode_a": {"type": "Decode", "inputs": {"x": link("sample_a", "x")}},
             "out_a": {"type": "Sink", "inputs": {"image": link("decode_a", "image")}},
-            "sample_b": {"type": "Sample", "inputs": {"model": link("model", "model"), "cond": link("text", "cond"), "seed": seed_b}},
+            "sample_b": {
+                "type": "Sample",
+                "inputs": {"model": link("model", "model"), "cond": link("text", "cond"), "seed": seed_b},
+            },
             "decode_b": {"type": "Decode", "inputs": {"x": link("sample_b", "x")}},
             "out_b": {"type": "Sink", "inputs": {"image": link("decode_b", "image")}},
         },
@@ -147,7 +158,10 @@ def test_layout_changes_do_not_invalidate_the_cache(executor):
 
 def test_plan_contains_only_nodes_outputs_need_in_dependency_order(executor):
     workflow = two_branch_workflow()
-    workflow["nodes"]["orphan"] = {"type": "Sample", "inputs": {"model": link("model", "model"), "cond": link("text", "cond")}}
+    workflow["nodes"]["orphan"] = {
+        "type": "Sample",
+        "inputs": {"model": link("model", "model"), "cond": link("text", "cond")},
+    }
     plan = executor.compile(executor.validate(workflow))
     assert "orphan" not in plan.order
     position = {n: i for i, n in enumerate(plan.order)}
@@ -186,7 +200,16 @@ def test_node_error_names_node_and_input_and_stops_the_run(executor):
     assert result.status == "error"
     assert result.errors[0]["node"] == "bad" and result.errors[0]["input"] == "threshold"
     assert "threshold too small" in result.errors[0]["message"]
-    assert ("execution_error", {"prompt_id": "p", "node": "bad", "node_type": "Fails", "input": "threshold", "message": "threshold too small"}) in events
+    assert (
+        "execution_error",
+        {
+            "prompt_id": "p",
+            "node": "bad",
+            "node_type": "Fails",
+            "input": "threshold",
+            "message": "threshold too small",
+        },
+    ) in events
 
 
 def test_interrupt_stops_inside_a_running_node(executor):
@@ -255,11 +278,14 @@ def test_replacing_a_model_file_reruns_its_loader(executor, tmp_path):
     folder = tmp_path / "models" / "vae"
     folder.mkdir(parents=True)
     (folder / "a.safetensors").write_bytes(b"x" * 10)
-    workflow = {"version": 1, "nodes": {
-        "w": {"type": "LoadWeights", "inputs": {"file": "a.safetensors"}},
-        "d": {"type": "Decode", "inputs": {"x": link("w", "x")}},
-        "o": {"type": "Sink", "inputs": {"image": link("d", "image")}},
-    }}
+    workflow = {
+        "version": 1,
+        "nodes": {
+            "w": {"type": "LoadWeights", "inputs": {"file": "a.safetensors"}},
+            "d": {"type": "Decode", "inputs": {"x": link("w", "x")}},
+            "o": {"type": "Sink", "inputs": {"image": link("d", "image")}},
+        },
+    }
     first = executor.run(workflow)
     assert first.status == "success", first.errors
     assert first.outputs["o"] == {"value": [20.0]}
@@ -284,12 +310,15 @@ def test_cache_key_names_the_upstream_output_a_link_uses(executor):
     executor.registry.register(Split)
 
     def workflow(output):
-        return {"version": 1, "nodes": {
-            "model": {"type": "LoadModel"},
-            "split": {"type": "Split", "inputs": {"x": link("model", "model")}},
-            "d": {"type": "Decode", "inputs": {"x": link("split", output)}},
-            "o": {"type": "Sink", "inputs": {"image": link("d", "image")}},
-        }}
+        return {
+            "version": 1,
+            "nodes": {
+                "model": {"type": "LoadModel"},
+                "split": {"type": "Split", "inputs": {"x": link("model", "model")}},
+                "d": {"type": "Decode", "inputs": {"x": link("split", output)}},
+                "o": {"type": "Sink", "inputs": {"image": link("d", "image")}},
+            },
+        }
 
     low = executor.run(workflow("low"))
     assert low.status == "success" and low.outputs["o"] == {"value": [0.0]}  # (1 - 1) * 2 * 4
@@ -310,13 +339,16 @@ def test_replacing_an_input_image_reruns_only_its_loader_and_what_follows(tmp_pa
     executor = Executor(registry, tmp_path / "models", tmp_path / "in", tmp_path / "out", "cpu")
     (tmp_path / "in").mkdir()
     Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "in" / "photo.png")
-    workflow = {"version": 1, "nodes": {
-        "load": {"type": "LoadImage", "inputs": {"image": "photo.png"}},
-        "invert": {"type": "ImageInvert", "inputs": {"image": link("load", "image")}},
-        "out": {"type": "Sink", "inputs": {"image": link("invert", "image")}},
-        "solid": {"type": "SolidColor", "inputs": {"width": 4, "height": 4}},
-        "other": {"type": "Sink", "inputs": {"image": link("solid", "image")}},
-    }}
+    workflow = {
+        "version": 1,
+        "nodes": {
+            "load": {"type": "LoadImage", "inputs": {"image": "photo.png"}},
+            "invert": {"type": "ImageInvert", "inputs": {"image": link("load", "image")}},
+            "out": {"type": "Sink", "inputs": {"image": link("invert", "image")}},
+            "solid": {"type": "SolidColor", "inputs": {"width": 4, "height": 4}},
+            "other": {"type": "Sink", "inputs": {"image": link("solid", "image")}},
+        },
+    }
     first = executor.run(workflow)
     assert first.status == "success", first.errors
     assert first.outputs["out"] == {"value": [32.0]}  # 16 pixels inverted to (0, 1, 1)
@@ -334,7 +366,11 @@ SEEN: dict = {}  # node id -> ids of earlier values still alive when it ran
 class Track(Node):
     """Records which earlier outputs still exist when it runs, then adds one to its inputs."""
 
-    inputs = (Input("tag", "STRING", default=""), Input("x", "X", optional=True), Input("y", "X", optional=True))
+    inputs = (
+        Input("tag", "STRING", default=""),
+        Input("x", "X", optional=True),
+        Input("y", "X", optional=True),
+    )
     outputs = (Output("x", "X"),)
 
     def execute(self, ctx, tag, x=None, y=None):
@@ -355,15 +391,23 @@ def test_working_set_shrinks_after_each_values_last_consumer(tmp_path):
     SEEN.clear()
     registry = NodeRegistry()
     registry.register(Track)
-    executor = Executor(registry, tmp_path / "m", tmp_path / "i", tmp_path / "o", "cpu", cache=OutputCache(cpu_bytes=0))
-    t = lambda tag, **links: {"type": "Track", "inputs": {"tag": tag, **{k: link(v, "x") for k, v in links.items()}}}  # noqa: E731
-    workflow = {"version": 1, "nodes": {
-        "1": t("a"),
-        "2": t("b", x="1"),
-        "3": t("c", x="2", y="1"),  # last reader of 1 and 2
-        "4": t("d", x="3"),  # last reader of 3
-        "5": t("e", x="4"),
-    }}
+    executor = Executor(
+        registry, tmp_path / "m", tmp_path / "i", tmp_path / "o", "cpu", cache=OutputCache(cpu_bytes=0)
+    )
+    t = lambda tag, **links: {
+        "type": "Track",
+        "inputs": {"tag": tag, **{k: link(v, "x") for k, v in links.items()}},
+    }  # noqa: E731
+    workflow = {
+        "version": 1,
+        "nodes": {
+            "1": t("a"),
+            "2": t("b", x="1"),
+            "3": t("c", x="2", y="1"),  # last reader of 1 and 2
+            "4": t("d", x="3"),  # last reader of 3
+            "5": t("e", x="4"),
+        },
+    }
     result = executor.run(workflow, targets=["5"])
     assert result.status == "success", result.errors
     assert result.executed == ["1", "2", "3", "4", "5"]
@@ -393,15 +437,26 @@ def test_primitive_nodes_feed_their_constants_through_links(tmp_path):
     registry.register_module(primitives)
     registry.register(Record)
     executor = Executor(registry, tmp_path / "m", tmp_path / "i", tmp_path / "o", "cpu")
-    workflow = {"version": 1, "nodes": {
-        "i": {"type": "Int", "inputs": {"value": 7}},
-        "seed": {"type": "Seed", "inputs": {"seed": 2**63 + 5}},
-        "f": {"type": "Float", "inputs": {"value": 0.25}},
-        "s": {"type": "String", "inputs": {"value": "a red cube"}},
-        "b": {"type": "Boolean", "inputs": {"value": True}},
-        "r1": {"type": "Record", "inputs": {"i": link("i", "value"), "f": link("f", "value"), "s": link("s", "value"), "b": link("b", "value")}},
-        "r2": {"type": "Record", "inputs": {"i": link("seed", "seed")}},
-    }}
+    workflow = {
+        "version": 1,
+        "nodes": {
+            "i": {"type": "Int", "inputs": {"value": 7}},
+            "seed": {"type": "Seed", "inputs": {"seed": 2**63 + 5}},
+            "f": {"type": "Float", "inputs": {"value": 0.25}},
+            "s": {"type": "String", "inputs": {"value": "a red cube"}},
+            "b": {"type": "Boolean", "inputs": {"value": True}},
+            "r1": {
+                "type": "Record",
+                "inputs": {
+                    "i": link("i", "value"),
+                    "f": link("f", "value"),
+                    "s": link("s", "value"),
+                    "b": link("b", "value"),
+                },
+            },
+            "r2": {"type": "Record", "inputs": {"i": link("seed", "seed")}},
+        },
+    }
     result = executor.run(workflow)
     assert result.status == "success", result.errors
     assert result.outputs["r1"] == {"values": [7, 0.25, "a red cube", True]}

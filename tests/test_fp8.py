@@ -131,7 +131,9 @@ def test_fp8_on_a_torch_without_fp8_names_the_input(models_dir, monkeypatch):
 
 def test_an_fp8_file_on_a_torch_without_fp8_names_the_file_and_key(models_dir, monkeypatch):
     monkeypatch.setattr(fp8, "fp8_available", lambda: False)
-    with pytest.raises(CheckpointError, match=r"dit_fp8_e4m3fn\.safetensors, key '.+': stores F8_E4M3 \(fp8\)"):
+    with pytest.raises(
+        CheckpointError, match=r"dit_fp8_e4m3fn\.safetensors, key '.+': stores F8_E4M3 \(fp8\)"
+    ):
         read_safetensors(models_dir / "diffusion_models" / "dit_fp8_e4m3fn.safetensors")
     with pytest.raises(NodeError, match=r"dit_fp8_e4m3fn\.safetensors, key .*torch .* cannot read") as err:
         LoadDiffusionModel().execute(ctx(models_dir), "dit_fp8_e4m3fn.safetensors", "default")

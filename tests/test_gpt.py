@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.gpt import apply_rope, infer_gpt_config, load_gpt, rope_2d

@@ -33,7 +33,12 @@ def test_queue_and_history_survive_sigkill_and_graceful_stop(restart_server):
     s.wait_status(running, ("running",))
     wait_until(lambda: "start long" in s.sleep_log(), message="the long prompt to be inside its node")
     s.kill()  # SIGKILL: no shutdown code runs
-    assert stored_statuses(s) == {finished: "success", running: "running", pending[0]: "pending", pending[1]: "pending"}
+    assert stored_statuses(s) == {
+        finished: "success",
+        running: "running",
+        pending[0]: "pending",
+        pending[1]: "pending",
+    }
 
     s.start()
     gate.touch()
@@ -42,8 +47,17 @@ def test_queue_and_history_survive_sigkill_and_graceful_stop(restart_server):
     # the prompt that was running goes back to the front of the queue; the pending ones follow
     for pid in (running, *pending):
         assert s.wait_status(pid)["status"] == "success"
-    assert s.sleep_log() == ["start finished", "done finished", "start long",  # before the kill
-                             "start long", "done long", "start p1", "done p1", "start p2", "done p2"]
+    assert s.sleep_log() == [
+        "start finished",
+        "done finished",
+        "start long",  # before the kill
+        "start long",
+        "done long",
+        "start p1",
+        "done p1",
+        "start p2",
+        "done p2",
+    ]
     history = s.get_json("/api/history")["items"]
     assert [e["prompt_id"] for e in history] == [pending[1], pending[0], running, finished]
     assert all(e["status"] == "success" for e in history)

@@ -74,6 +74,7 @@ def test_real_model_workflow_runs_to_a_png(models, tmp_path, name):
 def test_workflows_name_the_files_the_catalogue_pulls():
     """What `tessera models pull` writes is what the workflows load (file names, folders, tokenizers)."""
     from tessera import hub
+
     pulled = {f.target for entry in hub.CATALOGUE.values() for f in entry.files}
     folders = {
         "LoadDiffusionModel": "diffusion_models",

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from tessera.engines.attention import attention, attention_backend_name, set_attention_backend
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.flux import Flux, FluxConfig, guided_velocity
@@ -24,7 +25,6 @@ from tessera.engines.schedules import (
     static_shift,
     time_shift,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+
 from tessera.lab import scorers as R
 from tessera.lab import synthetic as S
 

@@ -189,9 +189,7 @@ def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
     assert [p.stem for p in logs] == sorted(
         ["vae", "vq", "dit", "ar", "lora-dit", "lora-gpt", "controlnet-dit", "controlnet-gpt"]
     )
-    assert all(
-        re.search(r"paced to \d+ steps|stopping at step", p.read_text()) for p in logs
-    )
+    assert all(re.search(r"paced to \d+ steps|stopping at step", p.read_text()) for p in logs)
     cards = {}
     for key in ("vae", "vq", "dit", "ar"):
         with safe_open(str(models / training.DEFAULT_FILES[key]), "pt") as f:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+
 from tessera.engines.checkpoint import CheckpointError
 from tessera.engines.vq import VQConfig, VQModel, load_vq, vq_config_metadata
 
@@ -223,7 +224,9 @@ def test_vq_and_vae_are_built_from_the_same_conv_blocks():
 
     vq = VQModel(VQConfig(channels=8, ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, z_channels=8,
                           codebook_size=16, codebook_dim=4, norm_groups=4))  # fmt: skip
-    vae = AutoencoderKL(VAEConfig(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_groups=4))
+    vae = AutoencoderKL(
+        VAEConfig(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_groups=4)
+    )
     blocks = (conv_blocks.ResnetBlock, conv_blocks.AttnBlock, conv_blocks.Downsample, conv_blocks.Upsample)
     for model in (vq, vae):
         used = {type(m) for m in model.modules() if type(m).__name__ in {"ResnetBlock", "ResBlock", "AttnBlock",

@@ -27,7 +27,11 @@ class Number(Node):
 
 class Needs(Node):
     is_output = True
-    inputs = (Input("value", "INT"), Input("image", "IMAGE", optional=True), Input("file", "STRING", model_folder="vae"))
+    inputs = (
+        Input("value", "INT"),
+        Input("image", "IMAGE", optional=True),
+        Input("file", "STRING", model_folder="vae"),
+    )
     outputs = ()
 
     def execute(self, ctx, value, image, file):
@@ -57,7 +61,15 @@ def doc(nodes):
 
 
 def test_a_valid_workflow_passes_and_is_returned(registry):
-    w = doc({"1": {"type": "Number", "inputs": {"value": 3}}, "2": {"type": "Needs", "inputs": {"value": {"node": "1", "output": "value"}, "file": "ae.safetensors"}}})
+    w = doc(
+        {
+            "1": {"type": "Number", "inputs": {"value": 3}},
+            "2": {
+                "type": "Needs",
+                "inputs": {"value": {"node": "1", "output": "value"}, "file": "ae.safetensors"},
+            },
+        }
+    )
     assert wf.validate(w, registry, files)["nodes"]["1"]["inputs"]["value"] == 3
 
 
@@ -66,11 +78,34 @@ def test_a_valid_workflow_passes_and_is_returned(registry):
     [
         ({"type": "Nope"}, None, "unknown node type 'Nope'"),
         ({"type": "Needs", "inputs": {"file": "ae.safetensors"}}, "value", "missing required input"),
-        ({"type": "Needs", "inputs": {"value": {"node": "9", "output": "value"}, "file": "ae.safetensors"}}, "value", "dangling link to missing node '9'"),
-        ({"type": "Needs", "inputs": {"value": {"node": "1", "output": "nope"}, "file": "ae.safetensors"}}, "value", "has no output 'nope'"),
-        ({"type": "Needs", "inputs": {"value": {"node": "1", "output": "text"}, "file": "ae.safetensors"}}, "value", "type mismatch: Number.text is STRING, input needs INT"),
-        ({"type": "Needs", "inputs": {"value": 1, "image": 5, "file": "ae.safetensors"}}, "image", "needs a link from a IMAGE output"),
-        ({"type": "Needs", "inputs": {"value": 1, "file": "missing.safetensors"}}, "file", "not one of the choices"),
+        (
+            {
+                "type": "Needs",
+                "inputs": {"value": {"node": "9", "output": "value"}, "file": "ae.safetensors"},
+            },
+            "value",
+            "dangling link to missing node '9'",
+        ),
+        (
+            {"type": "Needs", "inputs": {"value": {"node": "1", "output": "nope"}, "file": "ae.safetensors"}},
+            "value",
+            "has no output 'nope'",
+        ),
+        (
+            {"type": "Needs", "inputs": {"value": {"node": "1", "output": "text"}, "file": "ae.safetensors"}},
+            "value",
+            "type mismatch: Number.text is STRING, input needs INT",
+        ),
+        (
+            {"type": "Needs", "inputs": {"value": 1, "image": 5, "file": "ae.safetensors"}},
+            "image",
+            "needs a link from a IMAGE output",
+        ),
+        (
+            {"type": "Needs", "inputs": {"value": 1, "file": "missing.safetensors"}},
+            "file",
+            "not one of the choices",
+        ),
         ({"type": "Number", "inputs": {"value": 11}}, "value", "out of range (must be at most 10)"),
         ({"type": "Number", "inputs": {"value": -1}}, "value", "out of range (must be at least 0)"),
         ({"type": "Number", "inputs": {"mode": "c"}}, "mode", "not one of the choices"),
@@ -88,24 +123,37 @@ def test_each_problem_names_node_input_and_reason(registry, node, expected_input
 
 
 def test_cycle_is_reported_on_a_node_in_the_cycle(registry):
-    loop = doc({
-        "1": {"type": "Needs", "inputs": {"value": {"node": "2", "output": "value"}, "file": "ae.safetensors"}},
-        "2": {"type": "Number", "inputs": {"value": {"node": "3", "output": "value"}}},
-        "3": {"type": "Number", "inputs": {"value": {"node": "2", "output": "value"}}},
-    })
+    loop = doc(
+        {
+            "1": {
+                "type": "Needs",
+                "inputs": {"value": {"node": "2", "output": "value"}, "file": "ae.safetensors"},
+            },
+            "2": {"type": "Number", "inputs": {"value": {"node": "3", "output": "value"}}},
+            "3": {"type": "Number", "inputs": {"value": {"node": "2", "output": "value"}}},
+        }
+    )
     found = issues_of(loop, registry)
     assert found[0][0] in ("2", "3") and "cycle" in found[0][2]
 
 
 def test_all_problems_are_reported_at_once(registry):
-    found = issues_of(doc({"1": {"type": "Number", "inputs": {"value": 99, "mode": "z"}}, "2": {"type": "Nope"}}), registry)
+    found = issues_of(
+        doc({"1": {"type": "Number", "inputs": {"value": 99, "mode": "z"}}, "2": {"type": "Nope"}}), registry
+    )
     assert {(n, i) for n, i, _ in found} == {("1", "value"), ("1", "mode"), ("2", None)}
 
 
 @pytest.mark.parametrize(
     "document",
-    [[], {"nodes": {"1": {"type": "Number"}}}, {"version": 1, "nodes": {}}, {"version": 1, "nodes": {"1": {"inputs": {}}}},
-     {"version": 1, "nodes": {"1": {"type": "Number", "colour": "red"}}}, {"version": "1", "nodes": {"1": {"type": "Number"}}}],
+    [
+        [],
+        {"nodes": {"1": {"type": "Number"}}},
+        {"version": 1, "nodes": {}},
+        {"version": 1, "nodes": {"1": {"inputs": {}}}},
+        {"version": 1, "nodes": {"1": {"type": "Number", "colour": "red"}}},
+        {"version": "1", "nodes": {"1": {"type": "Number"}}},
+    ],
 )
 def test_malformed_documents_fail_the_published_schema(registry, document):
     with pytest.raises(wf.InvalidWorkflow):
@@ -113,7 +161,10 @@ def test_malformed_documents_fail_the_published_schema(registry, document):
 
 
 def test_newer_version_is_refused_and_migrations_upgrade_older_ones(registry, monkeypatch):
-    assert "newer than this Tessera" in issues_of({"version": 99, "nodes": {"1": {"type": "Number"}}}, registry)[0][2]
+    assert (
+        "newer than this Tessera"
+        in issues_of({"version": 99, "nodes": {"1": {"type": "Number"}}}, registry)[0][2]
+    )
     monkeypatch.setattr(wf, "CURRENT_VERSION", 2)
 
     def rename_type(old):
@@ -133,7 +184,12 @@ def test_published_schema_file_is_valid_json_schema():
 
 def test_input_schema_is_derived_from_the_declaration():
     schema = Number.input_schema()
-    assert schema["properties"]["value"]["anyOf"][0] == {"type": "integer", "minimum": 0, "maximum": 10, "default": 1}
+    assert schema["properties"]["value"]["anyOf"][0] == {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 10,
+        "default": 1,
+    }
     assert schema["required"] == []
     assert Needs.input_schema(files)["properties"]["file"]["anyOf"][0]["enum"] == ["ae.safetensors"]
     assert Needs.input_schema()["required"] == ["value", "file"]

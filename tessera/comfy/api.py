@@ -46,6 +46,8 @@ def _current(workflow: dict) -> dict:
     if issues:
         raise InvalidWorkflow(issues)
     return upgraded
+
+
 FOLDER_ALIASES = {"unet": "diffusion_models", "clip": "text_encoders"}
 
 
@@ -93,7 +95,9 @@ class ComfyAPI:
     def _on_event(self, kind: str, data: dict) -> None:
         """Called in the emitting thread: translate the event for ComfyUI sockets on the loop."""
         prompt_id = data.get("prompt_id")
-        owner = self.server.owners.get(prompt_id, MISSING) if prompt_id else None  # before a final event drops it
+        owner = (
+            self.server.owners.get(prompt_id, MISSING) if prompt_id else None
+        )  # before a final event drops it
         loop = self.server.loop
         if loop is not None and not loop.is_closed() and self.sockets:
             loop.call_soon_threadsafe(self._translate, kind, dict(data), owner)

@@ -37,7 +37,10 @@ def drag_from_palette(page: Page, node_type: str, x: float, y: float) -> int:
     page.mouse.down()
     page.mouse.move(x, y, steps=8)
     page.mouse.up()
-    new = page.evaluate("(before) => window.tessera.graph._nodes.map((n) => n.id).filter((id) => !before.includes(id))", before)
+    new = page.evaluate(
+        "(before) => window.tessera.graph._nodes.map((n) => n.id).filter((id) => !before.includes(id))",
+        before,
+    )
     assert len(new) == 1, f"dragging {node_type} added {new}"
     return new[0]
 

@@ -26,8 +26,14 @@ LITEGRAPH = ROOT / "web" / "node_modules" / "@comfyorg" / "litegraph" / "dist" /
 SCREENS = ROOT / "artifacts" / "screens"
 VIEWPORT = {"width": 1280, "height": 800}
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -61,13 +67,31 @@ class Server:
 
     def start(self) -> None:
         cmd = [
-            sys.executable, "-m", "tessera", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-            "--models-dir", str(self.models), "--output-dir", str(self.output),
-            "--input-dir", str(self.root / "in"), "--user-dir", str(self.root / "user"),
-            "--device", "cpu", "--custom-nodes-dir", str(self.root / "custom_nodes"),
+            sys.executable,
+            "-m",
+            "tessera",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--models-dir",
+            str(self.models),
+            "--output-dir",
+            str(self.output),
+            "--input-dir",
+            str(self.root / "in"),
+            "--user-dir",
+            str(self.root / "user"),
+            "--device",
+            "cpu",
+            "--custom-nodes-dir",
+            str(self.root / "custom_nodes"),
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.root, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -131,7 +155,8 @@ class ConsoleErrors:
 
     def unexpected(self) -> list[str]:
         return [
-            f"{text} ({url})" for text, url in self.seen
+            f"{text} ({url})"
+            for text, url in self.seen
             if not any(u in url and t in text for u, t in self.allowed)
         ]
 
@@ -172,5 +197,3 @@ def screens():
 def pytest_configure(config):
     # Playwright uses Debian's Chromium; it must never download a browser of its own.
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
-
-

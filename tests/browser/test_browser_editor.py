@@ -29,7 +29,9 @@ def build_solid_to_save(page: Page) -> tuple[int, int]:
 
 def test_palette_lists_nodes_by_category_and_searches(editor: Page):
     page = editor
-    expect(page.locator('.palette-category[data-category="image"] .palette-item[data-type="SaveImage"]')).to_be_visible()
+    expect(
+        page.locator('.palette-category[data-category="image"] .palette-item[data-type="SaveImage"]')
+    ).to_be_visible()
     page.locator("#palette-search").fill("imageblend")
     expect(page.locator(".palette-item")).to_have_count(1)
     expect(page.locator(".palette-item")).to_have_text("ImageBlend")
@@ -102,12 +104,14 @@ def test_save_new_and_open_a_workflow(editor: Page):
 
 
 def title_point(page: Page, node_id: int) -> tuple[float, float]:
-    return tuple(page.evaluate(
-        """(id) => { const app = window.tessera; const n = app.graph.getNodeById(id);
+    return tuple(
+        page.evaluate(
+            """(id) => { const app = window.tessera; const n = app.graph.getNodeById(id);
             const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + 60, n.pos[1] - 15]);
             const b = app.canvasEl.getBoundingClientRect(); return [b.left + x, b.top + y]; }""",
-        node_id,
-    ))
+            node_id,
+        )
+    )
 
 
 def test_undo_redo_delete_copy_paste(editor: Page):
@@ -149,7 +153,9 @@ def test_templates_are_listed(editor: Page, editor_server):
 def test_drop_a_tessera_png_restores_its_workflow(editor: Page, editor_server):
     page = editor
     solid, save = build_solid_to_save(page)
-    page.evaluate(f"() => {{ const w = window.tessera.graph.getNodeById({solid}).widgets.find((w) => w.name === 'width'); w.value = 24; }}")
+    page.evaluate(
+        f"() => {{ const w = window.tessera.graph.getNodeById({solid}).widgets.find((w) => w.name === 'width'); w.value = 24; }}"
+    )
     run_and_wait(page)
     src = wait_for_node_image(page, save)[0]["src"]
     with urllib.request.urlopen(src) as r:
@@ -233,9 +239,7 @@ def test_upload_an_image_and_run_it(editor: Page):
     with page.expect_file_chooser() as chooser:
         page.mouse.click(*widget_point(page, load, "upload image…"))
     chooser.value.set_files(files=[{"name": "dots.png", "mimeType": "image/png", "buffer": png}])
-    page.wait_for_function(
-        f"() => window.tessera.workflow().nodes['{load}'].inputs.image === 'dots.png'"
-    )
+    page.wait_for_function(f"() => window.tessera.workflow().nodes['{load}'].inputs.image === 'dots.png'")
     wait_for_node_image(page, load)
     run_and_wait(page)
     assert wait_for_node_image(page, save)[0]["w"] == 2
@@ -254,7 +258,9 @@ def test_export_and_restore_from_history(editor: Page):
     run_and_wait(page)
     prompt_id = page.evaluate("() => window.tessera.runState.results.at(-1).prompt_id")
     page.locator("#btn-new").click()
-    page.locator(f'.history-item[data-prompt-id="{prompt_id}"]').get_by_role("button", name="Load workflow").click()
+    page.locator(f'.history-item[data-prompt-id="{prompt_id}"]').get_by_role(
+        "button", name="Load workflow"
+    ).click()
     nodes = page.evaluate("() => window.tessera.workflow().nodes")
     assert {v["type"] for v in nodes.values()} == {"SolidColor", "SaveImage"}
 
@@ -269,7 +275,9 @@ def test_refresh_lists_new_model_files(editor: Page, editor_server):
         page.locator("#btn-refresh-nodes").click()
         expect(page.locator(".toast.ok").last).to_contain_text("refreshed")
         page.mouse.click(*widget_point(page, vae, "file"))
-        expect(page.locator(".litecontextmenu .litemenu-entry", has_text="another-vae.safetensors")).to_be_visible()
+        expect(
+            page.locator(".litecontextmenu .litemenu-entry", has_text="another-vae.safetensors")
+        ).to_be_visible()
         page.keyboard.press("Escape")
     finally:
         extra.unlink()
@@ -279,7 +287,9 @@ def test_the_session_survives_a_reload(editor: Page):
     page = editor
     solid, save = build_solid_to_save(page)
     # the session copy is written 300 ms after the last edit: wait for the one with the link
-    page.wait_for_function("() => (localStorage.getItem('tessera.workflow') || '').includes('\"images\":{\"node\"')")
+    page.wait_for_function(
+        "() => (localStorage.getItem('tessera.workflow') || '').includes('\"images\":{\"node\"')"
+    )
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert link_of(page, save, "images") == {"node": str(solid), "output": "image"}

@@ -20,8 +20,16 @@ from canvas_driver import (
 from playwright.sync_api import Page, expect
 from test_browser_editor import drop_file
 
-DIFFUSION_NODES = ["LoadDiffusionModel", "LoadVAE", "LoadTextEncoder", "TextEncode", "EmptyLatent",
-                   "DiTSampler", "VAEDecode", "SaveImage"]
+DIFFUSION_NODES = [
+    "LoadDiffusionModel",
+    "LoadVAE",
+    "LoadTextEncoder",
+    "TextEncode",
+    "EmptyLatent",
+    "DiTSampler",
+    "VAEDecode",
+    "SaveImage",
+]
 AR_NODES = ["LoadARModel", "LoadVQModel", "ARGenerateTokens", "VQDecode", "SaveImage"]
 
 
@@ -35,19 +43,25 @@ def need_nodes(server, names: list[str]) -> dict:
 
 def place(page: Page, spec: dict[str, tuple[float, float]]) -> dict[str, int]:
     """Drags each node type from the palette to its (fx, fy) spot on the canvas."""
-    return {name: drag_from_palette(page, name.split("#")[0], *canvas_point(page, fx, fy)) for name, (fx, fy) in spec.items()}
+    return {
+        name: drag_from_palette(page, name.split("#")[0], *canvas_point(page, fx, fy))
+        for name, (fx, fy) in spec.items()
+    }
 
 
 def test_autoregressive_graph_by_mouse(editor: Page, editor_server, screens):
     page = editor
     need_nodes(editor_server, AR_NODES)
-    n = place(page, {
-        "LoadARModel": (0.04, 0.06),
-        "LoadVQModel": (0.04, 0.30),
-        "ARGenerateTokens": (0.36, 0.04),
-        "VQDecode": (0.68, 0.06),
-        "SaveImage": (0.68, 0.28),
-    })
+    n = place(
+        page,
+        {
+            "LoadARModel": (0.04, 0.06),
+            "LoadVQModel": (0.04, 0.30),
+            "ARGenerateTokens": (0.36, 0.04),
+            "VQDecode": (0.68, 0.06),
+            "SaveImage": (0.68, 0.28),
+        },
+    )
     connect(page, n["LoadARModel"], "model", n["ARGenerateTokens"], "model")
     connect(page, n["LoadVQModel"], "vq", n["ARGenerateTokens"], "vq")
     connect(page, n["LoadVQModel"], "vq", n["VQDecode"], "vq")
@@ -76,16 +90,19 @@ def test_autoregressive_graph_by_mouse(editor: Page, editor_server, screens):
 def test_diffusion_graph_by_mouse(editor: Page, editor_server, screens):
     page = editor
     need_nodes(editor_server, DIFFUSION_NODES)
-    n = place(page, {
-        "LoadTextEncoder": (0.04, 0.03),
-        "TextEncode": (0.04, 0.16),
-        "LoadDiffusionModel": (0.04, 0.40),
-        "LoadVAE": (0.04, 0.57),
-        "EmptyLatent": (0.04, 0.74),
-        "DiTSampler": (0.39, 0.03),
-        "VAEDecode": (0.71, 0.03),
-        "SaveImage": (0.71, 0.24),
-    })
+    n = place(
+        page,
+        {
+            "LoadTextEncoder": (0.04, 0.03),
+            "TextEncode": (0.04, 0.16),
+            "LoadDiffusionModel": (0.04, 0.40),
+            "LoadVAE": (0.04, 0.57),
+            "EmptyLatent": (0.04, 0.74),
+            "DiTSampler": (0.39, 0.03),
+            "VAEDecode": (0.71, 0.03),
+            "SaveImage": (0.71, 0.24),
+        },
+    )
     connect(page, n["LoadTextEncoder"], "text_encoder", n["TextEncode"], "text_encoder")
     connect(page, n["LoadDiffusionModel"], "model", n["DiTSampler"], "model")
     connect(page, n["TextEncode"], "conditioning", n["DiTSampler"], "positive")
@@ -116,20 +133,46 @@ def test_import_a_workflow_file_then_interrupt_the_run(editor: Page, editor_serv
     workflow = {
         "version": 1,
         "nodes": {
-            "1": {"type": "LoadARModel", "inputs": {"model_name": "tiny-gpt.safetensors"}, "ui": {"pos": [20, 40]}},
-            "2": {"type": "ARGenerateTokens", "ui": {"pos": [320, 40]},
-                  "inputs": {"model": {"node": "1", "output": "model"}, "width": 64, "height": 64,
-                             "preview_every": 0, "class_id": 1}},
-            "3": {"type": "LoadVQModel", "inputs": {"model_name": "tiny-vq.safetensors"}, "ui": {"pos": [20, 220]}},
-            "4": {"type": "VQDecode", "inputs": {"vq": {"node": "3", "output": "vq"},
-                                                 "tokens": {"node": "2", "output": "tokens"}}, "ui": {"pos": [620, 40]}},
-            "5": {"type": "PreviewImage", "inputs": {"images": {"node": "4", "output": "image"}}, "ui": {"pos": [620, 200]}},
+            "1": {
+                "type": "LoadARModel",
+                "inputs": {"model_name": "tiny-gpt.safetensors"},
+                "ui": {"pos": [20, 40]},
+            },
+            "2": {
+                "type": "ARGenerateTokens",
+                "ui": {"pos": [320, 40]},
+                "inputs": {
+                    "model": {"node": "1", "output": "model"},
+                    "width": 64,
+                    "height": 64,
+                    "preview_every": 0,
+                    "class_id": 1,
+                },
+            },
+            "3": {
+                "type": "LoadVQModel",
+                "inputs": {"model_name": "tiny-vq.safetensors"},
+                "ui": {"pos": [20, 220]},
+            },
+            "4": {
+                "type": "VQDecode",
+                "inputs": {"vq": {"node": "3", "output": "vq"}, "tokens": {"node": "2", "output": "tokens"}},
+                "ui": {"pos": [620, 40]},
+            },
+            "5": {
+                "type": "PreviewImage",
+                "inputs": {"images": {"node": "4", "output": "image"}},
+                "ui": {"pos": [620, 200]},
+            },
         },
     }
     with page.expect_file_chooser() as chooser:
         page.locator("#btn-import").click()
-    chooser.value.set_files(files=[{"name": "long-ar.json", "mimeType": "application/json",
-                                    "buffer": json.dumps(workflow).encode()}])
+    chooser.value.set_files(
+        files=[
+            {"name": "long-ar.json", "mimeType": "application/json", "buffer": json.dumps(workflow).encode()}
+        ]
+    )
     expect(page.locator(".toast.ok").last).to_contain_text("Imported long-ar.json")
     assert page.evaluate("() => window.tessera.workflow().nodes['2'].inputs.width") == 64
     before = page.evaluate("() => window.tessera.runState.results.length")
@@ -149,13 +192,36 @@ def test_execution_error_marks_node_and_input(editor: Page, editor_server, scree
     workflow = {
         "version": 1,
         "nodes": {
-            "1": {"type": "LoadARModel", "inputs": {"model_name": "tiny-gpt.safetensors"}, "ui": {"pos": [30, 60]}},
-            "2": {"type": "ARGenerateTokens", "ui": {"pos": [340, 40]},
-                  "inputs": {"model": {"node": "1", "output": "model"}, "width": 8, "height": 8, "class_id": 50}},
-            "3": {"type": "LoadVQModel", "inputs": {"model_name": "tiny-vq.safetensors"}, "ui": {"pos": [30, 260]}},
-            "4": {"type": "VQDecode", "inputs": {"vq": {"node": "3", "output": "vq"},
-                                                 "tokens": {"node": "2", "output": "tokens"}}, "ui": {"pos": [640, 60]}},
-            "5": {"type": "PreviewImage", "inputs": {"images": {"node": "4", "output": "image"}}, "ui": {"pos": [640, 220]}},
+            "1": {
+                "type": "LoadARModel",
+                "inputs": {"model_name": "tiny-gpt.safetensors"},
+                "ui": {"pos": [30, 60]},
+            },
+            "2": {
+                "type": "ARGenerateTokens",
+                "ui": {"pos": [340, 40]},
+                "inputs": {
+                    "model": {"node": "1", "output": "model"},
+                    "width": 8,
+                    "height": 8,
+                    "class_id": 50,
+                },
+            },
+            "3": {
+                "type": "LoadVQModel",
+                "inputs": {"model_name": "tiny-vq.safetensors"},
+                "ui": {"pos": [30, 260]},
+            },
+            "4": {
+                "type": "VQDecode",
+                "inputs": {"vq": {"node": "3", "output": "vq"}, "tokens": {"node": "2", "output": "tokens"}},
+                "ui": {"pos": [640, 60]},
+            },
+            "5": {
+                "type": "PreviewImage",
+                "inputs": {"images": {"node": "4", "output": "image"}},
+                "ui": {"pos": [640, 220]},
+            },
         },
     }
     drop_file(page, "#canvas-wrap", "bad-class.json", "application/json", json.dumps(workflow).encode())

@@ -19,13 +19,26 @@ def link(node: str, output: str) -> dict:
 def sleep_then_save(steps: int, label: str) -> dict:
     """Sleep (node 1, runs first: lowest id) then SolidColor -> SaveImage: a run that lasts
     `steps` x 20 ms and ends with an image on node 3."""
-    return {"version": 1, "nodes": {
-        "1": {"type": "Sleep", "inputs": {"steps": steps, "step_seconds": 0.02, "label": label, "preview": True},
-              "ui": {"pos": [40, 60]}},
-        "2": {"type": "SolidColor", "inputs": {"width": 16, "height": 16, "red": 0.2}, "ui": {"pos": [40, 320]}},
-        "3": {"type": "SaveImage", "inputs": {"images": link("2", "image"), "filename_prefix": label},
-              "ui": {"pos": [360, 320]}},
-    }}
+    return {
+        "version": 1,
+        "nodes": {
+            "1": {
+                "type": "Sleep",
+                "inputs": {"steps": steps, "step_seconds": 0.02, "label": label, "preview": True},
+                "ui": {"pos": [40, 60]},
+            },
+            "2": {
+                "type": "SolidColor",
+                "inputs": {"width": 16, "height": 16, "red": 0.2},
+                "ui": {"pos": [40, 320]},
+            },
+            "3": {
+                "type": "SaveImage",
+                "inputs": {"images": link("2", "image"), "filename_prefix": label},
+                "ui": {"pos": [360, 320]},
+            },
+        },
+    }
 
 
 def load(page: Page, workflow: dict) -> None:
@@ -98,16 +111,34 @@ def pixel_of_last_output(page: Page, server) -> tuple[int, int, int]:
         return picture.convert("RGB").getpixel((0, 0))
 
 
-def test_ctrl_b_bypasses_and_ctrl_m_mutes_and_both_are_saved(editor: Page, editor_server, screens, console_errors):
+def test_ctrl_b_bypasses_and_ctrl_m_mutes_and_both_are_saved(
+    editor: Page, editor_server, screens, console_errors
+):
     page = editor
     console_errors.allow("/api/prompt", "400")  # the refused run below
-    load(page, {"version": 1, "nodes": {
-        "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8, "red": 1.0, "green": 0.0, "blue": 0.0},
-              "ui": {"pos": [40, 60]}},
-        "2": {"type": "ImageInvert", "inputs": {"image": link("1", "image")}, "ui": {"pos": [340, 60]}},
-        "3": {"type": "SaveImage", "inputs": {"images": link("2", "image"), "filename_prefix": "bypass"},
-              "ui": {"pos": [620, 60]}},
-    }})
+    load(
+        page,
+        {
+            "version": 1,
+            "nodes": {
+                "1": {
+                    "type": "SolidColor",
+                    "inputs": {"width": 8, "height": 8, "red": 1.0, "green": 0.0, "blue": 0.0},
+                    "ui": {"pos": [40, 60]},
+                },
+                "2": {
+                    "type": "ImageInvert",
+                    "inputs": {"image": link("1", "image")},
+                    "ui": {"pos": [340, 60]},
+                },
+                "3": {
+                    "type": "SaveImage",
+                    "inputs": {"images": link("2", "image"), "filename_prefix": "bypass"},
+                    "ui": {"pos": [620, 60]},
+                },
+            },
+        },
+    )
     page.mouse.click(*title_point(page, 2))
     page.keyboard.press("Control+b")
     assert page.evaluate("() => window.tessera.workflow().nodes['2'].mode") == "bypass"
@@ -126,7 +157,9 @@ def test_ctrl_b_bypasses_and_ctrl_m_mutes_and_both_are_saved(editor: Page, edito
     page.locator("#btn-run").click()
     expect(page.locator(".toast.error").last).to_contain_text("every output node is muted")
     # the mode survives a reload (saved in the workflow)
-    page.wait_for_function("() => (localStorage.getItem('tessera.workflow') || '').includes('\"mode\":\"mute\"')")
+    page.wait_for_function(
+        "() => (localStorage.getItem('tessera.workflow') || '').includes('\"mode\":\"mute\"')"
+    )
     page.reload()
     page.wait_for_selector("body[data-ready=true]")
     assert page.evaluate("() => window.tessera.graph.getNodeById(2).mode") == 2
@@ -183,7 +216,11 @@ def test_seeds_cover_the_full_64_bit_range_exactly(editor: Page):
     page = editor
     build_solid_to_save(page)
     seed = drag_from_palette(page, "Seed", *canvas_point(page, 0.3, 0.7))
-    for typed, expected in [("1e30", 2**64 - 1), ("18446744073709551614", 2**64 - 2), ("9007199254740993", 2**53 + 1)]:
+    for typed, expected in [
+        ("1e30", 2**64 - 1),
+        ("18446744073709551614", 2**64 - 2),
+        ("9007199254740993", 2**53 + 1),
+    ]:
         type_seed(page, seed, typed)
         sent = page.evaluate(
             """async () => { const { stringify } = await import('/js/json-big.js');
@@ -191,7 +228,9 @@ def test_seeds_cover_the_full_64_bit_range_exactly(editor: Page):
         )
         assert json.loads(sent)["nodes"][str(seed)]["inputs"]["seed"] == expected
         # the server takes it as it is
-        valid = page.evaluate("async () => (await window.tessera.api.validate(window.tessera.workflow())).valid")
+        valid = page.evaluate(
+            "async () => (await window.tessera.api.validate(window.tessera.workflow())).valid"
+        )
         assert valid is True
 
 
@@ -220,15 +259,25 @@ def test_every_template_fits_the_screen_without_overlap(editor: Page, screens):
         view = page.evaluate(TEMPLATE_BOXES)
         width, height = view["canvas"]
         assert view["scale"] >= 0.4 and not view["lowQuality"], (name, view["scale"])  # text still drawn
-        minimap = page.evaluate("() => { const m = document.getElementById('minimap').getBoundingClientRect(),"
-                                " c = window.tessera.canvasEl.getBoundingClientRect(); return m.top - c.top; }")
+        minimap = page.evaluate(
+            "() => { const m = document.getElementById('minimap').getBoundingClientRect(),"
+            " c = window.tessera.canvasEl.getBoundingClientRect(); return m.top - c.top; }"
+        )
         for b in view["boxes"]:
-            assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= width and b["y"] + b["h"] <= height, (name, b)
+            assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= width and b["y"] + b["h"] <= height, (
+                name,
+                b,
+            )
             assert b["y"] + b["h"] <= minimap, (name, b)  # nothing hides under the minimap
         boxes = view["boxes"]
         for i, a in enumerate(boxes):
-            for b in boxes[i + 1:]:
-                apart = a["x"] + a["w"] <= b["x"] or b["x"] + b["w"] <= a["x"] or a["y"] + a["h"] <= b["y"] or b["y"] + b["h"] <= a["y"]
+            for b in boxes[i + 1 :]:
+                apart = (
+                    a["x"] + a["w"] <= b["x"]
+                    or b["x"] + b["w"] <= a["x"]
+                    or a["y"] + a["h"] <= b["y"]
+                    or b["y"] + b["h"] <= a["y"]
+                )
                 assert apart, (name, a, b)
         page.screenshot(path=str(screens / f"template-{name}.png"))
     # the Fit button brings a graph zoomed far away back into view; text is drawn at 40%
@@ -243,7 +292,13 @@ def test_every_template_fits_the_screen_without_overlap(editor: Page, screens):
 
 def test_queue_panel_cancels_and_clears_and_run_times_n(editor: Page, screens):
     page = editor
-    load(page, {"version": 1, "nodes": {"1": {"type": "Sleep", "inputs": {"steps": 2000, "step_seconds": 0.02, "label": "q"}}}})
+    load(
+        page,
+        {
+            "version": 1,
+            "nodes": {"1": {"type": "Sleep", "inputs": {"steps": 2000, "step_seconds": 0.02, "label": "q"}}},
+        },
+    )
     page.locator("#run-count").fill("4")
     page.locator("#btn-run").click()
     expect(page.locator(".queue-item")).to_have_count(4)
@@ -282,7 +337,9 @@ def test_search_ranks_exact_then_prefix_and_shows_each_node_once(editor: Page):
     expect(items.first).to_have_attribute("data-type", "TextEncode")
     types = items.evaluate_all("(els) => els.map((e) => decodeURIComponent(e.dataset.type))")
     assert types.index("TextEncode") < types.index("LoadTextEncoder")
-    first = items.first.evaluate("(e) => [e.childNodes[0].textContent, e.querySelector('.lite-search-item-type').textContent]")
+    first = items.first.evaluate(
+        "(e) => [e.childNodes[0].textContent, e.querySelector('.lite-search-item-type').textContent]"
+    )
     assert first == ["TextEncode", "conditioning"]
     box.press("Enter")
     assert page.evaluate("() => window.tessera.graph._nodes.map((n) => n.type)") == ["TextEncode"]
@@ -303,11 +360,20 @@ def test_load_image_lists_the_example_inputs_with_a_preview(editor: Page):
 def test_bad_constants_are_refused_at_submit_naming_the_problem(editor: Page, console_errors):
     page = editor
     console_errors.allow("/api/prompt", "400")
-    load(page, {"version": 1, "nodes": {
-        "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8}, "ui": {"pos": [40, 60]}},
-        "2": {"type": "SaveImage", "inputs": {"images": link("1", "image"), "filename_prefix": "day:1"},
-              "ui": {"pos": [340, 60]}},
-    }})
+    load(
+        page,
+        {
+            "version": 1,
+            "nodes": {
+                "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8}, "ui": {"pos": [40, 60]}},
+                "2": {
+                    "type": "SaveImage",
+                    "inputs": {"images": link("1", "image"), "filename_prefix": "day:1"},
+                    "ui": {"pos": [340, 60]},
+                },
+            },
+        },
+    )
     before = page.evaluate("async () => (await window.tessera.api.history(1)).items.length")
     page.locator("#btn-run").click()
     expect(page.locator(".toast.error").last).to_contain_text("contains ':'")
@@ -343,7 +409,9 @@ def test_history_thumbnail_opens_a_pixelated_lightbox_with_arrow_keys(editor: Pa
     expect(box).to_be_hidden()
 
 
-def test_groups_collapse_colours_and_sizes_survive_a_reload_and_the_minimap_moves_the_view(editor: Page, screens):
+def test_groups_collapse_colours_and_sizes_survive_a_reload_and_the_minimap_moves_the_view(
+    editor: Page, screens
+):
     page = editor
     solid, save = build_solid_to_save(page)
     page.evaluate(
@@ -380,12 +448,21 @@ def test_groups_collapse_colours_and_sizes_survive_a_reload_and_the_minimap_move
 
 def test_a_node_that_grows_for_its_image_pushes_the_node_below(editor: Page):
     page = editor
-    load(page, {"version": 1, "nodes": {
-        "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8}, "ui": {"pos": [40, 60]}},
-        "2": {"type": "SaveImage", "inputs": {"images": link("1", "image"), "filename_prefix": "grow"},
-              "ui": {"pos": [340, 60], "size": [240, 60]}},
-        "3": {"type": "SolidColor", "inputs": {}, "ui": {"pos": [340, 160]}},
-    }})
+    load(
+        page,
+        {
+            "version": 1,
+            "nodes": {
+                "1": {"type": "SolidColor", "inputs": {"width": 8, "height": 8}, "ui": {"pos": [40, 60]}},
+                "2": {
+                    "type": "SaveImage",
+                    "inputs": {"images": link("1", "image"), "filename_prefix": "grow"},
+                    "ui": {"pos": [340, 60], "size": [240, 60]},
+                },
+                "3": {"type": "SolidColor", "inputs": {}, "ui": {"pos": [340, 160]}},
+            },
+        },
+    )
     before = results(page)
     page.locator("#btn-run").click()
     wait_results(page, before + 1)
@@ -415,13 +492,30 @@ def test_settings_panel_hides_the_minimap_and_keeps_it_after_a_reload(editor: Pa
 
 def test_token_region_is_drawn_with_the_mouse_on_the_source_image(editor: Page, screens):
     page = editor
-    load(page, {"version": 2, "nodes": {
-        "1": {"type": "LoadImage", "inputs": {"image": "example.png"}, "ui": {"pos": [40, 60]}},
-        "2": {"type": "LoadVQModel", "inputs": {"file": "tiny-vq.safetensors"}, "ui": {"pos": [40, 420]}},
-        "3": {"type": "VQTokenize", "inputs": {"vq": link("2", "vq"), "image": link("1", "image")},
-              "ui": {"pos": [340, 60]}},
-        "4": {"type": "TokenRegion", "inputs": {"tokens": link("3", "tokens")}, "ui": {"pos": [620, 60]}},
-    }})
+    load(
+        page,
+        {
+            "version": 2,
+            "nodes": {
+                "1": {"type": "LoadImage", "inputs": {"image": "example.png"}, "ui": {"pos": [40, 60]}},
+                "2": {
+                    "type": "LoadVQModel",
+                    "inputs": {"file": "tiny-vq.safetensors"},
+                    "ui": {"pos": [40, 420]},
+                },
+                "3": {
+                    "type": "VQTokenize",
+                    "inputs": {"vq": link("2", "vq"), "image": link("1", "image")},
+                    "ui": {"pos": [340, 60]},
+                },
+                "4": {
+                    "type": "TokenRegion",
+                    "inputs": {"tokens": link("3", "tokens")},
+                    "ui": {"pos": [620, 60]},
+                },
+            },
+        },
+    )
     page.mouse.click(*widget_point(page, 4, "draw on image…"))
     canvas = page.locator("#region-dialog canvas")
     expect(canvas).to_be_visible()
@@ -448,32 +542,94 @@ def test_defaults_that_cannot_trap_a_newcomer(editor: Page, console_errors):
     inputs = page.evaluate(f"() => window.tessera.workflow().nodes['{latent}'].inputs")
     assert (inputs["width"], inputs["height"]) == (0, 0)
     # far above the VAE's native size: it runs, and the editor warns
-    load(page, {"version": 2, "nodes": {
-        "1": {"type": "LoadVAE", "inputs": {"file": "tiny-vae.safetensors"}, "ui": {"pos": [40, 60]}},
-        "2": {"type": "EmptyLatent", "inputs": {"width": 96, "height": 96, "vae": link("1", "vae")}, "ui": {"pos": [340, 60]}},
-        "3": {"type": "VAEDecode", "inputs": {"vae": link("1", "vae"), "latent": link("2", "latent")}, "ui": {"pos": [640, 60]}},
-        "4": {"type": "PreviewImage", "inputs": {"images": link("3", "image")}, "ui": {"pos": [640, 260]}},
-    }})
+    load(
+        page,
+        {
+            "version": 2,
+            "nodes": {
+                "1": {"type": "LoadVAE", "inputs": {"file": "tiny-vae.safetensors"}, "ui": {"pos": [40, 60]}},
+                "2": {
+                    "type": "EmptyLatent",
+                    "inputs": {"width": 96, "height": 96, "vae": link("1", "vae")},
+                    "ui": {"pos": [340, 60]},
+                },
+                "3": {
+                    "type": "VAEDecode",
+                    "inputs": {"vae": link("1", "vae"), "latent": link("2", "latent")},
+                    "ui": {"pos": [640, 60]},
+                },
+                "4": {
+                    "type": "PreviewImage",
+                    "inputs": {"images": link("3", "image")},
+                    "ui": {"pos": [640, 260]},
+                },
+            },
+        },
+    )
     before = results(page)
     page.locator("#btn-run").click()
     assert wait_results(page, before + 1)["status"] == "success"
     expect(page.locator(".toast.warn").last).to_contain_text("far above the VAE's native 32x32")
     # cfg above 1 without a negative is refused when Run is pressed, on the sampler's negative input
-    load(page, {"version": 2, "nodes": {
-        "1": {"type": "LoadDiffusionModel", "inputs": {"file": "tiny-dit.safetensors"}, "ui": {"pos": [40, 60]}},
-        "2": {"type": "LoadTextEncoder", "inputs": {"file": "tiny-text-encoder.safetensors"}, "ui": {"pos": [40, 260]}},
-        "3": {"type": "TextEncode", "inputs": {"text_encoder": link("2", "text_encoder"), "text": "a cat"},
-              "ui": {"pos": [340, 260]}},
-        "4": {"type": "EmptyLatent", "inputs": {"width": 32, "height": 32, "channels": 4}, "ui": {"pos": [340, 460]}},
-        "5": {"type": "DiTSampler", "inputs": {"model": link("1", "model"), "positive": link("3", "conditioning"),
-              "latent": link("4", "latent"), "cfg": 4.0, "steps": 2}, "ui": {"pos": [640, 60]}},
-        "6": {"type": "SaveImage", "inputs": {"images": link("7", "image")}, "ui": {"pos": [1200, 60]}},
-        "7": {"type": "VAEDecode", "inputs": {"vae": link("8", "vae"), "latent": link("5", "latent")}, "ui": {"pos": [940, 60]}},
-        "8": {"type": "LoadVAE", "inputs": {"file": "tiny-vae.safetensors"}, "ui": {"pos": [640, 460]}},
-    }})
+    load(
+        page,
+        {
+            "version": 2,
+            "nodes": {
+                "1": {
+                    "type": "LoadDiffusionModel",
+                    "inputs": {"file": "tiny-dit.safetensors"},
+                    "ui": {"pos": [40, 60]},
+                },
+                "2": {
+                    "type": "LoadTextEncoder",
+                    "inputs": {"file": "tiny-text-encoder.safetensors"},
+                    "ui": {"pos": [40, 260]},
+                },
+                "3": {
+                    "type": "TextEncode",
+                    "inputs": {"text_encoder": link("2", "text_encoder"), "text": "a cat"},
+                    "ui": {"pos": [340, 260]},
+                },
+                "4": {
+                    "type": "EmptyLatent",
+                    "inputs": {"width": 32, "height": 32, "channels": 4},
+                    "ui": {"pos": [340, 460]},
+                },
+                "5": {
+                    "type": "DiTSampler",
+                    "inputs": {
+                        "model": link("1", "model"),
+                        "positive": link("3", "conditioning"),
+                        "latent": link("4", "latent"),
+                        "cfg": 4.0,
+                        "steps": 2,
+                    },
+                    "ui": {"pos": [640, 60]},
+                },
+                "6": {
+                    "type": "SaveImage",
+                    "inputs": {"images": link("7", "image")},
+                    "ui": {"pos": [1200, 60]},
+                },
+                "7": {
+                    "type": "VAEDecode",
+                    "inputs": {"vae": link("8", "vae"), "latent": link("5", "latent")},
+                    "ui": {"pos": [940, 60]},
+                },
+                "8": {
+                    "type": "LoadVAE",
+                    "inputs": {"file": "tiny-vae.safetensors"},
+                    "ui": {"pos": [640, 460]},
+                },
+            },
+        },
+    )
     page.locator("#btn-run").click()
     expect(page.locator(".toast.error").last).to_contain_text("needs a negative conditioning")
-    assert page.evaluate("() => window.tessera.graph.getNodeById(5).errors.map((e) => e.input)") == ["negative"]
+    assert page.evaluate("() => window.tessera.graph.getNodeById(5).errors.map((e) => e.input)") == [
+        "negative"
+    ]
 
 
 def test_double_click_on_an_output_opens_it_in_the_lightbox(editor: Page):
@@ -482,7 +638,9 @@ def test_double_click_on_an_output_opens_it_in_the_lightbox(editor: Page):
     before = results(page)
     page.locator("#btn-run").click()
     wait_results(page, before + 1)
-    page.wait_for_function(f"() => (window.tessera.graph.getNodeById({save}).images ?? []).some((i) => i.naturalWidth > 0)")
+    page.wait_for_function(
+        f"() => (window.tessera.graph.getNodeById({save}).images ?? []).some((i) => i.naturalWidth > 0)"
+    )
     page.evaluate("() => window.tessera.drawNow()")
     point = page.evaluate(
         """(id) => { const app = window.tessera, n = app.graph.getNodeById(id);
