@@ -1121,7 +1121,7 @@ def train_ar(
     dev = options.device
     te = _frozen(load_text_encoder(text_encoder_path)).to(dev)
     vq = _frozen(load_vq(vq_path)).to(dev)
-    grid = 64 // vq.downsample
+    grid = synthetic.IMAGE_SIZE // vq.downsample
     if init_from:
         model = load_gpt(init_from).requires_grad_(True)
         config = model.config
@@ -1143,7 +1143,6 @@ def train_ar(
         gen = step_generator(options.seed, step)
         # the same draw as the DiT's, so both generators drop the same captions
         _, drop = drop_captions(batch.captions, gen)
-        drop = drop.to(dev)
         with torch.no_grad():
             cond = te.encode(batch.captions)  # fp32, as the nodes run it
             with _autocast(options):
@@ -1163,7 +1162,8 @@ def train_ar(
         model,
         options.steps,
         ema_decay=ema_decay,
-        objective="next-token cross-entropy over the 8x8 VQ tokens in raster order after the caption "
+        objective=f"next-token cross-entropy over the {config.grid_size}x{config.grid_size} VQ tokens in raster "
+        "order after the caption "
         "prefix; dropped captions use the learned null caption (uncond_embedding); "
         "weights are the EMA",
         **_generator_card_fields(text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv, vq.quantize),
