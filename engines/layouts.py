@@ -206,11 +206,21 @@ def related_files(path: str | Path) -> list[Path]:
 _MARKS = (
     ("all-in-one checkpoint", ("model.diffusion_model.",)),
     ("Flux DiT", ("img_in.weight", "x_embedder.weight", "double_blocks.0.img_attn.qkv.weight")),
+    (
+        "multi-scale VQ tokenizer",  # VAR's VQVAE: its φ convs or its per-scale usage buffer
+        (
+            "quantize.quant_resi.qresi_ls.0.weight",
+            "quantize.quant_resi.qresi.weight",
+            "quantize.quant_resi.0.weight",
+            "quantize.ema_vocab_hit_SV",
+        ),
+    ),
     ("VQ tokenizer", ("quantize.embedding.weight",)),
     ("AutoencoderKL VAE", ("decoder.conv_in.weight",)),
     ("CLIP text encoder", ("embeddings.token_embedding.weight",)),
     ("T5 text encoder", ("encoder.block.0.layer.0.SelfAttention.q.weight",)),
     ("LlamaGen GPT", ("tok_embeddings.weight",)),
+    ("VAR transformer", ("pos_1LC", "lvl_embed.weight")),
     ("Tessera character-level text encoder", ("pooled_proj.weight",)),
 )
 

@@ -393,22 +393,26 @@ class MultiScaleQuantizer(nn.Module):
             return f_hat.new_zeros(f_hat.shape[0], 0, self.config.z_channels)
         return torch.cat(parts, dim=1)
 
-    def forward(self, f: Tensor) -> tuple[Tensor, Tensor]:
-        """Training: (f_hat with a straight-through gradient to f, the VQ loss averaged over scales).
+    def forward(self, f: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Training: (f_hat with a straight-through gradient to f, the VQ loss averaged over scales,
+        the id map [B, pn, pn] of every scale).
 
-        The loss per scale is beta·|sg(f_hat) - f|² + |f_hat - sg(f)|², as VAR trains it."""
+        The loss per scale is beta·|sg(f_hat) - f|² + |f_hat - sg(f)|², as VAR trains it; the codes
+        (`embedding`) and the φ convs get gradients through the second term."""
         f32 = f.float()
         target = f32.detach()
         f_hat = torch.zeros_like(target)
         loss = f32.new_zeros(())
         last = len(self.patch_nums) - 1
+        maps = []
         for si, pn in enumerate(self.patch_nums):
             rest = (target - f_hat).detach()
             with torch.no_grad():
                 ids = self.nearest(rest if si == last else F.interpolate(rest, size=(pn, pn), mode="area"))
+            maps.append(ids)
             f_hat = f_hat + self._full_size(si, self.embedding(ids).permute(0, 3, 1, 2).float(), f.shape[-2:])
             loss = loss + self.config.beta * F.mse_loss(f_hat.detach(), f32) + F.mse_loss(f_hat, target)
-        return (f_hat.detach() - target) + f32, loss / len(self.patch_nums)
+        return (f_hat.detach() - target) + f32, loss / len(self.patch_nums), maps
 
 
 class MultiScaleVQ(nn.Module):
@@ -477,11 +481,11 @@ class MultiScaleVQ(nn.Module):
         p = next(self.parameters())
         return self.decode_fhat(self.quantize.fhat(tokens.to(p.device).maps))
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Training: (reconstruction [B, 3, S, S], VQ loss)."""
-        f_hat, loss = self.quantize(self.features(images))
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, MultiScaleTokens]:
+        """Training: (reconstruction [B, 3, S, S] with gradients everywhere, VQ loss, the id maps)."""
+        f_hat, loss, maps = self.quantize(self.features(images))
         p = next(self.parameters())
-        return self.decoder(self.post_quant_conv(f_hat.to(p.dtype))), loss
+        return self.decoder(self.post_quant_conv(f_hat.to(p.dtype))), loss, MultiScaleTokens(tuple(maps))
 
 
 # ---------------------------------------------------------------- files

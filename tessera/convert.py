@@ -135,6 +135,18 @@ def detect_family(
             cfg = infer_vq_config(sd, {"tessera.config": json.dumps(overrides)})
             _check_shapes(lambda: VQModel(cfg), sd, path)
             config = asdict(cfg)
+        elif family == "multi-scale VQ tokenizer" and "encoder.conv_in.weight" in sd:
+            from tessera.engines.multiscale_vq import MultiScaleVQ, infer_multiscale_vq_config
+
+            ms_cfg = infer_multiscale_vq_config(sd, {"tessera.config": json.dumps(overrides)})
+            _check_shapes(lambda: MultiScaleVQ(ms_cfg), sd, path)
+            config = asdict(ms_cfg)
+        elif family == "VAR transformer" and "word_embed.weight" in sd:
+            from tessera.engines.var import VAR, infer_var_config
+
+            var_cfg = infer_var_config(sd, {"tessera.config": json.dumps(overrides)})
+            _check_shapes(lambda: VAR(var_cfg), sd, path)
+            config = asdict(var_cfg)
         elif family == "Flux DiT" and detect_dit_layout(sd) == "bfl":
             config = asdict(infer_dit_config(sd, path, overrides))
         elif family == "AutoencoderKL VAE" and detect_vae_layout(sd) == "ldm":
