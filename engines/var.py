@@ -244,6 +244,34 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(cfg)
         self.head = nn.Linear(c, cfg.vocab_size)
 
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> VAR:
+        """VAR's training init: truncated normals of std √(1/3C) for weights and tables, zero
+        biases, the head scaled by 0.02, the AdaLN projections by 0.5 (their γ rows by 1e-5, so
+        each block starts close to the identity), residual outputs by 1/√(2·depth)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = math.sqrt(1 / self.config.width / 3)
+
+        def normal_(t: Tensor) -> None:
+            t.copy_(torch.nn.init.trunc_normal_(torch.empty(t.shape), std=std, generator=gen))
+
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                normal_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+        for p in (self.pos_start, self.pos_1LC):
+            normal_(p)
+        c, depth = self.config.width, self.config.depth
+        self.head.weight.mul_(0.02)
+        self.head_nm.ada_lin[-1].weight.mul_(0.5)
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            block.ada_lin[-1].weight[2 * c :].mul_(0.5)
+            block.ada_lin[-1].weight[: 2 * c].mul_(1e-5)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.word_embed.weight.device
