@@ -270,3 +270,160 @@ def write_llamagen(models: Path, kind: str) -> None:
         (folder / "config.json").write_text(json.dumps(config))
         write_t5_tokenizer(folder)
     save(random_state(GPT(cfg), 6), models / "ar_models" / name, gpt_config_metadata(cfg))
+
+
+# ---------------------------------------------------------------- VAR (FoundationVision), as its .pth files hold it
+
+VAR_PATCH_NUMS = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    13,
+    16,
+)  # the published scale list (the files store only its length)
+
+
+def _conv(sd: dict, key: str, cout: int, cin: int, k: int) -> None:
+    sd[f"{key}.weight"], sd[f"{key}.bias"] = (cout, cin, k, k), (cout,)
+
+
+def _resnet(sd: dict, key: str, cin: int, cout: int) -> None:
+    for norm, c in (("norm1", cin), ("norm2", cout)):
+        sd[f"{key}.{norm}.weight"], sd[f"{key}.{norm}.bias"] = (c,), (c,)
+    _conv(sd, f"{key}.conv1", cout, cin, 3)
+    _conv(sd, f"{key}.conv2", cout, cout, 3)
+    if cin != cout:
+        _conv(sd, f"{key}.nin_shortcut", cout, cin, 1)
+
+
+def _attn(sd: dict, key: str, c: int) -> None:
+    sd[f"{key}.norm.weight"], sd[f"{key}.norm.bias"] = (c,), (c,)
+    _conv(sd, f"{key}.qkv", 3 * c, c, 1)
+    _conv(sd, f"{key}.proj_out", c, c, 1)
+
+
+def var_vqvae_shapes(
+    ch: int = 32, ch_mult: tuple[int, ...] = (1, 1), num_res_blocks: int = 1, z: int = 4, vocab: int = 64
+) -> dict[str, tuple]:
+    """Tensor names and shapes of VAR's `VQVAE` (models/vqvae.py + basic_vae.py + quant.py), written
+    out from that code's module tree: `encoder.down.i.block.j`, `attn.j` with one fused `qkv` conv,
+    `decoder.up.i` numbered from full resolution, four shared φ convs `quantize.quant_resi.qresi_ls.k`
+    and the per-scale usage buffer `quantize.ema_vocab_hit_SV` [scales, vocab]."""
+    sd: dict[str, tuple] = {}
+    n = len(ch_mult)
+    _conv(sd, "encoder.conv_in", ch, 3, 3)
+    block_in = ch
+    for i in range(n):
+        out = ch * ch_mult[i]
+        for j in range(num_res_blocks):
+            _resnet(sd, f"encoder.down.{i}.block.{j}", block_in, out)
+            block_in = out
+            if i == n - 1:
+                _attn(sd, f"encoder.down.{i}.attn.{j}", out)
+        if i != n - 1:
+            _conv(sd, f"encoder.down.{i}.downsample.conv", out, out, 3)
+    for part in ("encoder", "decoder"):
+        c = ch * ch_mult[-1]
+        _resnet(sd, f"{part}.mid.block_1", c, c)
+        _attn(sd, f"{part}.mid.attn_1", c)
+        _resnet(sd, f"{part}.mid.block_2", c, c)
+    sd["encoder.norm_out.weight"], sd["encoder.norm_out.bias"] = (block_in,), (block_in,)
+    _conv(sd, "encoder.conv_out", z, block_in, 3)
+    block_in = ch * ch_mult[-1]
+    _conv(sd, "decoder.conv_in", block_in, z, 3)
+    for i in reversed(range(n)):
+        out = ch * ch_mult[i]
+        for j in range(num_res_blocks + 1):
+            _resnet(sd, f"decoder.up.{i}.block.{j}", block_in, out)
+            block_in = out
+            if i == n - 1:
+                _attn(sd, f"decoder.up.{i}.attn.{j}", out)
+        if i != 0:
+            _conv(sd, f"decoder.up.{i}.upsample.conv", out, out, 3)
+    sd["decoder.norm_out.weight"], sd["decoder.norm_out.bias"] = (block_in,), (block_in,)
+    _conv(sd, "decoder.conv_out", 3, block_in, 3)
+    sd["quantize.embedding.weight"] = (vocab, z)
+    for k in range(4):
+        _conv(sd, f"quantize.quant_resi.qresi_ls.{k}", z, z, 3)
+    sd["quantize.ema_vocab_hit_SV"] = (len(VAR_PATCH_NUMS), vocab)
+    _conv(sd, "quant_conv", z, z, 3)
+    _conv(sd, "post_quant_conv", z, z, 3)
+    return sd
+
+
+def var_shapes(depth: int = 2, z: int = 4, vocab: int = 64, num_classes: int = 10) -> dict[str, tuple]:
+    """Tensor names and shapes of VAR's transformer (models/var.py + basic_var.py) as
+    `build_vae_var` makes it: width 64·depth, heads = depth, l2-normalised attention (so each block
+    has `attn.scale_mul_1H11`), per-block `ada_lin`, and the two buffers `lvl_1L`, `attn_bias_for_masking`."""
+    c, seq = 64 * depth, sum(p * p for p in VAR_PATCH_NUMS)
+    sd: dict[str, tuple] = {
+        "word_embed.weight": (c, z),
+        "word_embed.bias": (c,),
+        "class_emb.weight": (num_classes + 1, c),
+        "pos_start": (1, 1, c),
+        "pos_1LC": (1, seq, c),
+        "lvl_embed.weight": (len(VAR_PATCH_NUMS), c),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}"
+        sd[f"{b}.attn.mat_qkv.weight"] = (3 * c, c)
+        for name in ("q_bias", "v_bias", "zero_k_bias"):
+            sd[f"{b}.attn.{name}"] = (c,)
+        sd[f"{b}.attn.scale_mul_1H11"] = (1, depth, 1, 1)
+        sd[f"{b}.attn.proj.weight"], sd[f"{b}.attn.proj.bias"] = (c, c), (c,)
+        sd[f"{b}.ffn.fc1.weight"], sd[f"{b}.ffn.fc1.bias"] = (4 * c, c), (4 * c,)
+        sd[f"{b}.ffn.fc2.weight"], sd[f"{b}.ffn.fc2.bias"] = (c, 4 * c), (c,)
+        sd[f"{b}.ada_lin.1.weight"], sd[f"{b}.ada_lin.1.bias"] = (6 * c, c), (6 * c,)
+    sd["head_nm.ada_lin.1.weight"], sd["head_nm.ada_lin.1.bias"] = (2 * c, c), (2 * c,)
+    sd["head.weight"], sd["head.bias"] = (vocab, c), (vocab,)
+    return sd
+
+
+def _filled(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in shapes.items():
+        t = torch.randn(shape, generator=g) * 0.2
+        if k.endswith(("norm1.weight", "norm2.weight", "norm.weight", "norm_out.weight")):
+            t = t + 1
+        if k.endswith(("zero_k_bias", "ema_vocab_hit_SV")):
+            t = torch.zeros(shape)
+        sd[k] = t
+    return sd
+
+
+def var_vqvae_state(seed: int = 7, **sizes) -> dict[str, torch.Tensor]:
+    """A random VAR VQVAE state dict in the published layout (`var_vqvae_shapes`)."""
+    return _filled(var_vqvae_shapes(**sizes), seed)
+
+
+def var_state(seed: int = 8, depth: int = 2, **sizes) -> dict[str, torch.Tensor]:
+    """A random VAR transformer state dict in the published layout, with its level and mask buffers."""
+    sd = _filled(var_shapes(depth, **sizes), seed)
+    levels = torch.cat([torch.full((p * p,), i) for i, p in enumerate(VAR_PATCH_NUMS)])
+    sd["lvl_1L"] = levels[None].clone()
+    sd["attn_bias_for_masking"] = torch.where(levels[:, None] >= levels[None, :], 0.0, -torch.inf)[None, None]
+    return sd
+
+
+def write_var_pth(folder: Path, depth: int = 2) -> tuple[Path, Path]:
+    """`vae_ch160v4096z32.pth` and `var_d{depth}.pth` as FoundationVision publishes them (plain state
+    dicts saved with torch.save), for `tessera convert`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vae, var = folder / "vae_ch160v4096z32.pth", folder / f"var_d{depth}.pth"
+    torch.save(var_vqvae_state(), vae)
+    torch.save(var_state(depth=depth), var)
+    return vae, var
+
+
+def write_var(models: Path, depth: int = 2) -> tuple[Path, Path]:
+    """The same two models as bare safetensors (the published tensors, no metadata) in
+    `vq_models/` and `ar_models/`: every setting must come from the shapes."""
+    vae = save(var_vqvae_state(), models / "vq_models" / "vae_ch160v4096z32.safetensors")
+    var = save(var_state(depth=depth), models / "ar_models" / f"var_d{depth}.safetensors")
+    return vae, var
