@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import secrets
 import sys
@@ -29,6 +30,17 @@ def _dirs(parser: argparse.ArgumentParser) -> None:
         choices=("off", "default", "max"),
         default=None,
         help="torch.compile the DiT blocks and the AR decode step (default: off on CPU, default on CUDA)",
+    )
+
+
+def _cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--worker-cpus", type=int, default=0, help="CPU workers on this machine (one thread each)"
+    )
+    parser.add_argument(
+        "--cluster-token",
+        default=os.environ.get("TESSERA_CLUSTER_TOKEN"),
+        help="the Ray cluster's token (default: $TESSERA_CLUSTER_TOKEN); required beyond loopback",
     )
 
 
@@ -80,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest workflow copied into each PNG; larger ones are referenced by prompt id",
     )
     _dirs(serve)
+    _cluster_flags(serve)
+    serve.add_argument(
+        "--workers",
+        metavar="ray|ray://HOST:PORT",
+        help="run prompts on Ray workers: 'ray' starts a local head, HOST:PORT or ray://HOST:PORT joins "
+        "a cluster (pip install 'tessera[cluster]'); the queue and history stay here",
+    )
+    serve.add_argument(
+        "--worker-outputs",
+        choices=("stream", "shared"),
+        default="stream",
+        help="workers send their output files back (stream), or write them into --output-dir, "
+        "a folder they share at the same path (shared)",
+    )
+
+    worker = sub.add_parser("worker", help="add this machine's workers to a Tessera cluster (Ray)")
+    worker.add_argument("--address", required=True, help="the Ray head, HOST:PORT or ray://HOST:PORT")
+    worker.add_argument(
+        "--work-dir", type=Path, help="where streamed outputs are staged (default: a temporary folder)"
+    )
+    worker.add_argument("--custom-nodes-dir", type=Path, default=Path("custom_nodes"))
+    worker.add_argument(
+        "--cache-ram-gb", type=float, default=8.0, help="byte budget of cached outputs in RAM"
+    )
+    worker.add_argument(
+        "--vram-budget", metavar="SIZE", help="model weights kept on each GPU, e.g. 12GiB (as for serve)"
+    )
+    worker.add_argument("--gpus", type=int, help="GPU workers (default: one per GPU)")
+    worker.add_argument("--models-dir", type=Path, default=default_models_dir())
+    worker.add_argument("--input-dir", type=Path, default=Path("input"))
+    _cluster_flags(worker)
 
     run = sub.add_parser("run", help="run a workflow (.json, or a .png made by Tessera) headless")
     run.add_argument("workflow", type=Path)
@@ -323,6 +366,7 @@ def cmd_serve(args) -> int:
         token=token,
         cache_ram_bytes=int(args.cache_ram_gb * 2**30),
         cache_vram_bytes=int(args.cache_vram_gb * 2**30),
+        cluster=_cluster_config(args, vram_budget),
         budgets=Budgets(
             max_body_bytes=int(args.max_body_mb * 2**20),
             max_nodes=args.max_nodes,
@@ -341,8 +385,51 @@ def cmd_serve(args) -> int:
         f"?token={token}" if token else ""
     )
     print(f"Tessera {server.executor.device} — open {url}", flush=True)
+    if config.cluster is not None:
+        print(
+            f"Tessera cluster at {server.worker.address}: add workers with `tessera worker --address "
+            f"{server.worker.address}` and the cluster token",
+            flush=True,
+        )
     web.run_app(server.make_app(), host=host, port=args.port, print=None, handle_signals=True)
     return 0
+
+
+def _cluster_config(args, vram_budget: int | None):
+    if args.workers is None:
+        return None
+    from tessera.cluster import ClusterConfig
+
+    return ClusterConfig(
+        args.workers,
+        worker_cpus=args.worker_cpus,
+        outputs=args.worker_outputs,
+        token=args.cluster_token,
+        custom_nodes_dir=str(args.custom_nodes_dir) if args.custom_nodes_dir.is_dir() else None,
+        vram_budget=vram_budget,
+    )
+
+
+def cmd_worker(args) -> int:
+    from tessera.cluster import ClusterError, WorkerSettings, default_work_dir, run_worker
+    from tessera.model_manager import parse_bytes
+
+    try:
+        vram_budget = None if args.vram_budget is None else parse_bytes(args.vram_budget)
+    except ValueError as e:
+        raise SystemExit(f"tessera worker: --vram-budget: {e}") from None
+    settings = WorkerSettings(
+        str(args.models_dir.resolve()),
+        str(args.input_dir.resolve()),
+        str((args.work_dir or Path(default_work_dir())).resolve()),
+        custom_nodes_dir=str(args.custom_nodes_dir.resolve()) if args.custom_nodes_dir.is_dir() else None,
+        cache_ram_bytes=int(args.cache_ram_gb * 2**30),
+        vram_budget=vram_budget,
+    )
+    try:
+        return run_worker(args.address, args.cluster_token, settings, args.worker_cpus, args.gpus)
+    except ClusterError as e:
+        raise SystemExit(f"tessera worker: {e}") from None
 
 
 def cmd_script(folder: str, args: list[str]) -> int:
@@ -369,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "worker":
+        return cmd_worker(args)
     if args.command == "validate":
         return cmd_validate(args)
     if args.command == "nodes":

@@ -106,6 +106,23 @@ class PromptStore:
             )
         return self.get(row["prompt_id"])
 
+    def claim(self, prompt_id: str) -> dict | None:
+        """Mark one pending prompt as running (a cluster re-attaching to a run in progress)."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE prompts SET status='running', started=? WHERE prompt_id=? AND status='pending'",
+                (time.time(), prompt_id),
+            )
+        return self.get(prompt_id) if cursor.rowcount else None
+
+    def requeue(self, prompt_id: str) -> None:
+        """Put a running prompt back in the queue; it keeps its number, so it is next."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE prompts SET status='pending', started=NULL WHERE prompt_id=? AND status='running'",
+                (prompt_id,),
+            )
+
     def finish(
         self, prompt_id: str, status: str, outputs: dict, errors: list, timings: dict, cached: list
     ) -> None:

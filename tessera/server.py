@@ -83,6 +83,7 @@ class ServerConfig:
     cache_ram_bytes: int = 8 << 30
     cache_vram_bytes: int = 16 << 30
     budgets: Budgets = field(default_factory=Budgets)
+    cluster: object | None = None  # a tessera.cluster.ClusterConfig: prompts run on Ray workers
 
 
 class Refused(Exception):
@@ -277,7 +278,14 @@ class TesseraServer:
         self.loop: asyncio.AbstractEventLoop | None = None
         # Validation and compilation: off the event loop, two at a time at most.
         self.checks = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tessera-validate")
-        self.worker = PromptWorker(self.store, self.executor, self.emit_threadsafe, self.health, self.quota)
+        if config.cluster is not None:  # Ray is imported only when a cluster is asked for
+            from tessera.cluster import dispatcher_for
+
+            self.worker = dispatcher_for(self)
+        else:
+            self.worker = PromptWorker(
+                self.store, self.executor, self.emit_threadsafe, self.health, self.quota
+            )
 
     # -- events ---------------------------------------------------------------------------
     def emit_threadsafe(self, kind: str, data: dict) -> None:
@@ -443,7 +451,12 @@ class TesseraServer:
         return error("invalid workflow", 400, errors=issues)
 
     async def queue(self, request):
-        return json_response({"running": self.store.items("running"), "pending": self.store.items("pending")})
+        running = self.store.items("running")
+        if self.config.cluster is not None:  # which worker runs each prompt, and why it was chosen
+            assigned = self.worker.assignments()
+            for item in running:
+                item.update(assigned.get(item["prompt_id"], {}))
+        return json_response({"running": running, "pending": self.store.items("pending")})
 
     async def cancel(self, request):
         prompt_id = request.match_info["prompt_id"]
@@ -655,6 +668,8 @@ class TesseraServer:
             "embedded_workflow_bytes": b.embedded_workflow_bytes,
         }
         info["output_bytes"] = self.quota.used
+        if self.config.cluster is not None:
+            info["cluster"] = self.worker.describe()  # its workers, the models each holds
         return json_response(info)
 
     async def openapi(self, request):
