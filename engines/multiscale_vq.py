@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .attention import attention
 from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
 from .conv_blocks import Downsample, ResnetBlock, Upsample, group_norm
+from .layouts import wrong_family
 
 # VAR's ten scales for a 256-px image through a 16x tokenizer.
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -603,6 +604,7 @@ def load_multiscale_vq(
 ) -> MultiScaleVQ:
     """Load a multi-scale VQ tokenizer (VAR layout) from a `.safetensors` file."""
     sd, metadata = read_safetensors(path)
+    wrong_family(sd, path, "multi-scale VQ tokenizer")
     return multiscale_vq_from_state_dict(sd, metadata, path).to(device, dtype)
 
 

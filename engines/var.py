@@ -39,6 +39,7 @@ from .ar_decoding import ImageNoise, draw, guidance_scales, token_probs
 from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
 from .conditioning import Conditioning
 from .gpt import CaptionProjection
+from .layouts import wrong_family
 from .multiscale_vq import DEFAULT_PATCH_NUMS, MultiScaleQuantizer, MultiScaleTokens
 
 Callback = Callable[[dict], None]
@@ -669,6 +670,7 @@ def var_from_state_dict(
 def load_var(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> VAR:
     """Load a VAR transformer (FoundationVision layout, or ours with a caption path) from `.safetensors`."""
     sd, metadata = read_safetensors(path)
+    wrong_family(sd, path, "VAR transformer")
     return var_from_state_dict(sd, metadata, path).to(device, dtype)
 
 

@@ -417,7 +417,8 @@ def test_generate_next_scale_image_per_seed_and_callback():
     assert [c["i"] for c in calls] == [0, 1, 2, 3] and calls[-1]["tokens"].patch_nums == (1, 2, 3, 4)
     torch.testing.assert_close(img, scales_to_image(vq, calls[-1]["tokens"]))
     one = Conditioning(pos.tokens[1:2], pos.pooled[1:2], pos.mask[1:2])
-    torch.testing.assert_close(img[1:2], generate_next_scale(model, vq, one, None, cfg=2.0, seed=5, top_k=8))
+    alone = generate_next_scale(model, vq, one, None, cfg=2.0, seed=5, top_k=8)
+    torch.testing.assert_close(img[1:2], alone, atol=1e-4, rtol=1e-4)  # batched convs round differently
     with pytest.raises(ValueError, match="expects 6 / 5"):
         generate_next_scale(
             model, vq, Conditioning(torch.zeros(1, 2, 7), torch.zeros(1, 5), torch.ones(1, 2).bool())

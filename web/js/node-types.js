@@ -10,6 +10,7 @@ const TYPE_COLOURS = {
   IMAGE: "#64b5f6", MASK: "#81c784", LATENT: "#ff9cf9", CONDITIONING: "#ffa931",
   DIT_MODEL: "#b39ddb", VAE: "#ff6e6e", TEXT_ENCODER: "#ffd500", CONTROL_NET: "#00d78d",
   VQ_MODEL: "#4dd0e1", AR_MODEL: "#9575cd", TOKENS: "#f06292",
+  MULTISCALE_VQ: "#26a69a", VAR_MODEL: "#7e57c2", MULTISCALE_TOKENS: "#ec407a",
   INT: "#a1c181", FLOAT: "#aabb66", STRING: "#c6b38b", BOOLEAN: "#8fb3c4",
 };
 
