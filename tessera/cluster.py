@@ -462,12 +462,12 @@ class ClusterDispatcher:
         self.local = config.workers == "ray"
         if self.local and not config.token:
             config.token = secrets.token_urlsafe(24)  # Ray's daemons listen beyond loopback
-        self.published = PublishedFiles(Path(user_dir) / "cluster.sqlite")
         gpus = gpu_count() if self.local else 0
         # A local head offers the whole machine, so `tessera worker` can add workers to it too.
         cpus = max(config.worker_cpus + gpus, os.cpu_count() or 1)
         self.ray = connect(config.workers, config.token, cpus=cpus, gpus=gpus)
         self.address = self.ray.get_runtime_context().gcs_address
+        self.published = PublishedFiles(Path(user_dir) / "cluster.sqlite")
         self._local_handles = []
         if self.local:
             settings = config.settings or WorkerSettings(
