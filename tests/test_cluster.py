@@ -8,6 +8,7 @@ but 127.0.0.1. Here: that run, plus what needs no Ray at all (and must not impor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -158,3 +159,27 @@ def test_a_streamed_file_never_replaces_one_already_there(tmp_path):
     assert write_new(tmp_path, "plain.png", b"x") == "plain.png"
     assert (tmp_path / "img" / "tessera_00001.png").read_bytes() == b"old"
     assert (tmp_path / "img" / "tessera_00002.png").read_bytes() == b"new"
+
+
+def test_cluster_bench_quick_reports_scaling_overhead_and_recovery():
+    """`tessera bench cluster --quick` re-runs itself in a private network namespace (needs root)."""
+    if os.geteuid() != 0:
+        pytest.fail(
+            "tessera bench cluster starts Ray only inside `unshare -n`, which needs root (CI runs as root)"
+        )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tessera", "bench", "cluster", "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert any(line.startswith("2 workers") for line in lines), "a table comes before the JSON line"
+    record = json.loads(lines[-1])
+    assert record["bench"] == "cluster" and record["prompts"] == 4
+    for key in ("workers_1_per_s", "workers_2_per_s", "scaling_2_over_1", "recovery_s", "in_process_per_s"):
+        assert isinstance(record[key], float) and record[key] > 0, (key, record)
+    assert isinstance(record["dispatch_overhead_ms"], float)  # may be negative in the noise
