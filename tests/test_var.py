@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from real_model_fixtures import VAR_PATCH_NUMS, var_state, var_vqvae_state, write_var_pth
+from real_model_fixtures import (
+    VAR_PATCH_NUMS,
+    var_shapes,
+    var_state,
+    var_vqvae_shapes,
+    var_vqvae_state,
+    write_var_pth,
+)
 
 from tessera.convert import convert
 from tessera.engines.checkpoint import CheckpointError
@@ -27,6 +34,7 @@ from tessera.engines.multiscale_vq import (
     MultiScaleTokens,
     MultiScaleVQ,
     MultiScaleVQConfig,
+    infer_multiscale_vq_config,
     load_multiscale_vq,
     multiscale_vq_from_state_dict,
     save_multiscale_vq,
@@ -35,6 +43,7 @@ from tessera.engines.var import (
     VAR,
     VARConfig,
     condition_rows,
+    infer_var_config,
     load_var,
     sample_scales,
     save_var,
@@ -475,3 +484,22 @@ def test_settings_the_weights_cannot_tell_are_refused_by_name():
         var_from_state_dict(no_l2)
     assert detect_family(var_state()) == "VAR transformer"
     assert detect_family(var_vqvae_state()) == "multi-scale VQ tokenizer"
+
+
+@pytest.mark.parametrize("depth,millions", [(16, 310), (20, 601), (24, 1033), (30, 2010)])
+def test_full_size_published_layouts_are_sized_as_var_d16_to_d30(depth, millions):
+    """The real files' shapes (as meta tensors: nothing allocated) give VAR's published sizes:
+    width 64·depth, heads = depth, 310M … 2.0B parameters; the tokenizer is vae_ch160v4096z32."""
+    shapes = var_shapes(depth=depth, z=32, vocab=4096, num_classes=1000)
+    cfg = infer_var_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    assert (cfg.width, cfg.heads, cfg.ffn_hidden, cfg.patch_nums) == (64 * depth, depth, 256 * depth, PN)
+    with torch.device("meta"):
+        model = VAR(cfg)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == millions
+    assert set(model.state_dict()) == set(shapes)
+    vae = var_vqvae_shapes(ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z=32, vocab=4096)
+    vq_cfg = infer_multiscale_vq_config({k: torch.empty(s, device="meta") for k, s in vae.items()})
+    assert vq_cfg == MultiScaleVQConfig()
+    with torch.device("meta"):
+        vq = MultiScaleVQ(vq_cfg)
+    assert set(vq.state_dict()) == set(vae) - {"quantize.ema_vocab_hit_SV"}
