@@ -164,7 +164,9 @@ def test_node_generation_is_per_image_seeded_and_variations_keep_the_source_scal
         image[1:], alone_image, atol=1e-4, rtol=1e-4
     )  # batched convs round differently
 
-    picture = torch.rand(1, 40, 36, 3)  # center-cropped to 36x36, resized to the tokenizer's 32x32
+    picture = torch.rand(
+        1, 40, 36, 3, generator=torch.Generator().manual_seed(0)
+    )  # center-cropped to 36x36, resized to the tokenizer's 32x32
     source = ns_nodes.MultiScaleTokenize().execute(ctx, vq, picture)[0]
     assert isinstance(source, MultiScaleTokens) and source.patch_nums == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
     _, varied = gen.execute(ctx, batch_size=3, seed=1, source=source, **{**args, "keep_scales": 4})
@@ -173,7 +175,7 @@ def test_node_generation_is_per_image_seeded_and_variations_keep_the_source_scal
     assert not torch.equal(varied.maps[-1][0], varied.maps[-1][1])  # the details differ
     coarse = ns_nodes.MultiScaleDecode().execute(ctx, vq, source, 4)[0]
     kept = ns_nodes.MultiScaleDecode().execute(ctx, vq, varied, 4)[0]
-    torch.testing.assert_close(kept, coarse.expand(3, -1, -1, -1))
+    torch.testing.assert_close(kept, coarse.expand(3, -1, -1, -1), atol=1e-4, rtol=1e-4)  # batched convs
 
 
 def test_caption_model_runs_from_a_prompt_through_the_character_encoder(executor):
