@@ -9,7 +9,8 @@
   un-controlled base and the controlled model, same caption and seed; once with the scene's
   caption (which already names the object, its place and its colour) and once with the empty
   caption, where only the control can say where things go; plus the scorers' adherence to the
-  scene's attributes either way.
+  scene's attributes either way; and the edge IoU of the scenes themselves through the engine's
+  autoencoder and back, the most a generator drawing through it could reach.
 
 Prints a table, then one JSON line. `python bench/adapters.py [--n 32] [--models-dir models]`.
 """
@@ -33,7 +34,7 @@ from tessera.engines.controlnet import (
     with_control,
 )
 from tessera.engines.flux import load_dit
-from tessera.engines.generation import generate_autoregressive, generate_diffusion
+from tessera.engines.generation import generate_autoregressive, generate_diffusion, tokens_to_image
 from tessera.engines.gpt import load_gpt
 from tessera.engines.lora import load_lora, with_loras
 from tessera.engines.preprocess import canny
@@ -73,6 +74,11 @@ class DiT:
         self.vae = load_vae(_only_file(md, "vae", None))
         self.text, self.steps, self.cfg = text, steps, cfg
 
+    def round_trip(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] through the VAE and back, as an IMAGE."""
+        with torch.no_grad():
+            return ((self.vae.decode(self.vae.encode(pixels)).float() + 1) / 2).clamp(0, 1).movedim(1, -1)
+
     def __call__(self, model, prompts: list[str], seed: int) -> torch.Tensor:
         pos, neg = self.text.encode(prompts), self.text.encode([""] * len(prompts))
         size = synthetic.IMAGE_SIZE
@@ -85,6 +91,11 @@ class AR:
         self.model = load_gpt(_only_file(md, "ar_models", None))
         self.vq = load_vq(_only_file(md, "vq_models", None))
         self.text, self.cfg = text, cfg
+
+    def round_trip(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [-1, 1] through the VQ tokens and back, as an IMAGE."""
+        with torch.no_grad():
+            return tokens_to_image(self.vq, self.vq.encode(pixels))
 
     def __call__(self, model, prompts: list[str], seed: int) -> torch.Tensor:
         return generate_autoregressive(model, self.vq, self.text.encode(prompts), seed=seed, cfg=self.cfg)
@@ -175,15 +186,21 @@ def main(argv=None) -> dict:
             free_iou, free_ctl_iou = edge_ious(free, controls), edge_ious(free_ctl, controls)
             base_adh, ctl_adh = adherence(base, held), adherence(ctl, held)
             free_adh, free_ctl_adh = adherence(free, held), adherence(free_ctl, held)
+            # what the best generator could reach: the held scenes through the autoencoder and back
+            ceiling = edge_ious(
+                gen.round_trip(synthetic.to_training_tensor(np.stack([s.image for s in held]))), controls
+            )
             rows.append((f"{name} ControlNet", "edge IoU, scene caption", base_iou, ctl_iou))
             rows.append((f"{name} ControlNet", "edge IoU, empty caption", free_iou, free_ctl_iou))
             rows.append((f"{name} ControlNet", "adherence, scene caption", base_adh, ctl_adh))
             rows.append((f"{name} ControlNet", "adherence, empty caption", free_adh, free_ctl_adh))
+            rows.append((f"{name} ControlNet", "edge IoU, round trip (ceiling)", ceiling, ceiling))
             record[f"{name}_controlnet"] = {
                 "edge_iou": [base_iou, ctl_iou],
                 "edge_iou_empty_caption": [free_iou, free_ctl_iou],
                 "adherence": [base_adh, ctl_adh],
                 "adherence_empty_caption": [free_adh, free_ctl_adh],
+                "edge_iou_round_trip": ceiling,
                 "seconds": round(time.perf_counter() - started, 1),
             }
     print(f"{'adapter':<16} {'measure':<30} {'without':>8} {'with':>8}")

@@ -17,12 +17,14 @@ packed like the latent, or, with a hint encoder, the image itself in [-1, 1].
 (sharing every base tensor) whose forward adds the residuals while the noise level lies in the
 [start, end] part of the run, so a sampler uses it as it would the plain DiT.
 
-The AR engine's counterpart (`ARControlNet`, `with_ar_control`) turns the control image into one
-embedding per token position, added to the GPT's input where that token is predicted.
+The AR engine's counterpart (`ARControlNet`, `with_ar_control`) turns the control image into
+per-token embeddings added to the GPT's input and to the input of chosen layers where that token
+is predicted; a net may carry the LoRA on the GPT it was trained with, applied together with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
@@ -45,8 +47,8 @@ from .flux import (
     infer_dit_config,
     patchify,
 )
-from .gpt import GPT
-from .lora import copy_structure
+from .gpt import GPT, Block
+from .lora import Lora, copy_structure, lora_from_state_dict, with_loras
 from .schedules import flux_mu, time_shift
 
 HINT_DOWNSCALE = 8  # the hint encoder's three stride-2 convolutions
@@ -461,30 +463,43 @@ def controlnet_from_dit(
 
 # ---------------------------------------------------------------- control for the AR engine
 
+LORA_PREFIX = "lora."  # an AR ControlNet file's own LoRA on the GPT: PEFT keys after this prefix
+
 
 @dataclass(frozen=True)
 class ARControlConfig:
     dim: int  # the GPT's width
     downsample: int = 16  # pixels per token side (the VQ tokenizer's)
     width: int = 64  # convolution channels
+    layers: tuple[int, ...] = ()  # GPT layers (besides the first) whose input also takes the control
 
 
 class ARControlNet(nn.Module):
-    """Control image → one embedding per token position, for the GPT (ControlAR's conditional decoding).
+    """Control image → per-token control embeddings for the GPT (ControlAR's conditional decoding).
 
-    The embedding of grid position i is added to the GPT's input at the sequence position that
-    predicts token i (the previous token, or the last condition row for i = 0), so raster-order
-    decoding sees the control of the token it is about to draw. The output projection starts at
-    zero: an untrained net leaves the GPT unchanged. Sequence length, RoPE and the KV cache are
+    A convolutional encoder (`input_hint_block`) gives one feature vector per token; zero-initialised
+    projections turn it into an embedding for the GPT's input (`controlnet_out`) and for the input of
+    each layer in `config.layers` (`controlnet_blocks.N`), so an untrained net leaves the GPT
+    unchanged. The embedding of grid position i is added at the sequence position that predicts
+    token i (the previous token, or the last condition row for i = 0), so raster-order decoding sees
+    the control of the token it is about to draw. Sequence length, RoPE and the KV cache are
     untouched, so fixed tokens, CFG and compiled decoding work as without it.
+
+    `lora` holds a LoRA on the GPT trained jointly with the control (PEFT keys; empty for a control
+    trained against a frozen GPT), as ControlAR fine-tunes its generator: `with_ar_control` applies
+    both or raises, never one alone. `base` names the GPT it was trained on and its fingerprint.
     """
 
-    def __init__(self, config: ARControlConfig):
+    def __init__(
+        self, config: ARControlConfig, lora: dict[str, Tensor] | None = None, base: dict | None = None
+    ):
         super().__init__()
         self.config = c = config
         stages = int(math.log2(c.downsample))
         if 2**stages != c.downsample:
             raise ValueError(f"downsample {c.downsample} is not a power of two")
+        if any(i < 1 for i in c.layers) or len(set(c.layers)) != len(c.layers):
+            raise ValueError(f"control layers {list(c.layers)}: distinct GPT layers from 1 (0 is the input)")
         layers: list[nn.Module] = [nn.Conv2d(3, c.width, 3, padding=1), nn.SiLU()]
         for _ in range(stages):
             layers += [nn.Conv2d(c.width, c.width, 3, padding=1, stride=2), nn.SiLU()]
@@ -496,18 +511,68 @@ class ARControlNet(nn.Module):
         ]
         self.input_hint_block = nn.Sequential(*layers)
         self.controlnet_out = nn.Conv2d(c.width, c.dim, 1)
+        self.controlnet_blocks = nn.ModuleList(nn.Linear(c.width, c.dim) for _ in c.layers)
+        self.lora: dict[str, Tensor] = dict(lora or {})
+        self.base: dict = dict(base or {})
 
     def zero_init_heads(self) -> None:
+        """Zero every projection into the GPT (the encoder keeps its random weights, so it trains)."""
         with torch.no_grad():
-            for p in self.controlnet_out.parameters():
-                p.zero_()
+            for head in (self.controlnet_out, *self.controlnet_blocks):
+                for p in head.parameters():
+                    p.zero_()
 
-    def features(self, image: Tensor, gh: int, gw: int) -> Tensor:
-        """IMAGE [B, H, W, 3] (0..1, resized to the grid's pixels) → [B, gh·gw, dim] in raster order."""
+    def embeddings(self, image: Tensor, gh: int, gw: int) -> dict[int, Tensor]:
+        """IMAGE [B, H, W, 3] (0..1, resized to the grid's pixels) → {GPT layer: [B, gh·gw, dim]} in
+        raster order; layer 0 is the GPT's input."""
         p = self.controlnet_out.weight
         f = self.config.downsample
         pixels = (_resized(image, gh * f, gw * f) * 2 - 1).to(p.device, p.dtype)
-        return self.controlnet_out(self.input_hint_block(pixels)).flatten(2).transpose(1, 2)
+        h = self.input_hint_block(pixels)
+        out = {0: self.controlnet_out(h).flatten(2).transpose(1, 2)}
+        tokens = h.flatten(2).transpose(1, 2)
+        for layer, head in zip(self.config.layers, self.controlnet_blocks):
+            out[layer] = head(tokens)
+        return out
+
+    def gpt_lora(self, model: GPT) -> Lora:
+        """The file's LoRA matched to `model`; raises unless every tensor of it applies."""
+        lora = lora_from_state_dict(self.lora, model, "the AR ControlNet's LoRA")
+        if lora.unmatched:
+            key, why = next(iter(lora.unmatched.items()))
+            raise ValueError(
+                f"this AR ControlNet's LoRA does not fit the GPT ({len(lora.unmatched)} of its tensors "
+                f"apply nowhere, e.g. {key}: {why}); the control and its LoRA apply together or not at all"
+            )
+        return lora
+
+    def summary(self, model: GPT) -> str:
+        """What applying this net to `model` does, and whether `model` is the GPT it was trained on."""
+        where = "the input" + (
+            f" and layers {', '.join(map(str, self.config.layers))}" if self.config.layers else ""
+        )
+        text = f"AR ControlNet: control into {where}"
+        if self.lora:
+            text += f", with its LoRA on the GPT ({len(self.lora) // 2} weights)"
+        if self.base.get("fingerprint") and self.base["fingerprint"] != gpt_fingerprint(model):
+            text += (
+                f"; trained on {self.base.get('name', 'another GPT')}, not on this model: it applies, "
+                "but steers less than it did there"
+            )
+        return text
+
+
+def gpt_fingerprint(model: GPT) -> str:
+    """A short hash of a few GPT weights (rounded to bf16, so fp16/bf16/fp32 copies agree): tells the
+    GPT an AR ControlNet was trained on from another of the same shape."""
+    h = hashlib.sha256()
+    for t in (
+        model.tok_embeddings.weight[:8],
+        model.output.weight[:8],
+        model.layers[0].attention.wqkv.weight[:8],
+    ):
+        h.update(t.detach().float().cpu().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass(eq=False)
@@ -519,10 +584,21 @@ class ARControl:
     strength: float = 1.0
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def features(self, gh: int, gw: int) -> Tensor:
+    def embeddings(self, gh: int, gw: int) -> dict[int, Tensor]:
         if (gh, gw) not in self._cache:
-            self._cache[(gh, gw)] = self.net.features(self.image, gh, gw)
+            self._cache[(gh, gw)] = self.net.embeddings(self.image, gh, gw)
         return self._cache[(gh, gw)]
+
+
+class ControlledBlock(Block):
+    """A GPT block (sharing the base's tensors) that adds `control` [B, S, dim] to its input while set."""
+
+    control: Tensor | None = None
+
+    def forward(self, x, freqs, input_pos, mask, use_cache: bool = True) -> Tensor:
+        if self.control is not None:
+            x = x + self.control.to(x.dtype)
+        return super().forward(x, freqs, input_pos, mask, use_cache)
 
 
 class ControlledGPT(GPT):
@@ -531,47 +607,86 @@ class ControlledGPT(GPT):
     ar_controls: list[ARControl]
 
     def forward(self, x: Tensor, input_pos: Tensor, use_cache: bool = True) -> Tensor:
-        if self.grid is not None and self.ar_controls:
-            gh, gw = self.grid
-            n = gh * gw
-            extra = sum(c.strength * c.features(gh, gw) for c in self.ar_controls if c.strength)
-            if isinstance(extra, Tensor):
-                if extra.shape[0] != x.shape[0]:
-                    if x.shape[0] % extra.shape[0]:
-                        raise ValueError(
-                            f"control image batch {extra.shape[0]} does not divide the batch {x.shape[0]}"
-                        )
-                    extra = extra.repeat(x.shape[0] // extra.shape[0], 1, 1)
-                target = input_pos - self.prefix_len + 1  # the grid index each position predicts
-                valid = ((target >= 0) & (target < n)).to(x.dtype)[None, :, None]
-                x = x + extra[:, target.clamp(0, n - 1)].to(x.dtype) * valid
-        return super().forward(x, input_pos, use_cache)
+        if self.grid is None or not self.ar_controls:
+            return super().forward(x, input_pos, use_cache)
+        gh, gw = self.grid
+        n = gh * gw
+        sums: dict[int, Tensor] = {}
+        for control in self.ar_controls:
+            if control.strength:
+                for layer, e in control.embeddings(gh, gw).items():
+                    sums[layer] = control.strength * e + (sums[layer] if layer in sums else 0)
+        if not sums:
+            return super().forward(x, input_pos, use_cache)
+        target = input_pos - self.prefix_len + 1  # the grid index each position predicts
+        valid = ((target >= 0) & (target < n)).to(x.dtype)[None, :, None]
+        index = target.clamp(0, n - 1)
+
+        def at_positions(e: Tensor) -> Tensor:
+            if e.shape[0] != x.shape[0]:
+                if x.shape[0] % e.shape[0]:
+                    raise ValueError(
+                        f"control image batch {e.shape[0]} does not divide the batch {x.shape[0]}"
+                    )
+                e = e.repeat(x.shape[0] // e.shape[0], 1, 1)
+            return e[:, index].to(x.dtype) * valid
+
+        x = x + at_positions(sums.pop(0))
+        blocks = [self.layers[i] for i in sums]
+        try:
+            for block, e in zip(blocks, sums.values()):
+                block.control = at_positions(e)
+            return super().forward(x, input_pos, use_cache)
+        finally:
+            for block in blocks:
+                block.control = None
+
+
+def _subclass(obj: nn.Module, base: type, mixin: type, plain: type) -> type:
+    """`mixin` for a plain `base` object (or one already mixed), else a mixin subclass of its own class."""
+    if type(obj) in (base, mixin):
+        return mixin
+    if isinstance(obj, mixin):
+        return type(obj)
+    return type(mixin.__name__.replace(plain.__name__, "") + type(obj).__name__, (mixin, type(obj)), {})
 
 
 def with_ar_control(model: GPT, net: ARControlNet, image: Tensor, strength: float = 1.0) -> ControlledGPT:
-    """The GPT as a new model object (sharing its tensors) that applies one more AR control net."""
+    """The GPT as a new model object (sharing its tensors) that applies one more AR control net.
+
+    A net carrying a LoRA applies it too (at strength 1 whenever `strength` is not 0: it is part of
+    the generator the control was trained with), or raises when the LoRA does not fit the model.
+    """
     if not isinstance(model, GPT):
         raise TypeError(f"an AR ControlNet controls a GPT, not {type(model).__name__}")
     if net.config.dim != model.config.dim:
         raise ValueError(
             f"this AR ControlNet is for a {net.config.dim}-wide GPT; the model is {model.config.dim} wide"
         )
+    if net.config.layers and max(net.config.layers) >= model.config.n_layer:
+        raise ValueError(
+            f"this AR ControlNet feeds layer {max(net.config.layers)}; the GPT has {model.config.n_layer} layers"
+        )
+    if net.lora and strength != 0:
+        model = with_loras(model, [(net.gpt_lora(model), 1.0)])
     new = copy_structure(model)
     new.clear_caches()
-    new.__class__ = (
-        ControlledGPT
-        if type(model) in (GPT, ControlledGPT)
-        else type("Controlled" + type(model).__name__, (ControlledGPT, type(model)), {})
-    )
+    new.__class__ = _subclass(model, GPT, ControlledGPT, GPT)
+    for i in net.config.layers:
+        new.layers[i].__class__ = _subclass(new.layers[i], Block, ControlledBlock, Block)
     new.ar_controls = [*getattr(model, "ar_controls", []), ARControl(net, image, strength)]
     return new
 
 
 def save_ar_controlnet(net: ARControlNet, path: str | Path, card: str | None = None) -> None:
-    metadata = {"tessera.config": json.dumps({"kind": "ar", **asdict(net.config)})}
+    """Write an AR ControlNet, its LoRA (if any) under `lora.`, its config and base in `tessera.config`."""
+    config = {"kind": "ar", **asdict(net.config), **({"base": net.base} if net.base else {})}
+    metadata = {"tessera.config": json.dumps(config)}
     if card:
         metadata["tessera.card"] = card
-    write_safetensors(path, net.state_dict(), metadata)
+    dtype = net.controlnet_out.weight.dtype
+    lora = {LORA_PREFIX + k: v.detach().to("cpu", dtype) for k, v in net.lora.items()}
+    write_safetensors(path, {**net.state_dict(), **lora}, metadata)
 
 
 def load_any_controlnet(
@@ -582,15 +697,25 @@ def load_any_controlnet(
     if "controlnet_out.weight" not in sd:
         return controlnet_from_state_dict(sd, metadata, path, device, dtype)
     raw = metadata_config(metadata, path)
+    lora = {k[len(LORA_PREFIX) :]: v for k, v in sd.items() if k.startswith(LORA_PREFIX)}
+    own = {k: v for k, v in sd.items() if not k.startswith(LORA_PREFIX)}
+    blocks = {k.split(".")[1] for k in own if k.startswith("controlnet_blocks.")}
+    layers = raw.get("layers", [])
+    if not isinstance(layers, list) or len(layers) != len(blocks):
+        raise CheckpointError(
+            path, f"'layers' in tessera.config names {layers!r}, the file has {len(blocks)} controlnet_blocks"
+        )
     try:
         config = ARControlConfig(
-            dim=sd["controlnet_out.weight"].shape[0],
+            dim=own["controlnet_out.weight"].shape[0],
             downsample=int(raw.get("downsample", 16)),
-            width=sd["controlnet_out.weight"].shape[1],
+            width=own["controlnet_out.weight"].shape[1],
+            layers=tuple(int(i) for i in layers),
         )
         with torch.device("meta"):
-            net = ARControlNet(config)
+            net = ARControlNet(config, base=raw.get("base") if isinstance(raw.get("base"), dict) else None)
     except (ValueError, TypeError) as e:
         raise CheckpointError(path, f"inconsistent AR ControlNet config ({e})") from None
-    assign_checked(net, sd, path, device, dtype)
+    assign_checked(net, own, path, device, dtype)
+    net.lora = {k: v.to(device) for k, v in lora.items()}
     return net

@@ -38,6 +38,7 @@ from tessera.engines.controlnet import (
     ControlHint,
     FluxControlNet,
     controlnet_from_dit,
+    gpt_fingerprint,
     load_any_controlnet,
     save_ar_controlnet,
     save_controlnet,
@@ -197,8 +198,9 @@ def lora_parameters(lora: Lora) -> list[nn.Parameter]:
     return [t for u in lora.updates for t in (u.down, u.up)]
 
 
-def save_lora(lora: Lora, path: str | Path, style: str, card: str = "", config: dict | None = None) -> None:
-    """Write trained factors: "kohya" (`lora_unet_…` with alpha) or "peft" (`…lora_A/B`, scale folded in)."""
+def lora_tensors(lora: Lora, style: str) -> dict[str, torch.Tensor]:
+    """Trained factors as file tensors: "kohya" (`lora_unet_…` with alpha) or "peft" (`…lora_A/B`,
+    scale folded in)."""
     tensors = {}
     for u in lora.updates:
         module = u.target.rsplit(".", 1)[0]
@@ -211,8 +213,13 @@ def save_lora(lora: Lora, path: str | Path, style: str, card: str = "", config: 
         else:
             tensors[f"base_model.model.{module}.lora_A.weight"] = down
             tensors[f"base_model.model.{module}.lora_B.weight"] = (up * u.scale).contiguous()
+    return tensors
+
+
+def save_lora(lora: Lora, path: str | Path, style: str, card: str = "", config: dict | None = None) -> None:
+    """Write trained factors in `style` (see `lora_tensors`) with a card and config."""
     metadata = {"tessera.card": card, "tessera.config": json.dumps(config or {})}
-    write_safetensors(path, tensors, metadata)
+    write_safetensors(path, lora_tensors(lora, style), metadata)
 
 
 # DiT: attention (fused qkv and output projection) and MLP linears of every block
@@ -248,6 +255,7 @@ class TrainSettings:
     log: Path | None = None  # JSON-lines log (None: progress is printed only)
     warmup: int | None = None  # None: the first 5% of the steps
     extra: dict = field(default_factory=dict)  # what `training.fit` carries across a resume
+    snapshots: tuple[float, ...] = ()  # `training.fit`'s learning-curve snapshots: adapters write none
 
 
 LossAt = Callable[[int, torch.Generator], torch.Tensor]
@@ -381,13 +389,30 @@ def train_gpt_controlnet(
     text: TextEncoder,
     settings: TrainSettings,
     width: int = 64,
+    layers: Sequence[int] | None = None,
 ) -> ARControlNet:
-    """An AR ControlNet steering the GPT from Canny edges of the scene to the scene's tokens."""
+    """An AR ControlNet steering the GPT from Canny edges of the scene to the scene's tokens.
+
+    The control encoder feeds the GPT's input and the input of each of `layers` (default: every
+    layer) through zero-initialised projections; with `settings.rank` > 0 a LoRA on the GPT
+    (`GPT_TARGETS`) trains jointly with it, as ControlAR fine-tunes its generator, and ends up in the
+    net's `lora` (saved in the same file). Half the batches have empty captions (the control must
+    carry the scene; a whole batch at a time, so its prefix is one token and the step about half the
+    cost); 10% of all captions become the null caption, as for the base, so guidance keeps working.
+    """
     gpt.requires_grad_(False)
     torch.manual_seed(settings.seed)
-    net = ARControlNet(ARControlConfig(gpt.config.dim, vq.downsample, width)).to(gpt.output.weight.device)
+    layers = tuple(range(1, gpt.config.n_layer)) if layers is None else tuple(layers)
+    config = ARControlConfig(gpt.config.dim, vq.downsample, width, layers)
+    net = ARControlNet(config).to(gpt.output.weight.device)
     net.zero_init_heads()
     net.train()
+    params = list(net.parameters())
+    model: nn.Module = gpt
+    lora = None
+    if settings.rank > 0:
+        lora, model = _lora_on(gpt, GPT_TARGETS, settings, None)
+        params += lora_parameters(lora)
 
     def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
         batch = synthetic.make_batch(settings.batch, settings.seed, step)
@@ -395,12 +420,17 @@ def train_gpt_controlnet(
             ids = vq.encode(batch.images)
             uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
             edges = edge_map(uint8).to(gpt.output.weight.device)
-            cond = text.encode(batch.captions)
-        drop = drop_captions(batch.captions, g, CONTROL_CAPTION_DROPOUT)[1]
-        return token_loss(with_ar_control(gpt, net, edges), cond, ids, drop)
+            empty = bool(torch.rand(1, generator=g) < CONTROL_CAPTION_DROPOUT)
+            cond = text.encode([""] * len(batch.captions) if empty else batch.captions)
+        drop = drop_captions(batch.captions, g)[1]
+        return token_loss(with_ar_control(model, net, edges), cond, ids, drop)
 
-    _fit(settings, "controlnet-gpt", list(net.parameters()), loss_at)
-    return net.eval().requires_grad_(False)
+    _fit(settings, "controlnet-gpt", params, loss_at)
+    net.eval().requires_grad_(False)
+    if lora is not None:
+        net.lora = lora_tensors(lora, "peft")
+    net.base = {"fingerprint": gpt_fingerprint(gpt)}
+    return net
 
 
 # ---------------------------------------------------------------- command line
@@ -527,6 +557,18 @@ def controlnet_arguments(p: argparse.ArgumentParser) -> None:
         help="DiT: read the edge map through a hint encoder (XLabs layout, default) or its VAE latent (InstantX)",
     )
     p.add_argument("--width", type=int, default=64, help="GPT: channels of the control image encoder")
+    p.add_argument(
+        "--layers",
+        type=lambda v: [int(i) for i in v.split(",") if i],
+        default=None,
+        help="GPT: comma-separated layers (from 1) whose input also takes the control (default: every layer)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=16,
+        help="GPT: rank of the LoRA trained with the control and saved in its file (0: frozen GPT)",
+    )
     p.add_argument("--init-from", type=Path, help="DiT: continue training this ControlNet file")
 
 
@@ -539,7 +581,7 @@ def main_controlnet(argv: Sequence[str] | None = None) -> Path:
 
 def run_controlnet(args: argparse.Namespace) -> Path:
     """`tessera train controlnet --engine dit|gpt …`: train and save a demo edges → scene ControlNet."""
-    s = _settings(args)
+    s = _settings(args, rank=args.lora_rank, alpha=float(args.lora_rank))
     if args.init_from and args.engine != "dit":
         raise SystemExit("tessera train controlnet: --init-from continues a DiT ControlNet (--engine dit)")
     previous = read_safetensors(args.init_from)[1].get("tessera.card", "") if args.init_from else ""
@@ -568,9 +610,24 @@ def run_controlnet(args: argparse.Namespace) -> Path:
     else:
         base_path = _only_file(md, "ar_models", args.model)
         net = train_gpt_controlnet(
-            load_gpt(base_path, dev), load_vq(_only_file(md, "vq_models", args.vq), dev), text, s, args.width
+            load_gpt(base_path, dev),
+            load_vq(_only_file(md, "vq_models", args.vq), dev),
+            text,
+            s,
+            args.width,
+            args.layers,
         )
-        what = f"per-token embeddings of the control image, {how}, added where each token is predicted"
+        net.base["name"] = base_path.name
+        layers = ", ".join(map(str, net.config.layers)) or "none"
+        what = (
+            f"per-token embeddings of the control image, {how}, added where each token is predicted "
+            f"to the input and to layers {layers}"
+            + (
+                f"; with a rank-{s.rank} LoRA on the GPT trained jointly, in the same file"
+                if net.lora
+                else ""
+            )
+        )
         save = save_ar_controlnet
     out = args.out or md / "controlnet" / f"{args.engine}_canny_controlnet.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)

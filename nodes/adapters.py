@@ -147,7 +147,10 @@ class ApplyControlNetGPT(Node):
     """Steer an autoregressive GPT with a control image through an AR ControlNet.
 
     Each token position gets an embedding of the control image under it, added where the GPT
-    predicts that token; connect the output to ARGenerateTokens instead of the plain model.
+    predicts that token (to its input, and to the chosen layers' inputs); connect the output to
+    ARGenerateTokens instead of the plain model. A net trained with a LoRA on the GPT carries it
+    and applies it too (whenever strength is not 0), or fails here if it does not fit the model;
+    a net trained on another GPT of the same shape applies, and the node's text says so.
     """
 
     category = "conditioning"
@@ -163,9 +166,10 @@ class ApplyControlNetGPT(Node):
         if not isinstance(control_net, ARControlNet):
             raise NodeError("this ControlNet is for the DiT: use ApplyControlNet", input="control_net")
         try:
-            return (with_ar_control(model, control_net, image, strength),)
+            controlled = with_ar_control(model, control_net, image, strength)
         except (TypeError, ValueError) as e:
             raise NodeError(str(e), input="control_net") from None
+        return Result(outputs=(controlled,), ui={"text": [control_net.summary(model)]})
 
 
 class CannyEdges(Node):

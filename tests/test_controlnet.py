@@ -9,7 +9,7 @@ import torch
 from diffusers import FluxControlNetModel, FluxTransformer2DModel
 from safetensors.torch import save_file
 
-from tessera.engines.checkpoint import CheckpointError
+from tessera.engines.checkpoint import CheckpointError, read_safetensors
 from tessera.engines.controlnet import (
     ControlHint,
     ControlledFlux,
@@ -211,7 +211,10 @@ def test_interval_rule_and_file_errors(tmp_path):
         load_controlnet(tmp_path / "dit.safetensors")
 
 
-def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompute(tmp_path):
+@pytest.mark.parametrize("layers", [(), (1,)])
+def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompute(tmp_path, layers):
+    """With or without control into a later layer's input (`layers`): a fresh net changes nothing; a
+    trained one changes the tokens identically through the KV cache, a recompute and fixed rows."""
     from tessera.engines.ar_decoding import condition_prefix, generate
     from tessera.engines.controlnet import (
         ARControlConfig,
@@ -228,7 +231,7 @@ def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompu
         GPT(GPTConfig(dim=32, n_layer=2, n_head=4, n_kv_head=4, ffn_hidden=64, vocab_size=24, num_classes=3)),
         6,
     )
-    net = ARControlNet(ARControlConfig(dim=32, downsample=8, width=8))
+    net = ARControlNet(ARControlConfig(dim=32, downsample=8, width=8, layers=layers))
     net.zero_init_heads()
     image = torch.rand(1, 24, 32, 3, generator=torch.Generator().manual_seed(1))
 
@@ -252,6 +255,40 @@ def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompu
     top = TokenGrid(cached).fix_rows(1)  # fixed rows are prefilled in one pass: same control positions
     assert torch.equal(run(controlled, fixed=top), cached)
     assert gpt.freqs is None and all(layer.attention.kv_cache is None for layer in gpt.layers)
+    assert all(
+        getattr(layer, "control", None) is None for layer in controlled.layers
+    )  # cleared after each call
+
+
+def test_an_ar_control_file_whose_layers_disagree_with_its_tensors_is_refused_by_name(tmp_path):
+    import json
+
+    from tessera.engines.controlnet import (
+        ARControlConfig,
+        ARControlNet,
+        load_any_controlnet,
+        save_ar_controlnet,
+    )
+
+    save_ar_controlnet(
+        ARControlNet(ARControlConfig(dim=32, downsample=8, width=8, layers=(1, 2))),
+        tmp_path / "a.safetensors",
+    )
+    sd, metadata = read_safetensors(tmp_path / "a.safetensors")
+    config = json.loads(metadata["tessera.config"])
+    assert config["layers"] == [1, 2] and load_any_controlnet(tmp_path / "a.safetensors").config.layers == (
+        1,
+        2,
+    )
+    save_file(
+        sd,
+        str(tmp_path / "b.safetensors"),
+        metadata={"tessera.config": json.dumps({**config, "layers": [1]})},
+    )
+    with pytest.raises(CheckpointError, match=r"b\.safetensors.*'layers'.*2 controlnet_blocks"):
+        load_any_controlnet(tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="distinct GPT layers from 1"):
+        ARControlNet(ARControlConfig(dim=32, downsample=8, width=8, layers=(0,)))
 
 
 def test_a_fresh_pixel_hint_controlnet_changes_nothing_yet_learns_to_read_its_hint(base):
