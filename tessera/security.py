@@ -17,6 +17,7 @@ UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 MIN_TOKEN_CHARS = 16
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 TOKEN_COOKIE = "tessera_token"
+SOCKET_PATHS = ("/ws", "/comfyui/ws")  # WebSockets: a browser sends no preflight, so Origin is checked
 
 
 def is_loopback(host: str) -> bool:
@@ -71,7 +72,7 @@ class RequestGuard:
         host = request.headers.get("Host")
         if not self.host_allowed(host):
             return web.json_response({"error": f"host {host!r} is not this server"}, status=403)
-        if request.method in UNSAFE_METHODS or request.path == "/ws":
+        if request.method in UNSAFE_METHODS or request.path in SOCKET_PATHS:
             origin = request.headers.get("Origin")
             if origin is not None and not self.origin_allowed(origin, host):
                 return web.json_response(
@@ -80,7 +81,7 @@ class RequestGuard:
             if request.headers.get("Sec-Fetch-Site") == "cross-site":
                 return web.json_response({"error": "cross-site request refused"}, status=403)
         if not self.token_ok(request):
-            if request.path.startswith(("/api", "/ws")):
+            if request.path.startswith(("/api", "/ws", "/comfyui/api", "/comfyui/ws")):
                 return web.json_response({"error": "missing or wrong access token"}, status=401)
             return web.Response(status=401, text="Tessera: open the URL with ?token=… printed at start.")
         response = await handler(request)

@@ -31,6 +31,7 @@ import tessera
 from tessera.budgets import Budgets, OutputQuota, allocation_issues, node_count_issues
 from tessera.cache import OutputCache
 from tessera.comfy.api import ComfyAPI
+from tessera.comfy.frontend import ComfyFrontend
 from tessera.compile import compile_info
 from tessera.executor import Executor
 from tessera.images import check_pixels, configure_image_limits, too_many_pixels
@@ -84,6 +85,7 @@ class ServerConfig:
     cache_vram_bytes: int = 16 << 30
     budgets: Budgets = field(default_factory=Budgets)
     cluster: object | None = None  # a tessera.cluster.ClusterConfig: prompts run on Ray workers
+    frontend: str = "tessera"  # or "comfyui": ComfyUI's own editor (tessera.comfy.frontend)
 
 
 class Refused(Exception):
@@ -350,8 +352,12 @@ class TesseraServer:
         r.add_get("/api/templates", self.templates)
         r.add_get("/api/system", self.system)
         r.add_get("/api/openapi.json", self.openapi)
-        ComfyAPI(self).register(app)  # ComfyUI's routes; its /ws serves ours unless ?clientId= is given
-        r.add_get("/", self.index)
+        comfy = ComfyAPI(self)
+        comfy.register(app)  # ComfyUI's routes; its /ws serves ours unless ?clientId= is given
+        if self.config.frontend == "comfyui":  # ComfyUI's editor under /comfyui/, and / leads there
+            ComfyFrontend(self, comfy).register(app)
+        else:
+            r.add_get("/", self.index)
         if WEB_DIR.is_dir():
             r.add_static("/", WEB_DIR, follow_symlinks=False)
         app.on_startup.append(self._on_startup)

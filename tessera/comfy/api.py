@@ -60,6 +60,28 @@ def _display(node_id: object) -> object:
     return node_id.split(":")[0] if isinstance(node_id, str) else node_id
 
 
+def feature_flags() -> dict:
+    """What this server supports of ComfyUI's optional protocol features (answered on /features
+    and to a client's `feature_flags` socket message): previews are plain PNG frames (type 1,
+    no metadata), uploads stop at 20 MiB, there is no node-replacement table and no asset store."""
+    from tessera.server import MAX_UPLOAD_BYTES
+
+    return {
+        "supports_preview_metadata": False,
+        "max_upload_size": MAX_UPLOAD_BYTES,
+        "node_replacements": False,
+        "assets": False,
+    }
+
+
+def _is_feature_flags(text: str) -> bool:
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(message, dict) and message.get("type") == "feature_flags"
+
+
 def _comfy_type(kind: str) -> str:
     return COMFY_TYPES.get(kind, kind)
 
@@ -71,23 +93,31 @@ class ComfyAPI:
         self.prompts: OrderedDict[str, dict] = OrderedDict()  # prompt id -> ComfyUI prompt, extra_data
         self.classify = file_classifier(server.config.models_dir)
 
+    def routes(self) -> list[tuple[str, str, object]]:
+        """(method, path, handler) of ComfyUI's HTTP routes; served at the root and, for
+        ComfyUI's own frontend, again under /comfyui/api (tessera.comfy.frontend)."""
+        return [
+            ("GET", "/prompt", self.prompt_info),
+            ("POST", "/prompt", self.prompt),
+            ("GET", "/queue", self.queue),
+            ("POST", "/queue", self.queue_edit),
+            ("GET", "/history", self.history),
+            ("GET", "/history/{prompt_id}", self.history_entry),
+            ("GET", "/view", self.server.view),
+            ("POST", "/upload/image", self.server.upload),
+            ("POST", "/upload/mask", self.upload_mask),
+            ("POST", "/interrupt", self.interrupt),
+            ("GET", "/object_info", self.object_info),
+            ("GET", "/object_info/{node_class}", self.object_info_one),
+            ("GET", "/system_stats", self.system_stats),
+            ("GET", "/models", self.model_folders),
+            ("GET", "/models/{folder}", self.models),
+        ]
+
     def register(self, app: web.Application) -> None:
         r = app.router
-        r.add_get("/prompt", self.prompt_info)
-        r.add_post("/prompt", self.prompt)
-        r.add_get("/queue", self.queue)
-        r.add_post("/queue", self.queue_edit)
-        r.add_get("/history", self.history)
-        r.add_get("/history/{prompt_id}", self.history_entry)
-        r.add_get("/view", self.server.view)
-        r.add_post("/upload/image", self.server.upload)
-        r.add_post("/upload/mask", self.upload_mask)
-        r.add_post("/interrupt", self.interrupt)
-        r.add_get("/object_info", self.object_info)
-        r.add_get("/object_info/{node_class}", self.object_info_one)
-        r.add_get("/system_stats", self.system_stats)
-        r.add_get("/models", self.model_folders)
-        r.add_get("/models/{folder}", self.models)
+        for method, path, handler in self.routes():
+            r.add_route(method, path, handler)
         r.add_get("/ws", self.websocket)  # ours too: without ?clientId= it is Tessera's event stream
         r.add_post("/api/import", self.import_document)
         self.server.event_hooks.append(self._on_event)  # every event also reaches ComfyUI sockets
@@ -545,7 +575,9 @@ class ComfyAPI:
                     "python_version": sys.version,
                     "pytorch_version": info["versions"]["torch"],
                     "embedded_python": False,
-                    "argv": ["tessera", "serve"],
+                    # ComfyUI's flag for "no API (comfy.org) nodes": true here, and its frontend
+                    # reads it from argv to make no calls to comfy.org
+                    "argv": ["tessera", "serve", "--disable-api-nodes"],
                 },
                 "devices": [
                     {
@@ -565,7 +597,10 @@ class ComfyAPI:
     async def websocket(self, request):
         if "clientId" not in request.query:
             return await self.server.websocket(request)
-        client_id = request.query["clientId"] or uuid.uuid4().hex
+        return await self.comfy_socket(request, request.query["clientId"] or uuid.uuid4().hex)
+
+    async def comfy_socket(self, request, client_id: str):
+        """ComfyUI's event socket for `client_id` (told to the client as `sid` in the first message)."""
         if len(client_id) > MAX_CLIENT_ID:
             return self._json({"error": f"clientId must be at most {MAX_CLIENT_ID} characters"}, 400)
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)
@@ -583,9 +618,11 @@ class ComfyAPI:
             )
         )
         try:
-            async for message in ws:  # ComfyUI clients may send feature flags; nothing is asked of them
+            async for message in ws:
                 if message.type == aiohttp.WSMsgType.ERROR:
                     break
+                if message.type == aiohttp.WSMsgType.TEXT and _is_feature_flags(message.data):
+                    await ws.send_str(json.dumps({"type": "feature_flags", "data": feature_flags()}))
         finally:
             self.sockets.pop(ws, None)
         return ws
