@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
 from .conditioning import Conditioning
+from .layouts import wrong_family
 
 # LlamaGen's sizes by width (gpt.py GPT_models): dim -> heads. Shapes give dim but not heads.
 LLAMAGEN_HEADS = {768: 12, 1024: 16, 1280: 20, 1536: 24, 2048: 32, 2560: 40, 3200: 32, 4096: 32}
@@ -396,6 +397,7 @@ def gpt_from_state_dict(
     sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path: str | Path = "<state dict>"
 ) -> GPT:
     """Build a GPT sized from `sd` (see `infer_gpt_config`) and load it."""
+    wrong_family(sd, path, "LlamaGen GPT")
     for key in ("tok_embeddings.weight", "layers.0.attention.wqkv.weight", "layers.0.feed_forward.w1.weight"):
         if key not in sd:
             raise CheckpointError(path, "missing tensor (not a LlamaGen-layout GPT?)", key)

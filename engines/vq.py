@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, assign_checked, read_safetensors, write_safetensors
 from .conv_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, group_norm
+from .layouts import wrong_family
 
 
 @dataclass
@@ -260,6 +261,7 @@ def vq_from_state_dict(
     sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path: str | Path = "<state dict>"
 ) -> VQModel:
     """Build a VQModel sized from `sd` (see `infer_vq_config`) and load it."""
+    wrong_family(sd, path, "VQ tokenizer")
     for key in ("encoder.conv_in.weight", "encoder.conv_out.weight", "quantize.embedding.weight"):
         if key not in sd:
             raise CheckpointError(path, "missing tensor (not a LlamaGen-layout VQ model?)", key)

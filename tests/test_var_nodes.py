@@ -274,3 +274,23 @@ def test_errors_name_the_input(executor, models_dir):
     with pytest.raises(NodeError) as e:
         ns_nodes.VARGenerate().execute(ctx, class_id=10, **args)
     assert e.value.input == "class_id"
+
+
+def test_raster_loaders_name_a_next_scale_file(executor, models_dir):
+    """A VAR file given to the raster GPT loader, or a multi-scale VQ to the raster VQ loader, is
+    refused with the family the file really holds, on the file input."""
+    ctx = executor.context("n")
+    (models_dir / "ar_models" / "var_as_gpt.safetensors").write_bytes(
+        (models_dir / "ar_models" / "var_d2.safetensors").read_bytes()
+    )
+    with pytest.raises(NodeError, match="not a LlamaGen GPT: this file holds a VAR transformer") as e:
+        ar_nodes.LoadARModel().execute(ctx, "var_as_gpt.safetensors")
+    assert e.value.input == "file"
+    (models_dir / "vq_models" / "msvq_as_vq.safetensors").write_bytes(
+        (models_dir / "vq_models" / "vae_ch160v4096z32.safetensors").read_bytes()
+    )
+    with pytest.raises(
+        NodeError, match="not a VQ tokenizer: this file holds a multi-scale VQ tokenizer"
+    ) as e:
+        ar_nodes.LoadVQModel().execute(ctx, "msvq_as_vq.safetensors")
+    assert e.value.input == "file"
