@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--user-dir", type=Path, default=Path("user"), help="queue database and saved workflows"
     )
     serve.add_argument("--custom-nodes-dir", type=Path, default=Path("custom_nodes"))
+    serve.add_argument(
+        "--frontend",
+        choices=("tessera", "comfyui"),
+        default="tessera",
+        help="the editor at /: ours, or ComfyUI's own (under /comfyui/; pip install 'tessera[comfyui]')",
+    )
     serve.add_argument("--cache-ram-gb", type=float, default=8.0, help="byte budget of cached outputs in RAM")
     serve.add_argument(
         "--cache-vram-gb", type=float, default=16.0, help="byte budget of cached outputs on the GPU"
@@ -366,6 +372,7 @@ def cmd_serve(args) -> int:
         token=token,
         cache_ram_bytes=int(args.cache_ram_gb * 2**30),
         cache_vram_bytes=int(args.cache_vram_gb * 2**30),
+        frontend=args.frontend,
         cluster=_cluster_config(args, vram_budget),
         budgets=Budgets(
             max_body_bytes=int(args.max_body_mb * 2**20),
@@ -388,7 +395,7 @@ def cmd_serve(args) -> int:
     if config.cluster is not None:
         print(
             f"Tessera cluster at {server.worker.address}: add workers with `tessera worker --address "
-            f"{server.worker.address}` and the cluster token",
+            f"{server.worker.address} --cluster-token {config.cluster.token}`",
             flush=True,
         )
     web.run_app(server.make_app(), host=host, port=args.port, print=None, handle_signals=True)
