@@ -51,6 +51,7 @@ def _f(repo: str, path: str, target: str, gb: float) -> HubFile:
 BFL_SCHNELL, BFL_DEV = "black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev"
 COMFY_TE, LLAMAGEN = "comfyanonymous/flux_text_encoders", "FoundationVision/LlamaGen"
 LLAMAGEN_T2I, FLAN_T5 = "peizesun/llamagen_t2i", "google/flan-t5-xl"
+VAR = "FoundationVision/var"
 # Where engines/tokenization.py looks for tokenizers. T5 v1.1 and FLAN-T5 share one sentencepiece
 # vocabulary, so T5-XXL's tokenizer.json comes from the open FLAN-T5 repository.
 CLIP_TOK, T5_TOK = "tokenizers/clip-vit-large-patch14", "tokenizers/t5-v1_1-xxl"
@@ -146,6 +147,40 @@ _ENTRIES = (
             _f(LLAMAGEN_T2I, "vq_ds16_t2i.pt", "vq_models/llamagen_vq_ds16_t2i.safetensors", 0.29),
         ),
         includes=("flan-t5-xl",),
+        licence="mit",
+    ),
+    CatalogueEntry(
+        "var-vq",
+        "VAR's multi-scale residual VQ tokenizer (4,096 codes, 10 scales up to 16x16)",
+        (_f(VAR, "vae_ch160v4096z32.pth", "vq_models/var_vae_ch160v4096z32.safetensors", 0.44),),
+        licence="mit",
+    ),
+    CatalogueEntry(
+        "var-d16",
+        "VAR-d16 next-scale class-conditional transformer (310M, 256 px, ImageNet) with its tokenizer",
+        (_f(VAR, "var_d16.pth", "ar_models/var_d16.safetensors", 1.25),),
+        includes=("var-vq",),
+        licence="mit",
+    ),
+    CatalogueEntry(
+        "var-d20",
+        "VAR-d20 next-scale class-conditional transformer (600M, 256 px, ImageNet) with its tokenizer",
+        (_f(VAR, "var_d20.pth", "ar_models/var_d20.safetensors", 2.4),),
+        includes=("var-vq",),
+        licence="mit",
+    ),
+    CatalogueEntry(
+        "var-d24",
+        "VAR-d24 next-scale class-conditional transformer (1.0B, 256 px, ImageNet) with its tokenizer",
+        (_f(VAR, "var_d24.pth", "ar_models/var_d24.safetensors", 4.1),),
+        includes=("var-vq",),
+        licence="mit",
+    ),
+    CatalogueEntry(
+        "var-d30",
+        "VAR-d30 next-scale class-conditional transformer (2.0B, 256 px, ImageNet) with its tokenizer",
+        (_f(VAR, "var_d30.pth", "ar_models/var_d30.safetensors", 8.0),),
+        includes=("var-vq",),
         licence="mit",
     ),
 )

@@ -11,10 +11,13 @@ import pytest
 import torch
 from aiohttp import web
 from huggingface_hub import constants
+from real_model_fixtures import write_var_pth
 from safetensors import safe_open
 
 from tessera import hub
 from tessera.cli import main
+from tessera.engines.multiscale_vq import load_multiscale_vq
+from tessera.engines.var import load_var
 from tessera.engines.vq import VQConfig, VQModel
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -234,6 +237,19 @@ def test_llamagen_pickle_is_pulled_then_converted(fake_hub, monkeypatch, tmp_pat
         torch.testing.assert_close(
             f.get_tensor("quantize.embedding.weight"), vq.state_dict()["quantize.embedding.weight"]
         )
+    assert not list((tmp_path / "models/.downloads").iterdir())
+
+
+def test_var_pickles_are_pulled_converted_and_load(fake_hub, monkeypatch, tmp_path):
+    """`models pull var-d16` fetches VAR's two pickles and converts both; the results load by shape."""
+    vae_pth, var_pth = write_var_pth(tmp_path / "published")
+    fake_hub.files[("FoundationVision/var", "vae_ch160v4096z32.pth")] = vae_pth.read_bytes()
+    fake_hub.files[("FoundationVision/var", "var_d16.pth")] = var_pth.read_bytes()  # a tiny depth-2 stand-in
+    catalogue(monkeypatch, hub.CATALOGUE["var-vq"], hub.CATALOGUE["var-d16"])
+    hub.pull("var-d16", tmp_path / "models")
+    model = load_var(tmp_path / "models/ar_models/var_d16.safetensors")
+    vq = load_multiscale_vq(tmp_path / "models/vq_models/var_vae_ch160v4096z32.safetensors")
+    assert model.config.depth == 2 and vq.config.patch_nums == model.config.patch_nums
     assert not list((tmp_path / "models/.downloads").iterdir())
 
 
