@@ -335,7 +335,8 @@ def start_worker(address: str, server: Server, work_dir: Path, *extra: str) -> s
 # -- a cluster of its own: the server restarts, the worker keeps running ----------------------------
 @pytest.fixture
 def head(tmp_path):
-    port = free_port()
+    """A Ray head of its own: (its GCS address for workers, its Ray Client address for the server)."""
+    port, client_port = free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN, RAY_USAGE_STATS_ENABLED="0")
     ray = str(Path(PYTHON).parent / "ray")
     subprocess.run(
@@ -352,19 +353,22 @@ def head(tmp_path):
             "--include-dashboard",
             "false",
             "--disable-usage-stats",
+            "--ray-client-server-port",
+            str(client_port),
         ],
         check=True,
         env=env,
         capture_output=True,
         timeout=180,
     )
-    yield f"127.0.0.1:{port}"
+    yield f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}"
     subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_server_restart_reattaches_and_redispatches(head, packs, tmp_path):
-    server = cluster_server(tmp_path / "srv", packs, "--workers", head, "--worker-outputs", "shared")
-    worker = start_worker(head, server, tmp_path / "w")
+    gcs, client = head
+    server = cluster_server(tmp_path / "srv", packs, "--workers", client, "--worker-outputs", "shared")
+    worker = start_worker(gcs, server, tmp_path / "w")
     try:
         server.start()
         wait_workers(server, 1)
