@@ -65,6 +65,7 @@ import json
 import math
 import re
 import statistics
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -971,7 +972,7 @@ def _need_text(x: dict) -> str:
     if x["needed_n"] is None:
         if not x.get("n"):
             return "no data"
-        return f"needs more than n={x['n']} (no difference measured yet, so no size to compute)"
+        return f"needs more than n={x['n']} (no difference measured yet)"
     if x["needed_n"] >= MAX_NEEDED:
         return f"needs n > {MAX_NEEDED} (a difference of {x['diff']:+.4f} is about none)"
     return f"needs n ≈ {x['needed_n']}" + (f" ({x['flag']})" if x.get("flag") else "")
@@ -1013,9 +1014,9 @@ def verdicts(r: dict, items: dict | None = None) -> list[dict]:
         for key in c.also:
             evidence.append(key.replace("_", " ") + " " + ", ".join(
                 f"{NAMES[n]} {_n(_metric(r[n], key))}" for n in r["paradigms"]))  # fmt: skip
-        if c.kind == "exact":
-            evidence.append("forward passes per image " + ", ".join(
-                f"{NAMES[n]} {r[n]['forward_passes_per_image']:.0f}" for n in r["paradigms"]))  # fmt: skip
+        # what each image cost, on every measured row (CFG's unconditional rows count)
+        evidence.append("forward passes per image " + ", ".join(
+            f"{NAMES[n]} {r[n]['forward_passes_per_image']:.0f}" for n in r["paradigms"]))  # fmt: skip
         if c.kind == "repeats":
             shorts = [f"{NAMES[n]} b1 {r[n]['latency']['ms_per_image_batch1']['value']:.0f} / b16 "
                       f"{r[n]['latency']['ms_per_image_batch16']['value']:.0f} ms" for n in r["paradigms"]]  # fmt: skip
@@ -1354,6 +1355,19 @@ def snapshot_dirs(out: Path) -> list[tuple[str, Path]]:
     return [(label, d) for _, label, d in sorted(found)]
 
 
+def training_cost(models_dir: Path) -> dict:
+    """What a budget snapshot had cost (its `snapshot-<kind>.json` files, written by lab.training's
+    snapshots: steps, examples seen, CPU seconds, training FLOPs), by kind; {} for other folders."""
+    out = {}
+    for f in sorted(Path(models_dir).glob("snapshot-*.json")):
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f}: not a readable snapshot record ({e})") from None
+        out[f.stem.removeprefix("snapshot-")] = info
+    return out
+
+
 def run_curves(
     settings: Settings, dirs: list[tuple[str, Path]], classifier: Path | None = None, log=print
 ) -> dict:
@@ -1364,7 +1378,8 @@ def run_curves(
         log(f"[paradigms] budget {label}: {d}")
         budgets.append((label, run(settings, d, classifier, log=log)))
     return {"bench": "paradigms", "mode": "curves" + (" quick" if settings.quick else ""),
-            "budgets": [{"label": label, "models_dir": str(d), "report": rep} for (label, d), (_, rep) in zip(dirs, budgets)],
+            "budgets": [{"label": label, "models_dir": str(d), "training": training_cost(d), "report": rep}
+                        for (label, d), (_, rep) in zip(dirs, budgets)],
             "curves": curves(budgets), "seconds": round(time.time() - started, 1)}  # fmt: skip
 
 
@@ -1442,6 +1457,12 @@ def compact_verdicts(r: dict) -> str:
 
 def curves_table(rep: dict) -> str:
     labels = [b["label"] for b in rep["budgets"]]
+    costs = []
+    for b in rep["budgets"]:
+        spent = [f"{NAMES.get(k, k)} {v.get('examples_seen', '?')} examples, {v.get('cpu_time_s', '?')} CPU-s"
+                 for k, v in b.get("training", {}).items()]  # fmt: skip
+        if spent:
+            costs.append(f"budget {b['label']}: " + "; ".join(spent))
     short = {VERDICTS[0]: "confirmed", VERDICTS[1]: "refuted", VERDICTS[2]: "n/m", "absent": "-"}
     lines = [f"{'claim':<40} " + " ".join(f"{lb:>10}" for lb in labels) + "  across budgets"]
     for row in rep["curves"]:
@@ -1451,7 +1472,7 @@ def curves_table(rep: dict) -> str:
             name = _pair_name({"claimed": x["claimed"], "other": x["other"], "metric": x["metric"]})
             lines.append(f"{'   ' + name:<40} " + " ".join(f"{short[w]:>10}" for w in x["verdicts"])
                          + f"  {x['stability']}")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join(costs + lines)
 
 
 # ---------------------------------------------------------------- the PNGs (matplotlib)
@@ -1541,9 +1562,11 @@ def plot(report: dict, path: Path) -> None:
     text = fig.add_subplot(grid[2, :])
     text.axis("off")
     lines = ["Verdicts on the claimed comparison (2 SE rule; undecided rows give the n they would need):"]
-    lines += compact_verdicts(report).splitlines()
+    lines += [
+        textwrap.fill(line, 170, subsequent_indent=" " * 41) for line in compact_verdicts(report).splitlines()
+    ]
     lines += [f"({why})" for why in report.get("absent", {}).values()]
-    text.text(0, 1, "\n".join(lines), va="top", fontsize=8, family="DejaVu Sans Mono")
+    text.text(0, 1, "\n".join(lines), va="top", fontsize=7.5, family="DejaVu Sans Mono")
     fig.savefig(path, format="png", facecolor="white")
     plt.close(fig)
 

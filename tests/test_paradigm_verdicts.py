@@ -6,6 +6,7 @@ flips). No model is run here; the end-to-end runs are in test_bench_paradigms.py
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 
@@ -241,3 +242,32 @@ def test_paradigm_names_and_snapshot_folders(tmp_path):
     ]
     with pytest.raises(FileNotFoundError, match="not a folder"):
         bench.budget_dirs([str(tmp_path / "missing")])
+
+
+def test_curves_table_gives_each_budget_its_cost_and_each_row_its_stability(tmp_path):
+    (tmp_path / "snapshot-dit.json").write_text(
+        json.dumps({"kind": "dit", "examples_seen": 4096, "cpu_time_s": 120.5})
+    )
+    assert bench.training_cost(tmp_path) == {
+        "dit": {"kind": "dit", "examples_seen": 4096, "cpu_time_s": 120.5}
+    }
+    early = fake_report(word={"dit": 0.6, "ar": 0.2, "var": 0.7})
+    late = fake_report(word={"dit": 0.2, "ar": 0.6, "var": 0.7})
+    budgets = [
+        ("0.25", {**early, "verdicts": bench.verdicts(early)}),
+        ("1.00", {**late, "verdicts": bench.verdicts(late)}),
+    ]
+    rep = {
+        "budgets": [
+            {"label": "0.25", "training": bench.training_cost(tmp_path), "report": budgets[0][1]},
+            {"label": "1.00", "training": {}, "report": budgets[1][1]},
+        ],
+        "curves": bench.curves(budgets),
+    }
+    lines = bench.curves_table(rep).splitlines()
+    assert lines[0] == "budget 0.25: DiT 4096 examples, 120.5 CPU-s"
+    text = next(line for line in lines if line.startswith("1. text rendering"))
+    assert text.split()[-3:] == ["refuted", "confirmed", "flips"]
+    (tmp_path / "snapshot-ar.json").write_text("{not json")
+    with pytest.raises(ValueError, match="snapshot-ar.json: not a readable snapshot record"):
+        bench.training_cost(tmp_path)
