@@ -91,6 +91,7 @@ class ComfyAPI:
         self.server = server
         self.sockets: dict[web.WebSocketResponse, str] = {}
         self.prompts: OrderedDict[str, dict] = OrderedDict()  # prompt id -> ComfyUI prompt, extra_data
+        self.held: dict[str, list] = {}  # prompt id -> `executed` messages waiting for its next event
         self.classify = file_classifier(server.config.models_dir)
 
     def routes(self) -> list[tuple[str, str, object]]:
@@ -723,6 +724,14 @@ class ComfyAPI:
             messages.append(
                 {"type": "executing", "data": {"node": None, "display_node": None, "prompt_id": prompt_id}}
             )
+        if prompt_id and kind == "executed":
+            # Held until the prompt's next event: a cached node's UI comes after `execution_cached`
+            # in ComfyUI (our executor announces a run of cached nodes when it ends).
+            self.held.setdefault(prompt_id, []).extend(messages)
+            return
+        if prompt_id and prompt_id in self.held:
+            held = self.held.pop(prompt_id)
+            messages = messages + held if kind == "execution_cached" else held + messages
         if owner is MISSING:  # e.g. a prompt queued before a restart
             owner = self.server.store.owner(prompt_id)
         for ws, client_id in list(self.sockets.items()):

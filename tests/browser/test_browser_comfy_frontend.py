@@ -9,11 +9,14 @@ result) and linked by dragging from socket to socket; the Run button queues the 
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 from PIL import Image
 from playwright.sync_api import Page
 from tessera_harness import Server
+from test_browser_editor import drop_file
+from test_comfy_api import DIFFUSION
 
 from tessera.paths import SOURCE_ROOT
 
@@ -189,3 +192,22 @@ def test_comfyui_frontend_builds_and_runs_an_autoregressive_graph(comfy_page: Pa
     assert image.size == (32, 32)  # a 4x4 token grid through the f8 VQ decoder
     jobs = comfy_server.get_json("/comfyui/api/jobs?status=completed")["jobs"]
     assert jobs and jobs[0]["preview_output"]["nodeId"] == str(n["SaveImage"])
+
+
+def test_comfyui_frontend_opens_and_runs_a_diffusion_workflow_file(comfy_page: Page, comfy_server):
+    """A ComfyUI API-format file (ComfyUI node types: UNETLoader, KSampler, ...) dropped on the page
+    becomes a graph in the frontend, runs, and shows its image."""
+    page = comfy_page
+    clear_graph(page)
+    drop_file(page, "#graph-canvas", "diffusion_api.json", "application/json", json.dumps(DIFFUSION).encode())
+    page.wait_for_function("() => window.app.graph._nodes.length === 9")
+    page.locator("#graph-canvas").click(position={"x": 60 + 8, "y": 790 - 8})  # an empty corner
+    page.keyboard.press(".")  # fit the view to the graph: the SaveImage node is drawn with its image
+    nodes = dict(page.evaluate("() => window.app.graph._nodes.map((n) => [n.type, n.id])"))
+    assert {"UNETLoader", "VAELoader", "KSampler", "EmptyLatentImage", "SaveImage"} <= set(nodes)
+    image = run_and_get_image(page, comfy_server, nodes["SaveImage"])
+    assert image.size == (64, 64)
+    prompt = comfy_server.get_json("/comfyui/api/history?max_items=1")
+    (entry,) = prompt.values()
+    assert entry["status"]["completed"] is True
+    assert {n["class_type"] for n in entry["prompt"][2].values()} >= {"UNETLoader", "KSampler"}
