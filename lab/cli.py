@@ -37,6 +37,8 @@ KINDS = {
     "vq": ("vq", 2000, 16, True),
     "dit": ("dit", 1000, 32, True),
     "ar": ("ar", 1000, 32, True),
+    "var-vq": ("msvq", 2000, 16, True),  # the next-scale pair (lab.next_scale_training)
+    "var": ("var", 1000, 32, True),
 }
 
 
@@ -89,22 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
             default=autocast,
             help=f"bf16 autocast (default: {'on' if autocast else 'off'} for {kind})",
         )
-        if kind in ("vae", "vq", "dit", "ar"):
+        if kind in ("vae", "vq", "dit", "ar", "var-vq", "var"):
             p.add_argument(
                 "--init-from", type=Path, default=None, help="start from a trained .safetensors file"
             )
-        if kind in ("vae", "vq"):
+        if kind in ("vae", "vq", "var-vq"):
             p.add_argument(
                 "--decoder-only",
                 action="store_true",
                 help="freeze the encoder (latent space / token map unchanged) and train the decoder",
             )
-        if kind in ("dit", "ar"):
+        if kind in ("dit", "ar", "var"):
             p.add_argument("--text-encoder", type=Path, default=None, help="frozen text encoder file")
         if kind == "dit":
             p.add_argument("--vae", type=Path, default=None)
         if kind == "ar":
             p.add_argument("--vq", type=Path, default=None)
+        if kind == "var-vq":
+            p.add_argument(
+                "--convs-from",
+                type=Path,
+                default=None,
+                help="start the encoder/decoder from a trained raster VQ's convolutions (tessera train vq)",
+            )
+        if kind == "var":
+            p.add_argument("--msvq", type=Path, default=None, help="the multi-scale VQ tokenizer (var-vq)")
     from tessera.lab import adapter_training as A
 
     for kind, (add_own, steps, batch, lr, what) in {
@@ -145,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--dit", default="{}", help='JSON sampler settings, e.g. \'{"steps": 20, "cfg": 4}\'')
     ev.add_argument("--ar", default="{}", help='JSON decoding settings, e.g. \'{"cfg": 3, "top_k": 0}\'')
+    ev.add_argument("--var", default="{}", help='JSON next-scale settings, e.g. \'{"cfg": 3, "top_k": 0}\'')
     ev.add_argument("--json-out", type=Path, default=None)
     rc = sub.add_parser(
         "defaults",
@@ -378,13 +390,27 @@ def main(argv: list[str] | None = None) -> int:
             args.vae or models / T.DEFAULT_FILES["vae"],
             init_from=args.init_from,
         )
-    else:
+    elif args.kind == "ar":
         card = T.train_ar(
             options,
             args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
             args.vq or models / T.DEFAULT_FILES["vq"],
             init_from=args.init_from,
         )
+    else:
+        from tessera.lab import next_scale_training as NS
+
+        if args.kind == "var-vq":
+            card = NS.train_msvq(
+                options, init_from=args.init_from, decoder_only=args.decoder_only, convs_from=args.convs_from
+            )
+        else:
+            card = NS.train_var(
+                options,
+                args.text_encoder or models / T.DEFAULT_FILES["text_encoder"],
+                args.msvq or models / T.DEFAULT_FILES["msvq"],
+                init_from=args.init_from,
+            )
     print(
         f"wrote {out}: {json.dumps({k: card[k] for k in ('steps', 'examples_seen', 'wall_time_s', 'final_loss')})}"
     )

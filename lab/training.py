@@ -1299,4 +1299,6 @@ DEFAULT_FILES = {
     "vq": "vq_models/tessera-vq-f8.safetensors",
     "dit": "diffusion_models/tessera-dit-tiny.safetensors",
     "ar": "ar_models/tessera-ar-tiny.safetensors",
+    "msvq": "vq_models/tessera-msvq-f8.safetensors",  # the next-scale pair (lab.next_scale_training)
+    "var": "ar_models/tessera-var-tiny.safetensors",
 }

@@ -200,6 +200,15 @@ class PublishedFiles:
             )
         return count + 1
 
+    def undo_attempt(self, prompt_id: str) -> None:
+        """The last attempt never started (its worker was already gone): it does not count."""
+        count, workers = self.attempts(prompt_id)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?)",
+                (prompt_id, max(0, count - 1), json.dumps(workers[:-1])),
+            )
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -360,6 +369,9 @@ class ClusterDispatcher:
         except Exception:
             log.exception("could not list the cluster's workers")
             return
+        with self._lock:  # an idle worker no longer listed has gone away
+            for name in [n for n, w in self.workers.items() if n not in names and w.running is None]:
+                del self.workers[name]
         for name in names:
             if name in self.workers or name in self._probing or name in self._gone:
                 continue
@@ -462,7 +474,12 @@ class ClusterDispatcher:
                 return
             shared = str(self.output_dir) if self.config.outputs == "shared" else None
             if not started:
-                self._call(worker.handle.start.remote(prompt_id, attempt, item["workflow"], shared))
+                try:
+                    self._call(worker.handle.start.remote(prompt_id, attempt, item["workflow"], shared))
+                except WorkerLost:  # gone before the prompt reached it: not an attempt
+                    self.published.undo_attempt(prompt_id)
+                    attempt = 0
+                    raise
             result = self._events(worker, prompt_id, attempt, final)
             if result is None:  # shutting down: the worker dropped it; it runs again at the next start
                 return

@@ -191,9 +191,12 @@ def test_two_cpu_workers_complete_every_prompt(local, tmp_path):
 
 
 def test_events_reach_the_socket_in_order(local, tmp_path):
+    """Progress, the preview (a binary frame), the result: as the in-process worker sends them."""
     recorder = EventRecorder(local)
     try:
-        prompt_id = local.submit(sleep("events", steps=3))
+        workflow = sleep("events", steps=3)
+        workflow["nodes"]["1"]["inputs"]["preview"] = True
+        prompt_id = local.submit(workflow)
         local.wait_status(prompt_id, timeout=120)
         recorder.wait_for(lambda k, d: k == "execution_success" and d.get("prompt_id") == prompt_id)
         kinds = [k for k, _ in recorder.of_prompt(prompt_id)]
@@ -201,11 +204,13 @@ def test_events_reach_the_socket_in_order(local, tmp_path):
             "execution_start",
             "executing",
             "progress",
+            "binary",
             "progress",
             "progress",
             "executed",
             "execution_success",
         ]
+        assert recorder.of_prompt(prompt_id)[-2][1]["output"] == {"slept": ["events"]}
     finally:
         recorder.close()
 
