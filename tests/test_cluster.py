@@ -52,6 +52,7 @@ def in_private_network(command: str, timeout: float) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.timeout(1800)  # seven scenarios, each starting Ray and its workers (about 4 minutes here)
 def test_cluster_scenarios_pass_in_a_private_network_namespace(tmp_path):
     report = tmp_path / "scenarios.xml"
     proc = in_private_network(
@@ -161,6 +162,7 @@ def test_a_streamed_file_never_replaces_one_already_there(tmp_path):
     assert (tmp_path / "img" / "tessera_00002.png").read_bytes() == b"new"
 
 
+@pytest.mark.timeout(900)
 def test_cluster_bench_quick_reports_scaling_overhead_and_recovery():
     """`tessera bench cluster --quick` re-runs itself in a private network namespace (needs root)."""
     if os.geteuid() != 0:
