@@ -637,6 +637,11 @@ def run_worker(address: str, token: str | None, settings: WorkerSettings, cpus: 
     """Add this machine's workers to a cluster and keep them until Ctrl-C (or SIGTERM)."""
     import signal
 
+    if address.startswith("ray://") or address == "ray":
+        raise ClusterError(
+            f"--address {address!r}: a worker joins through this machine's own Ray node; run "
+            "`ray start --address HEAD:PORT` here, then `tessera worker --address HEAD:PORT`"
+        )
     ray = connect(address, token)
     gpus = gpu_count() if gpus is None else gpus
     if cpus == 0 and gpus == 0:

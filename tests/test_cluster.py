@@ -122,7 +122,7 @@ def test_a_head_beyond_loopback_needs_a_token():
     "args",
     [
         ("serve", "--workers", "10.0.0.5:6379", "--port", "0"),
-        ("worker", "--address", "ray://10.0.0.5:10001"),
+        ("worker", "--address", "10.0.0.5:6379"),
     ],
 )
 def test_cli_refuses_a_remote_head_without_a_token(args, tmp_path):
@@ -142,6 +142,17 @@ def test_cli_refuses_a_remote_head_without_a_token(args, tmp_path):
     )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "user" / "cluster.sqlite").exists()
+
+
+def test_a_worker_joins_through_its_own_ray_node(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tessera", "worker", "--address", "ray://127.0.0.1:10001"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0 and "ray start --address HEAD:PORT" in proc.stderr, proc.stderr
 
 
 def test_affinity_first_then_least_loaded():
