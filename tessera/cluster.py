@@ -495,7 +495,12 @@ class ClusterDispatcher:
         except WorkerLost as e:
             lost = True
             final.clear()
-            stored = self._lost(worker, item, attempt, str(e))
+            self._lost(worker, item, attempt, str(e))
+        except Exception as e:  # a bug in the dispatcher or a worker's runtime: recorded, the queue goes on
+            log.exception("prompt %s failed outside its nodes", prompt_id)
+            error = {"node": None, "node_type": None, "input": None, "message": repr(e)}
+            final[:] = [("execution_error", {"prompt_id": prompt_id, **error})]
+            stored = self._record(prompt_id, "error", {}, [error], {}, [])
         finally:
             with self._lock:
                 worker.running = None
@@ -554,7 +559,7 @@ class ClusterDispatcher:
                 ref["subfolder"], _, ref["filename"] = mapped.rpartition("/")
         return ui
 
-    def _lost(self, worker: WorkerState, item: dict, attempt: int, why: str) -> bool:
+    def _lost(self, worker: WorkerState, item: dict, attempt: int, why: str) -> None:
         """The worker died (or went silent): undo its files, then run the prompt once more or fail it."""
         prompt_id = item["prompt_id"]
         log.warning("worker %s lost while running prompt %s (%s)", worker.name, prompt_id, why)
@@ -573,18 +578,18 @@ class ClusterDispatcher:
         count, names = self.published.attempts(prompt_id)
         if count < MAX_ATTEMPTS and prompt_id not in self._interrupts:
             self.store.requeue(prompt_id)
-            return False
+            return
+        if prompt_id in self._interrupts:  # it was being stopped anyway
+            if self._record(prompt_id, "interrupted", {}, [], {}, []):
+                self.emit("execution_interrupted", {"prompt_id": prompt_id, "node": None})
+            return
         message = (
             f"the worker running this prompt died ({' then '.join(names)}); "
             f"it was tried {count} times and is not retried again"
         )
-        if prompt_id in self._interrupts:
-            message = f"the worker running this prompt ({worker.name}) died while it was being interrupted"
         error = {"node": None, "node_type": None, "input": None, "message": message}
-        stored = self._record(prompt_id, "error", {}, [error], {}, [])
-        if stored:
+        if self._record(prompt_id, "error", {}, [error], {}, []):
             self.emit("execution_error", {"prompt_id": prompt_id, **error})
-        return False
 
     def _record(self, prompt_id, status, outputs, errors, timings, cached) -> bool:
         delay = 0.05
