@@ -513,6 +513,11 @@ class ClusterDispatcher:
                 self.emit(kind, data)
             self.emit("status", {"queue_remaining": self.store.remaining()})
             self._wake.set()
+        if not lost:  # what it now holds, for /api/system
+            try:
+                worker.info = self.ray.get(worker.handle.info.remote(), timeout=10)
+            except Exception:
+                log.debug("worker %s did not report its state", worker.name)
 
     def _call(self, ref, timeout: float = POLL_TIMEOUT):
         from ray.exceptions import GetTimeoutError, RayActorError
