@@ -6,13 +6,14 @@ The whole recipe is one command with a wall-clock budget (see models/README.md):
     tessera train defaults --device cuda --minutes 6.8 --workers 5 \
         --text-encoder models/text_encoders/tessera-text-encoder.safetensors   # how the shipped files were made
 
-It runs `text-encoder` (unless one is given), then `vae` ‖ `vq`, then `dit` ‖ `ar` (paced to the same
-number of steps on the same examples), then the four demo adapters (`lora`, `controlnet` for each
-engine), each stage as parallel processes sharing a deadline. Every stage is also a command of its own:
+It runs `text-encoder` (unless one is given), then `vae` ‖ `vq` ‖ `var-vq`, then `dit` ‖ `ar` ‖ `var`
+(paced to the same number of steps on the same examples), then the four demo adapters (`lora`,
+`controlnet` for each engine), each stage as parallel processes sharing a deadline. Every stage is also a command of its own:
 
     tessera train text-encoder                    # 700 x 64 captions, fp32 (bf16 autocast hurt it)
     tessera train vae & tessera train vq          # --steps/--batch, or --deadline to pace to a time
     tessera train dit & tessera train ar          # the same stream; --init-from continues a trained file
+    tessera train var-vq && tessera train var     # the next-scale pair (lab/next_scale_training.py)
     tessera train vae --init-from models/vae/tessera-vae-f8.safetensors --decoder-only --seed 1
     tessera train eval                            # held-out prompt adherence of the shipped generators
 
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score the shipped generators on held-out captions (lab.scorers)")
     ev.add_argument("--models-dir", type=Path, default=default_models_dir())
     ev.add_argument("--n", type=int, default=48, help="held-out captions per scene kind")
-    ev.add_argument("--which", default="dit,ar")
+    ev.add_argument("--which", default="dit,ar", help="generators to score: dit, ar, var (comma-separated)")
     ev.add_argument("--kinds", default="shape,relation,word,texture")
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -176,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+GENERATORS = ("dit", "ar", "var")  # one per paradigm: diffusion, next-token, next-scale
+
 # The recipe's stages: runs side by side, their batch on CPU / on a GPU, and their share of the budget.
 RECIPE = (
-    ((("vae", "vae"), ("vq", "vq")), (16, 64), 0.27),
-    ((("dit", "dit"), ("ar", "ar")), (32, 128), 0.52),
+    ((("vae", "vae"), ("vq", "vq"), ("var-vq", "var-vq")), (16, 64), 0.27),
+    ((("dit", "dit"), ("ar", "ar"), ("var", "var")), (32, 128), 0.52),
     (
         (
             ("lora", "lora --engine dit"),
@@ -267,8 +270,8 @@ def _run_recipe(args: argparse.Namespace, models: Path, work: Path, budget: floa
                     "--ckpt-every",
                     "5000" if gpu else "200",
                 ]
-            if kind in ("dit", "ar"):
-                cmd += ["--pace-dir", str(pace), "--pace-peers", "2"]
+            if kind in GENERATORS:  # paced in lockstep: the same steps on the same examples
+                cmd += ["--pace-dir", str(pace), "--pace-peers", str(sum(k in GENERATORS for k, _ in runs))]
             commands.append((spec.replace(" --engine ", "-"), cmd))
         _run_stage(commands, work)
 
@@ -345,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             args.which.split(","),
             args.kinds.split(","),
             device=args.device,
+            var_kwargs=json.loads(args.var),
         )
         text = json.dumps(report, indent=1)
         print(text)

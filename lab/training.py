@@ -41,6 +41,7 @@ from tessera.engines.checkpoint import CheckpointError, read_safetensors, write_
 from tessera.engines.flux import Flux, FluxConfig, default_axes_dim, load_dit, save_dit
 from tessera.engines.generation import generate_autoregressive, generate_diffusion
 from tessera.engines.gpt import GPT, GPTConfig, load_gpt, save_gpt
+from tessera.engines.multiscale_vq import load_multiscale_vq
 from tessera.engines.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
@@ -48,6 +49,7 @@ from tessera.engines.text_encoder import (
     save_text_encoder,
 )
 from tessera.engines.vae import AutoencoderKL, VAEConfig, load_vae, save_vae
+from tessera.engines.var import load_var
 from tessera.engines.vq import VQConfig, VQModel, load_vq, save_vq
 
 from . import synthetic
@@ -1268,6 +1270,7 @@ def evaluate(
     kinds: Sequence[str] = synthetic.KINDS,
     files: dict | None = None,
     device: str = "cpu",
+    var_kwargs: dict | None = None,
 ) -> dict:
     """Held-out prompt adherence of the shipped generators, scored by lab.scorers."""
     files = {**DEFAULT_FILES, **(files or {})}
@@ -1290,6 +1293,15 @@ def evaluate(
         t = time.time()
         images = sample_ar(model, vq, te, captions, seed=seed, **kw)
         report["ar"] = {"settings": kw, "seconds": round(time.time() - t, 1), **score_images(images, scenes)}
+    if "var" in which:  # the next-scale pair (lab.next_scale_training)
+        from .next_scale_training import sample_var
+
+        model = load_var(models_dir / files["var"], device=device)
+        msvq = load_multiscale_vq(models_dir / files["msvq"], device=device)
+        kw = {"cfg": 2.0, "temperature": 1.0, **(var_kwargs or {})}
+        t = time.time()
+        images = sample_var(model, msvq, te, captions, seed=seed, **kw)
+        report["var"] = {"settings": kw, "seconds": round(time.time() - t, 1), **score_images(images, scenes)}
     return report
 
 

@@ -187,14 +187,25 @@ def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
     # directly, through the pace it set itself, or through its paired run's stop
     logs = sorted((tmp_path / "artifacts" / "train").glob("*.out"))
     assert [p.stem for p in logs] == sorted(
-        ["vae", "vq", "dit", "ar", "lora-dit", "lora-gpt", "controlnet-dit", "controlnet-gpt"]
+        [
+            "vae",
+            "vq",
+            "var-vq",
+            "dit",
+            "ar",
+            "var",
+            "lora-dit",
+            "lora-gpt",
+            "controlnet-dit",
+            "controlnet-gpt",
+        ]
     )
     assert all(re.search(r"paced to \d+ steps|stopping at step", p.read_text()) for p in logs)
     cards = {}
-    for key in ("vae", "vq", "dit", "ar"):
+    for key in ("vae", "vq", "msvq", "dit", "ar", "var"):
         with safe_open(str(models / training.DEFAULT_FILES[key]), "pt") as f:
             cards[key] = json.loads(f.metadata()["tessera.card"])
-    assert cards["dit"]["examples_seen"] == cards["ar"]["examples_seen"]
+    assert cards["dit"]["examples_seen"] == cards["ar"]["examples_seen"] == cards["var"]["examples_seen"]
     for name in (
         "loras/dit_giant_lora",
         "loras/gpt_giant_lora",
