@@ -464,6 +464,7 @@ def controlnet_from_dit(
 # ---------------------------------------------------------------- control for the AR engine
 
 LORA_PREFIX = "lora."  # an AR ControlNet file's own LoRA on the GPT: PEFT keys after this prefix
+LOGITS = -1  # the key of the logit bias among an AR ControlNet's per-layer embeddings
 
 
 @dataclass(frozen=True)
@@ -472,6 +473,7 @@ class ARControlConfig:
     downsample: int = 16  # pixels per token side (the VQ tokenizer's)
     width: int = 64  # convolution channels
     layers: tuple[int, ...] = ()  # GPT layers (besides the first) whose input also takes the control
+    vocab: int = 0  # > 0: a head adding a control bias to the GPT's logits (its vocabulary size)
 
 
 class ARControlNet(nn.Module):
@@ -479,8 +481,8 @@ class ARControlNet(nn.Module):
 
     A convolutional encoder (`input_hint_block`) gives one feature vector per token; zero-initialised
     projections turn it into an embedding for the GPT's input (`controlnet_out`) and for the input of
-    each layer in `config.layers` (`controlnet_blocks.N`), so an untrained net leaves the GPT
-    unchanged. The embedding of grid position i is added at the sequence position that predicts
+    each layer in `config.layers` (`controlnet_blocks.N`), and optionally a bias for its logits
+    (`controlnet_logits`, over `config.vocab` tokens), so an untrained net leaves the GPT unchanged. The embedding of grid position i is added at the sequence position that predicts
     token i (the previous token, or the last condition row for i = 0), so raster-order decoding sees
     the control of the token it is about to draw. Sequence length, RoPE and the KV cache are
     untouched, so fixed tokens, CFG and compiled decoding work as without it.
@@ -512,19 +514,24 @@ class ARControlNet(nn.Module):
         self.input_hint_block = nn.Sequential(*layers)
         self.controlnet_out = nn.Conv2d(c.width, c.dim, 1)
         self.controlnet_blocks = nn.ModuleList(nn.Linear(c.width, c.dim) for _ in c.layers)
+        self.controlnet_logits = nn.Linear(c.width, c.vocab) if c.vocab else None
         self.lora: dict[str, Tensor] = dict(lora or {})
         self.base: dict = dict(base or {})
 
     def zero_init_heads(self) -> None:
         """Zero every projection into the GPT (the encoder keeps its random weights, so it trains)."""
         with torch.no_grad():
-            for head in (self.controlnet_out, *self.controlnet_blocks):
+            for head in (
+                self.controlnet_out,
+                *self.controlnet_blocks,
+                *filter(None, [self.controlnet_logits]),
+            ):
                 for p in head.parameters():
                     p.zero_()
 
     def embeddings(self, image: Tensor, gh: int, gw: int) -> dict[int, Tensor]:
         """IMAGE [B, H, W, 3] (0..1, resized to the grid's pixels) → {GPT layer: [B, gh·gw, dim]} in
-        raster order; layer 0 is the GPT's input."""
+        raster order; layer 0 is the GPT's input, `LOGITS` the logit bias [B, gh·gw, vocab]."""
         p = self.controlnet_out.weight
         f = self.config.downsample
         pixels = (_resized(image, gh * f, gw * f) * 2 - 1).to(p.device, p.dtype)
@@ -533,6 +540,8 @@ class ARControlNet(nn.Module):
         tokens = h.flatten(2).transpose(1, 2)
         for layer, head in zip(self.config.layers, self.controlnet_blocks):
             out[layer] = head(tokens)
+        if self.controlnet_logits is not None:
+            out[LOGITS] = self.controlnet_logits(tokens)
         return out
 
     def gpt_lora(self, model: GPT) -> Lora:
@@ -551,7 +560,9 @@ class ARControlNet(nn.Module):
         where = "the input" + (
             f" and layers {', '.join(map(str, self.config.layers))}" if self.config.layers else ""
         )
-        text = f"AR ControlNet: control into {where}"
+        text = f"AR ControlNet: control into {where}" + (
+            ", and a bias on the logits" if self.config.vocab else ""
+        )
         if self.lora:
             text += f", with its LoRA on the GPT ({len(self.lora) // 2} weights)"
         if self.base.get("fingerprint") and self.base["fingerprint"] != gpt_fingerprint(model):
@@ -632,11 +643,13 @@ class ControlledGPT(GPT):
             return e[:, index].to(x.dtype) * valid
 
         x = x + at_positions(sums.pop(0))
+        bias = sums.pop(LOGITS, None)
         blocks = [self.layers[i] for i in sums]
         try:
             for block, e in zip(blocks, sums.values()):
                 block.control = at_positions(e)
-            return super().forward(x, input_pos, use_cache)
+            logits = super().forward(x, input_pos, use_cache)
+            return logits if bias is None else logits + at_positions(bias).float()
         finally:
             for block in blocks:
                 block.control = None
@@ -659,6 +672,10 @@ def with_ar_control(model: GPT, net: ARControlNet, image: Tensor, strength: floa
     """
     if not isinstance(model, GPT):
         raise TypeError(f"an AR ControlNet controls a GPT, not {type(model).__name__}")
+    if net.config.vocab and net.config.vocab != model.config.vocab_size:
+        raise ValueError(
+            f"this AR ControlNet biases {net.config.vocab} token logits; the GPT has {model.config.vocab_size}"
+        )
     if net.config.dim != model.config.dim:
         raise ValueError(
             f"this AR ControlNet is for a {net.config.dim}-wide GPT; the model is {model.config.dim} wide"
@@ -711,6 +728,7 @@ def load_any_controlnet(
             downsample=int(raw.get("downsample", 16)),
             width=own["controlnet_out.weight"].shape[1],
             layers=tuple(int(i) for i in layers),
+            vocab=own["controlnet_logits.weight"].shape[0] if "controlnet_logits.weight" in own else 0,
         )
         with torch.device("meta"):
             net = ARControlNet(config, base=raw.get("base") if isinstance(raw.get("base"), dict) else None)

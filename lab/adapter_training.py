@@ -390,11 +390,13 @@ def train_gpt_controlnet(
     settings: TrainSettings,
     width: int = 64,
     layers: Sequence[int] | None = None,
+    logit_bias: bool = True,
 ) -> ARControlNet:
     """An AR ControlNet steering the GPT from Canny edges of the scene to the scene's tokens.
 
     The control encoder feeds the GPT's input and the input of each of `layers` (default: every
-    layer) through zero-initialised projections; with `settings.rank` > 0 a LoRA on the GPT
+    layer) through zero-initialised projections, and with `logit_bias` adds a per-token bias to its
+    logits (the most direct path from the edges to the token); with `settings.rank` > 0 a LoRA on the GPT
     (`GPT_TARGETS`) trains jointly with it, as ControlAR fine-tunes its generator, and ends up in the
     net's `lora` (saved in the same file). Half the batches have empty captions (the control must
     carry the scene; a whole batch at a time, so its prefix is one token and the step about half the
@@ -403,7 +405,9 @@ def train_gpt_controlnet(
     gpt.requires_grad_(False)
     torch.manual_seed(settings.seed)
     layers = tuple(range(1, gpt.config.n_layer)) if layers is None else tuple(layers)
-    config = ARControlConfig(gpt.config.dim, vq.downsample, width, layers)
+    config = ARControlConfig(
+        gpt.config.dim, vq.downsample, width, layers, gpt.config.vocab_size if logit_bias else 0
+    )
     net = ARControlNet(config).to(gpt.output.weight.device)
     net.zero_init_heads()
     net.train()
@@ -564,6 +568,12 @@ def controlnet_arguments(p: argparse.ArgumentParser) -> None:
         help="GPT: comma-separated layers (from 1) whose input also takes the control (default: every layer)",
     )
     p.add_argument(
+        "--logit-bias",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="GPT: a control head biasing the GPT's token logits (default: on)",
+    )
+    p.add_argument(
         "--lora-rank",
         type=int,
         default=16,
@@ -616,12 +626,14 @@ def run_controlnet(args: argparse.Namespace) -> Path:
             s,
             args.width,
             args.layers,
+            args.logit_bias,
         )
         net.base["name"] = base_path.name
         layers = ", ".join(map(str, net.config.layers)) or "none"
         what = (
             f"per-token embeddings of the control image, {how}, added where each token is predicted "
             f"to the input and to layers {layers}"
+            + (", and a bias on its token logits" if net.config.vocab else "")
             + (
                 f"; with a rank-{s.rank} LoRA on the GPT trained jointly, in the same file"
                 if net.lora

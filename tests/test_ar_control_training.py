@@ -74,7 +74,7 @@ def fixed_batch(seed: int = 1):
 
 def fresh_net(gpt: GPT, layers=(1, 2)) -> ARControlNet:
     torch.manual_seed(3)
-    net = ARControlNet(ARControlConfig(gpt.config.dim, downsample=8, width=8, layers=layers))
+    net = ARControlNet(ARControlConfig(gpt.config.dim, downsample=8, width=8, layers=layers, vocab=16))
     net.zero_init_heads()
     return net
 
@@ -109,7 +109,8 @@ def test_the_joint_step_lowers_the_loss_on_a_fixed_batch_and_trains_both_parts()
         losses.append(loss.item())
     # (the loss cannot near 0: the output head is frozen and random, which bounds the logits)
     assert losses[-1] < 0.7 * losses[0], losses
-    assert all(h.weight.abs().max() > 0 for h in (net.controlnet_out, *net.controlnet_blocks))
+    heads = (net.controlnet_out, *net.controlnet_blocks, net.controlnet_logits)
+    assert all(h.weight.abs().max() > 0 for h in heads)
     assert all(u.up.abs().max() > 0 for u in lora.updates)
     # the control now tells the two halves apart: swapping the images raises the loss
     with torch.no_grad():
@@ -132,7 +133,7 @@ def test_a_resumed_joint_run_ends_with_the_uninterrupted_runs_weights(tmp_path, 
                              state=tmp_path / f"{name}.state.safetensors", log_every=1, **extra)  # fmt: skip
 
     whole = train_gpt_controlnet(gpt, vq, text, settings("whole"), width=8)
-    assert whole.config.layers == (1,) and whole.lora
+    assert whole.config.layers == (1,) and whole.config.vocab == 16 and whole.lora
     save_state = training._save_state
 
     def stop_after_step_2(path, step, *args, **kwargs):
@@ -214,7 +215,7 @@ def files(tmp_path):
         save_file(gpt.state_dict(), str(tmp_path / "ar_models" / f"{name}.safetensors"),
                   metadata=gpt_config_metadata(gpt.config))  # fmt: skip
     gpt = gpts["gpt"]
-    net = ARControlNet(ARControlConfig(32, downsample=8, width=8, layers=(1, 2)))
+    net = ARControlNet(ARControlConfig(32, downsample=8, width=8, layers=(1, 2), vocab=24))
     lora = trainable_lora(gpt, 2, 2.0, lambda n: bool(GPT_TARGETS.match(n)), seed=4)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -259,7 +260,7 @@ def test_the_nodes_load_a_control_file_and_apply_its_control_and_its_lora(files)
     result = run_apply(root, "gpt.safetensors")
     assert result.status == "success", result.errors
     text = result.outputs["apply"]["text"][0]
-    assert "layers 1, 2" in text and "LoRA" in text and "not on this model" not in text
+    assert "layers 1, 2" in text and "logits" in text and "LoRA" in text and "not on this model" not in text
     model = CAPTURED["m"]
     assert isinstance(model, ControlledGPT)
     assert sum(isinstance(m, LoraLinear) for m in model.modules()) == 3 * 5  # every targeted linear

@@ -211,9 +211,9 @@ def test_interval_rule_and_file_errors(tmp_path):
         load_controlnet(tmp_path / "dit.safetensors")
 
 
-@pytest.mark.parametrize("layers", [(), (1,)])
-def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompute(tmp_path, layers):
-    """With or without control into a later layer's input (`layers`): a fresh net changes nothing; a
+@pytest.mark.parametrize(("layers", "vocab"), [((), 0), ((1,), 24)])
+def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompute(tmp_path, layers, vocab):
+    """With or without control into a later layer's input and the logits (`layers`, `vocab`): a fresh net changes nothing; a
     trained one changes the tokens identically through the KV cache, a recompute and fixed rows."""
     from tessera.engines.ar_decoding import condition_prefix, generate
     from tessera.engines.controlnet import (
@@ -231,7 +231,7 @@ def test_ar_control_is_a_no_op_until_trained_and_cached_decoding_matches_recompu
         GPT(GPTConfig(dim=32, n_layer=2, n_head=4, n_kv_head=4, ffn_hidden=64, vocab_size=24, num_classes=3)),
         6,
     )
-    net = ARControlNet(ARControlConfig(dim=32, downsample=8, width=8, layers=layers))
+    net = ARControlNet(ARControlConfig(dim=32, downsample=8, width=8, layers=layers, vocab=vocab))
     net.zero_init_heads()
     image = torch.rand(1, 24, 32, 3, generator=torch.Generator().manual_seed(1))
 
