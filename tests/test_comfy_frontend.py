@@ -191,3 +191,15 @@ def test_the_guards_cover_the_prefix(front, server):
     assert guarded.get(f"{API}/settings").status == 401
     assert guarded.get("/comfyui/").status == 401
     assert guarded.get(f"/comfyui/?token={token}").status == 200
+
+
+def test_object_info_describes_the_custom_sampler_family(front):
+    info = front.get_json(f"{API}/object_info/SamplerCustomAdvanced")["SamplerCustomAdvanced"]
+    assert info["output_name"] == ["output", "denoised_output"] and info["output"] == ["LATENT", "LATENT"]
+    assert info["input"]["required"]["guider"] == ["GUIDER", {}]
+    select = front.get_json(f"{API}/object_info/KSamplerSelect")["KSamplerSelect"]
+    assert select["input"]["required"]["sampler_name"][0] == ["euler", "euler_ancestral", "heun", "dpmpp_2m"]
+    noise = front.get_json(f"{API}/object_info/RandomNoise")["RandomNoise"]["input"]["required"]
+    assert noise["noise_seed"][1]["control_after_generate"] is True
+    shift = front.get_json(f"{API}/object_info/ModelSamplingFlux")["ModelSamplingFlux"]["input"]["required"]
+    assert shift["max_shift"][1]["default"] == 1.15 and shift["width"][0] == "INT"

@@ -493,7 +493,9 @@ class ComfyAPI:
                 target[comfy] = self._widget(spec, list(rule.values[comfy]) if comfy in rule.values else None)
         for comfy, allowed in rule.accepted.items():
             target = optional if comfy in rule.optional else required
-            if comfy in ("start_at_step", "end_at_step"):
+            if comfy in rule.widget_specs:
+                target[comfy] = rule.widget_specs[comfy]
+            elif comfy in ("start_at_step", "end_at_step"):
                 target[comfy] = [
                     "INT",
                     {"default": 0 if comfy == "start_at_step" else 10000, "min": 0, "max": 10000},
@@ -510,10 +512,19 @@ class ComfyAPI:
             elif allowed is not None:
                 target[comfy] = [list(allowed), {}]
         # ComfyUI names most outputs by their type; ControlNetApplyAdvanced's are positive, negative.
-        names = ["positive", "negative"] if name == "ControlNetApplyAdvanced" else list(rule.output_types)
-        description = f"ComfyUI's {name}, run as Tessera's {rule.type}" + (
-            f": {cls.description()}" if cls else ""
+        names = (
+            ["positive", "negative"]
+            if name == "ControlNetApplyAdvanced"
+            else list(rule.output_names or rule.output_types)
         )
+        if rule.folded:
+            description = f"ComfyUI's {name}: its settings go to the DiTSampler of its SamplerCustomAdvanced"
+        elif not rule.type:
+            description = f"ComfyUI's {name}: passes the model on (see docs/COMFYUI.md)"
+        else:
+            description = f"ComfyUI's {name}, run as Tessera's {rule.type}" + (
+                f": {cls.description()}" if cls else ""
+            )
         return self._entry(
             name,
             required,

@@ -27,6 +27,13 @@ from tessera.workflow import CURRENT_VERSION, InvalidWorkflow, WorkflowIssue
 Classify = Callable[[str], "str | None"]  # a text_encoders file name -> "clip" | "t5" | None
 UI_MODES = {2: "mute", 4: "bypass"}
 PASS_THROUGH = {"FluxGuidance": "conditioning", "ConditioningZeroOut": "conditioning"}
+CUSTOM_SAMPLER_PARTS = {  # SamplerCustomAdvanced input -> the ComfyUI nodes it is mapped from
+    "noise": ("RandomNoise",),
+    "sampler": ("KSamplerSelect",),
+    "sigmas": ("BasicScheduler",),
+    "guider": ("BasicGuider", "CFGGuider"),  # last: its model and conditionings win
+}
+SAMPLERS_OF_A_MODEL = ("KSampler", "KSamplerAdvanced", "SamplerCustomAdvanced")
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,8 @@ class _Converter:
         self.outputs: dict[str, list] = {}  # ComfyUI id -> per output: (our id, output) or ("pass", input)
         self.controlnets: dict[str, dict] = {}
         self.refused: set[str] = set()  # nodes already reported: links to them are not reported again
+        self.folded: dict[str, dict] = {}  # SamplerCustomAdvanced parts: id -> their inputs, renamed
+        self.shifts: dict[str, dict] = {}  # ModelSamplingFlux id -> its inputs
 
     def issue(self, node_id, input_name, reason) -> None:
         self.issues.append(WorkflowIssue(node_id, input_name, reason))
@@ -179,6 +188,8 @@ class _Converter:
             if node.get("_mode") in ("mute", "bypass"):
                 ours["mode"] = node["_mode"]
             self.nodes[node_id] = ours
+        self.fold_custom_samplers()
+        self.check_shifts()
         self.wire_controlnets()
         self.connect_empty_latents()
         for node_id, node in self.nodes.items():
@@ -223,6 +234,13 @@ class _Converter:
             self.ksampler_advanced(node_id, inputs, ours)
         elif kind == "ControlNetApplyAdvanced":
             self.controlnets[node_id] = ours
+            return None
+        elif kind == "ModelSamplingFlux":
+            self.outputs[node_id] = [("pass", "model")]
+            self.shifts[node_id] = inputs
+            return None
+        elif rule.folded:
+            self.folded[node_id] = ours
             return None
         return ours
 
@@ -275,6 +293,94 @@ class _Converter:
         ours["inputs"]["denoise"] = (steps - start) / steps
 
     # -- graph rewrites ------------------------------------------------------------------------
+    def fold_custom_samplers(self) -> None:
+        """Each SamplerCustomAdvanced takes its parts' settings: one DiTSampler does all four."""
+        for node_id, node in self.nodes.items():
+            if self.api[node_id].get("class_type") != "SamplerCustomAdvanced":
+                continue
+            parts = {}
+            for name, kinds in CUSTOM_SAMPLER_PARTS.items():
+                value = (self.api[node_id].get("inputs") or {}).get(name)
+                source = str(value[0]) if _is_link(value) else None
+                kind = (self.api.get(source) or {}).get("class_type") if source else None
+                if source in self.refused:
+                    continue
+                if kind not in kinds:
+                    found = f", not {kind}" if kind else " (a link)"
+                    self.issue(
+                        node_id,
+                        name,
+                        f"SamplerCustomAdvanced {name} must come from {' or '.join(kinds)}{found}",
+                    )
+                    continue
+                parts[name] = self.folded[source]["inputs"]
+            if len(parts) < len(CUSTOM_SAMPLER_PARTS):
+                continue
+            if parts["sigmas"].get("model") != parts["guider"].get("model"):
+                self.issue(
+                    node_id,
+                    "sigmas",
+                    "BasicScheduler's model must be the guider's: Tessera's schedule is the sampled model's",
+                )
+            for name in CUSTOM_SAMPLER_PARTS:
+                node["inputs"].update(parts[name])
+            for name in ("positive", "negative"):
+                if self.trace_controlnets(node["inputs"].get(name)):
+                    self.issue(
+                        node_id,
+                        "guider",
+                        "ControlNetApplyAdvanced before a SamplerCustomAdvanced guider is not supported "
+                        "(use KSampler)",
+                    )
+
+    def check_shifts(self) -> None:
+        """ModelSamplingFlux shifts by its width x height, ours by the latent's size: the node passes
+        its model on only where the sampler's latent is an empty latent of that very size."""
+        for node_id, node in self.nodes.items():
+            if self.api[node_id].get("class_type") not in SAMPLERS_OF_A_MODEL:
+                continue
+            for shift in self._shifts_on(node["inputs"].get("model")):
+                width, height = (self.shifts[shift].get(k) for k in ("width", "height"))
+                size = self._empty_latent_size(node["inputs"].get("latent"))
+                if size is None:
+                    self.issue(
+                        shift,
+                        "width",
+                        "ModelSamplingFlux is supported before a sampler whose latent comes from "
+                        "EmptyLatentImage/EmptySD3LatentImage (Tessera takes the shift from the "
+                        "latent's size, ComfyUI from width x height, and this latent's size is not "
+                        "known from the graph)",
+                    )
+                elif size != (width, height):
+                    self.issue(
+                        shift,
+                        "width",
+                        f"ModelSamplingFlux width x height {width}x{height} differs from the latent's "
+                        f"{size[0]}x{size[1]}: Tessera's schedule shifts by the latent's size (set them equal)",
+                    )
+
+    def _shifts_on(self, link) -> list[str]:
+        """ModelSamplingFlux nodes a model link passes through (LoRA loaders included)."""
+        found, seen = [], set()
+        while isinstance(link, Link) and link.source not in seen:
+            seen.add(link.source)
+            node = self.api.get(link.source) or {}
+            kind = node.get("class_type")
+            if kind == "ModelSamplingFlux":
+                found.append(link.source)
+            elif kind != "LoraLoaderModelOnly":
+                break
+            nxt = (node.get("inputs") or {}).get("model")
+            link = Link(str(nxt[0]), nxt[1]) if _is_link(nxt) else None
+        return found
+
+    def _empty_latent_size(self, link) -> tuple[int, int] | None:
+        node = self.api.get(link.source) if isinstance(link, Link) else None
+        if not node or node.get("class_type") not in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            return None
+        inputs = node.get("inputs") or {}
+        return inputs.get("width"), inputs.get("height")
+
     def trace_controlnets(self, link) -> list[str]:
         """ControlNetApplyAdvanced nodes a conditioning link passes through, nearest first."""
         found, seen = [], set()

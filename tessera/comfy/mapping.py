@@ -39,6 +39,12 @@ class Rule:
     optional: tuple[str, ...] = ()  # ComfyUI inputs that may be absent
     link_types: dict[str, str] = field(default_factory=dict)  # ComfyUI type of each link input
     output_node: bool = False
+    # /object_info specs of inputs read but not passed on (shown as ComfyUI shows them)
+    widget_specs: dict[str, list] = field(default_factory=dict)
+    output_names: tuple[str, ...] = ()  # ComfyUI's output names where they are not the types
+    # A part of SamplerCustomAdvanced (noise, sampler, sigmas, guider): no node of ours, its
+    # inputs (renamed to the sampler's) are folded into the DiTSampler it feeds (see `convert`).
+    folded: bool = False
 
 
 def _same(*names: str) -> dict[str, str]:
@@ -304,6 +310,94 @@ RULES: dict[str, Rule] = {
         link_types={"samples": "LATENT", "mask": "MASK"},
     ),
 }
+
+# SamplerCustomAdvanced and its parts are one DiTSampler: the seed from RandomNoise, the sampler
+# from KSamplerSelect, schedule/steps/denoise from BasicScheduler, model and conditionings (and
+# cfg) from BasicGuider (cfg 1, guidance from FluxGuidance) or CFGGuider.
+_GUIDER_LINKS = {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING"}
+RULES.update(
+    {
+        "RandomNoise": Rule(
+            "DiTSampler",
+            {"noise_seed": "seed"},
+            ("",),
+            ("NOISE",),
+            widgets=("noise_seed", CONTROL),
+            folded=True,
+        ),
+        "KSamplerSelect": Rule(
+            "DiTSampler",
+            {"sampler_name": "sampler"},
+            ("",),
+            ("SAMPLER",),
+            widgets=("sampler_name",),
+            values={"sampler_name": SAMPLERS},
+            folded=True,
+        ),
+        "BasicScheduler": Rule(
+            "DiTSampler",
+            {"model": "model", "scheduler": "schedule", "steps": "steps", "denoise": "denoise"},
+            ("",),
+            ("SIGMAS",),
+            widgets=("scheduler", "steps", "denoise"),
+            values={"scheduler": SCHEDULERS},
+            link_types={"model": "MODEL"},
+            folded=True,
+        ),
+        "BasicGuider": Rule(
+            "DiTSampler",
+            {"model": "model", "conditioning": "positive"},
+            ("",),
+            ("GUIDER",),
+            constants={"cfg": 1.0},
+            link_types={"model": "MODEL", "conditioning": "CONDITIONING"},
+            folded=True,
+        ),
+        "CFGGuider": Rule(
+            "DiTSampler",
+            {"model": "model", "positive": "positive", "negative": "negative", "cfg": "cfg"},
+            ("",),
+            ("GUIDER",),
+            widgets=("cfg",),
+            link_types=_GUIDER_LINKS,
+            folded=True,
+        ),
+        # Our schedules end at sigma 0, where the last step of euler, euler_ancestral, heun and
+        # dpmpp_2m lands on its own x0 prediction: `denoised_output` is the same latent as `output`.
+        "SamplerCustomAdvanced": Rule(
+            "DiTSampler",
+            {"noise": "", "guider": "", "sampler": "", "sigmas": "", "latent_image": "latent"},
+            ("latent", "latent"),
+            ("LATENT", "LATENT"),
+            link_types={
+                "noise": "NOISE",
+                "guider": "GUIDER",
+                "sampler": "SAMPLER",
+                "sigmas": "SIGMAS",
+                "latent_image": "LATENT",
+            },
+            output_names=("output", "denoised_output"),
+        ),
+        # Flux's resolution shift for the model's width x height. Ours is the same formula from the
+        # latent's own size (BFL's reference), so the node passes the model on where the two agree
+        # (checked by the converter) with the default shifts.
+        "ModelSamplingFlux": Rule(
+            "",
+            {"model": ""},
+            ("",),
+            ("MODEL",),
+            widgets=("max_shift", "base_shift", "width", "height"),
+            accepted={"max_shift": (1.15,), "base_shift": (0.5,), "width": None, "height": None},
+            link_types={"model": "MODEL"},
+            widget_specs={
+                "max_shift": ["FLOAT", {"default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01}],
+                "base_shift": ["FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01}],
+                "width": ["INT", {"default": 1024, "min": 16, "max": 16384, "step": 8}],
+                "height": ["INT", {"default": 1024, "min": 16, "max": 16384, "step": 8}],
+            },
+        ),
+    }
+)
 
 RULES["EmptySD3LatentImage"] = RULES["EmptyLatentImage"]  # the same empty latent for ComfyUI's SD3/Flux node
 

@@ -52,9 +52,9 @@ def test_drop_a_comfyui_ui_workflow_and_an_unsupported_one(editor: Page, console
     expect(page.locator(".toast.ok").last).to_contain_text("Loaded the workflow from flux_dev_ui.json")
     assert page.evaluate("() => window.tessera.workflow().nodes['31'].inputs.denoise") == 0.5
     console_errors.allow("/api/import", "400")
-    unsupported = text.replace('"type": "KSamplerAdvanced"', '"type": "SamplerCustomAdvanced"')
+    unsupported = text.replace('"type": "KSamplerAdvanced"', '"type": "SamplerCustom"')
     drop_file(page, "#canvas-wrap", "custom.json", "application/json", unsupported.encode())
     expect(page.locator(".toast.error").last).to_contain_text(
-        "node 31: ComfyUI node type 'SamplerCustomAdvanced' is not supported"
+        "node 31: ComfyUI node type 'SamplerCustom' is not supported"
     )
     assert page.evaluate("() => Object.keys(window.tessera.workflow().nodes).length") == 11  # the graph stays
