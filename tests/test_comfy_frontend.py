@@ -203,3 +203,17 @@ def test_object_info_describes_the_custom_sampler_family(front):
     assert noise["noise_seed"][1]["control_after_generate"] is True
     shift = front.get_json(f"{API}/object_info/ModelSamplingFlux")["ModelSamplingFlux"]["input"]["required"]
     assert shift["max_shift"][1]["default"] == 1.15 and shift["width"][0] == "INT"
+
+
+def test_free_drops_the_loaded_models_and_the_lists_are_served_at_the_root_too(front):
+    r = post(front, "/prompt", {"prompt": AR_PROMPT, "client_id": "free-test"})
+    prompt_id = r.json()["prompt_id"]
+    wait_until(lambda: front.get_json(f"/api/history/{prompt_id}")["status"] == "success", 60)
+    assert front.get_json("/api/system")["memory"]["cache"]  # the models and outputs are cached
+    assert post(front, "/free", {"unload_models": True, "free_memory": True}).status == 200
+    assert front.get_json("/api/system")["memory"]["cache"] == {}
+    again = post(front, "/prompt", {"prompt": AR_PROMPT, "client_id": "free-test"}).json()["prompt_id"]
+    wait_until(lambda: front.get_json(f"/api/history/{again}")["status"] == "success", 60)
+    assert front.get_json(f"/api/history/{again}")["cached"] == []  # loaded and run again
+    assert post(front, "/free", ["x"]).status == 400
+    assert front.get_json("/embeddings") == [] and front.get_json("/extensions") == []

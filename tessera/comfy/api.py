@@ -11,6 +11,7 @@ guard (Host, Origin, token) covers every route; files go through the same confin
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import platform
@@ -22,6 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import aiohttp
+import torch
 from aiohttp import web
 from PIL import Image
 
@@ -37,6 +39,7 @@ MAX_CLIENT_ID = 200
 KEPT_PROMPTS = 1000  # ComfyUI prompts remembered for /queue and /history (their Tessera form is stored)
 PREVIEW_IMAGE, PNG = 1, 2  # ComfyUI's binary frame: event type, image format, then the image
 MISSING = object()
+FINAL_KINDS = ("execution_success", "execution_error", "execution_interrupted")
 
 
 def _current(workflow: dict) -> dict:
@@ -92,6 +95,7 @@ class ComfyAPI:
         self.sockets: dict[web.WebSocketResponse, str] = {}
         self.prompts: OrderedDict[str, dict] = OrderedDict()  # prompt id -> ComfyUI prompt, extra_data
         self.held: dict[str, list] = {}  # prompt id -> `executed` messages waiting for its next event
+        self.free_after: list[bool] = []  # /free asked while a prompt ran: its free_memory flag
         self.classify = file_classifier(server.config.models_dir)
 
     def routes(self) -> list[tuple[str, str, object]]:
@@ -113,6 +117,9 @@ class ComfyAPI:
             ("GET", "/system_stats", self.system_stats),
             ("GET", "/models", self.model_folders),
             ("GET", "/models/{folder}", self.models),
+            ("GET", "/embeddings", self.embeddings),
+            ("POST", "/free", self.free),
+            ("GET", "/extensions", self.extensions),
         ]
 
     def register(self, app: web.Application) -> None:
@@ -126,6 +133,11 @@ class ComfyAPI:
     def _on_event(self, kind: str, data: dict) -> None:
         """Called in the emitting thread: translate the event for ComfyUI sockets on the loop."""
         prompt_id = data.get("prompt_id")
+        if self.free_after and kind in FINAL_KINDS:  # the worker's thread, done with the cache
+            flags = []
+            while self.free_after:
+                flags.append(self.free_after.pop())
+            self._free(any(flags))
         owner = (
             self.server.owners.get(prompt_id, MISSING) if prompt_id else None
         )  # before a final event drops it
@@ -408,6 +420,40 @@ class ComfyAPI:
             if i.model_folder
         }
         return list(MODEL_FOLDERS) + sorted(used - set(MODEL_FOLDERS))
+
+    async def free(self, request):
+        """ComfyUI's `/free {"unload_models": true, "free_memory": true}`: the cached node outputs go,
+        the loaded models among them (the next run loads them again); `free_memory` also returns
+        freed device memory to the driver. Done now when the queue is empty (prompts are only added
+        on this loop, so none can start meanwhile), else when the running prompt ends, on the
+        worker's thread (the cache is the worker's)."""
+        body = await self.server._read_json(request) if request.can_read_body else {}
+        if not isinstance(body, dict):
+            return self._error(
+                "invalid_request", 'the body must be {"unload_models": bool, "free_memory": bool}'
+            )
+        if not (body.get("unload_models") or body.get("free_memory")):
+            return web.Response(status=200)
+        if self.server.store.remaining() == 0:
+            self._free(bool(body.get("free_memory")))
+        else:
+            self.free_after.append(bool(body.get("free_memory")))
+        return web.Response(status=200)
+
+    def _free(self, free_memory: bool) -> None:
+        self.server.executor.cache.clear()
+        if free_memory:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    async def embeddings(self, request):
+        """Textual-inversion embeddings by name: no Tessera text encoder loads any."""
+        return self._json([])
+
+    async def extensions(self, request):
+        """URLs of node packs' web extensions (JavaScript): Tessera's node packs ship none."""
+        return self._json([])
 
     async def model_folders(self, request):
         return self._json(self._folders())

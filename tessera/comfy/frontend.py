@@ -9,7 +9,7 @@ Why a prefix: the frontend derives its API base from the page's path
 are Tessera's own routes with other shapes. Served at /comfyui/ it calls /comfyui/api/prompt
 and /comfyui/ws, where this module mounts ComfyUI's compatible API (the same handlers as the
 root's /prompt, /queue, ...) plus the routes only the frontend asks for: settings, user data,
-users, the jobs list, feature flags, model folders and the extension/template/subgraph lists.
+users, the jobs list, feature flags, model folders, translations and the template/subgraph lists.
 Those are small real handlers backed by `<user dir>/comfyui/default/` (ComfyUI's single-user
 layout): settings persist in comfy.settings.json, user files (saved workflows, ...) are files
 there, confined like every other path. Lists of things Tessera has none of (JS extensions,
@@ -100,8 +100,6 @@ class ComfyFrontend:
             ("DELETE", "/userdata/{file}", self.userdata_delete),
             ("POST", "/userdata/{file}/move/{dest}", self.userdata_move),
             ("GET", "/features", self.features),
-            ("GET", "/extensions", self.extensions),
-            ("GET", "/embeddings", self.embeddings),
             ("GET", "/workflow_templates", self.workflow_templates),
             ("GET", "/global_subgraphs", self.global_subgraphs),
             ("GET", "/i18n", self.i18n),
@@ -285,14 +283,6 @@ class ComfyFrontend:
     # -- lists ---------------------------------------------------------------------------------
     async def features(self, request):
         return web.json_response(feature_flags())
-
-    async def extensions(self, request):
-        """Web extensions of node packs: Tessera's node packs ship none."""
-        return web.json_response([])
-
-    async def embeddings(self, request):
-        """Textual-inversion embeddings: no Tessera text encoder loads any."""
-        return web.json_response([])
 
     async def workflow_templates(self, request):
         """Templates of custom node packs by module: there are none."""
