@@ -99,10 +99,24 @@ def connect(spec: str, token: str | None, cpus: int = 0, gpus: int | None = None
                 configure_logging=False,
             )
         else:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False)
+            _join(ray, address)
     except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError …
         raise ClusterError(f"cannot connect to the Ray cluster at {spec}: {e}") from None
     return ray
+
+
+def _join(ray, address: str, tries: int = 3) -> None:
+    """ray.init on an existing cluster; through ray://, tried again (the head starts a Ray Client
+    server for each connection, and that start can fail on a busy head)."""
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=True, configure_logging=False)
+            return
+        except Exception:
+            if not address.startswith("ray://") or attempt == tries:
+                raise
+            log.warning("Ray Client connection to %s failed (try %d of %d)", address, attempt, tries)
+            time.sleep(2.0)
 
 
 # -- scheduling ---------------------------------------------------------------------------------

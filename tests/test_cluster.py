@@ -28,8 +28,8 @@ SCENARIOS = {
     "test_interrupt_reaches_the_worker",
     "test_killed_worker_prompt_completes_elsewhere_with_one_output",
     "test_second_death_fails_the_prompt_then_a_late_worker_gets_work",
-    "test_server_restart_reattaches_and_redispatches",
 }
+RESTART = {"test_server_restart_reattaches_and_redispatches"}
 
 
 def in_private_network(command: str, timeout: float) -> subprocess.CompletedProcess:
@@ -52,18 +52,30 @@ def in_private_network(command: str, timeout: float) -> subprocess.CompletedProc
     )
 
 
-@pytest.mark.timeout(1800)  # seven scenarios, each starting Ray and its workers (about 4 minutes here)
-def test_cluster_scenarios_pass_in_a_private_network_namespace(tmp_path):
+def scenarios(tmp_path: Path, selection: str, expected: set[str]) -> None:
+    """Run the selected scenarios of tests/cluster_scenarios.py in a namespace of their own."""
     report = tmp_path / "scenarios.xml"
     proc = in_private_network(
-        f"{sys.executable} -m pytest -q -p no:cacheprovider tests/cluster_scenarios.py --junitxml={report}",
+        f"{sys.executable} -m pytest -q -p no:cacheprovider tests/cluster_scenarios.py -k '{selection}' "
+        f"--junitxml={report}",
         timeout=1500,
     )
     assert report.is_file(), proc.stdout[-4000:] + proc.stderr[-4000:]
     cases = ET.parse(report).getroot().iter("testcase")
     passed = {c.get("name") for c in cases if not list(c)}  # no failure, error or skipped child
-    assert passed == SCENARIOS, f"not passed: {sorted(SCENARIOS - passed)}\n{proc.stdout[-6000:]}"
+    assert passed == expected, f"not passed: {sorted(expected - passed)}\n{proc.stdout[-6000:]}"
     assert proc.returncode == 0
+
+
+@pytest.mark.timeout(1800)  # six scenarios on one local head and its workers (about 3 minutes here)
+def test_cluster_scenarios_pass_in_a_private_network_namespace(tmp_path):
+    scenarios(tmp_path, "not restart", SCENARIOS)
+
+
+@pytest.mark.timeout(900)
+def test_server_restart_scenario_passes_in_a_private_network_namespace(tmp_path):
+    """A head of its own, a worker, and a server that is killed and started again (through ray://)."""
+    scenarios(tmp_path, "restart", RESTART)
 
 
 def test_the_namespace_has_only_loopback():
