@@ -217,3 +217,11 @@ def test_free_drops_the_loaded_models_and_the_lists_are_served_at_the_root_too(f
     assert front.get_json(f"/api/history/{again}")["cached"] == []  # loaded and run again
     assert post(front, "/free", ["x"]).status == 400
     assert front.get_json("/embeddings") == [] and front.get_json("/extensions") == []
+
+
+def test_a_missing_frontend_package_names_the_extra_to_install(monkeypatch):
+    from tessera.comfy import frontend
+
+    monkeypatch.setattr(frontend.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match=r"pip install 'tessera\[comfyui\]'"):
+        frontend.static_dir()
