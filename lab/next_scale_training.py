@@ -175,7 +175,7 @@ def msvq_codebook_usage(model: MultiScaleVQ, options: RunOptions, batches: int =
 
 
 @torch.no_grad()
-def psnr_by_scales(model: MultiScaleVQ, n: int = 128, seed: int = 1) -> dict[str, float]:
+def psnr_by_scales(model: MultiScaleVQ, n: int = 64, seed: int = 1) -> dict[str, float]:
     """Held-out PSNR (dB) decoding only the first k scales, k = 1 … all: how much each scale adds."""
     images = synthetic.make_batch(n, seed, 0, "heldout").images
     tokens = model.encode(images)

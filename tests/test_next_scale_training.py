@@ -93,7 +93,9 @@ def test_raster_vq_convolutions_start_the_multiscale_tokenizer(tmp_path):
         assert torch.allclose(model.encoder(x), raster.encoder(x), atol=1e-5)
         assert torch.allclose(model.decoder(z), raster.decoder(z), atol=1e-5)
     small = MultiScaleVQ(TINY_MSVQ)
-    with pytest.raises(Exception, match=r"raster\.safetensors: its convolutions do not fit .*\(\w+coder\.\S+: \(\d+"):
+    with pytest.raises(
+        Exception, match=r"raster\.safetensors: its convolutions do not fit .*\(\w+coder\.\S+: \(\d+"
+    ):
         NS.raster_vq_convs(small, tmp_path / "raster.safetensors")
 
 
@@ -142,9 +144,9 @@ def test_var_vq_writes_a_loadable_tokenizer_with_a_card(models):
                                                                        "5:6x6", "6:8x8"}  # fmt: skip
 
 
-def test_var_trains_resumes_and_loads(models, capsys):
+def test_var_trains_resumes_loads_and_is_scored(models, capsys, tmp_path):
     work, folder = models
-    out, state = work / "var.safetensors", work / "var.state.safetensors"
+    out, state = folder / training.DEFAULT_FILES["var"], work / "var.state.safetensors"
     args = ["var", *COMMON, "--models-dir", str(folder), "--out", str(out), "--state", str(state),
             "--log", str(work / "var.jsonl")]  # fmt: skip
     assert train([*args, "--steps", "2"]) == 0
@@ -157,6 +159,13 @@ def test_var_trains_resumes_and_loads(models, capsys):
     assert card["kind"] == "var" and card["steps"] == 3 and card["sequential_passes"] == 6
     assert card["msvq"]["file"] == "tessera-msvq-f8.safetensors"
     assert card["text_encoder"]["file"] == "tessera-text-encoder.safetensors"
+    # tessera train eval --which var: held-out captions through generate_next_scale, scored per kind
+    report = tmp_path / "eval.json"
+    assert train(["eval", "--models-dir", str(folder), "--which", "var", "--n", "2", "--kinds", "shape",
+                  "--threads", "1", "--var", '{"cfg": 3}', "--json-out", str(report)]) == 0  # fmt: skip
+    scores = json.loads(report.read_text())["var"]
+    assert scores["settings"]["cfg"] == 3 and scores["shape"]["n"] == 2
+    assert 0 <= scores["shape"]["mean_attribute"] <= 1
 
 
 class Interrupted(Exception):
