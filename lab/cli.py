@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pace-peers", type=int, default=1, help="how many runs share --pace-dir")
         p.add_argument("--ckpt-every", type=int, default=200)
         p.add_argument("--log-every", type=int, default=10)
+        _snapshot_arguments(p)
         p.add_argument(
             "--autocast",
             action=argparse.BooleanOptionalAction,
-            default=autocast,
-            help=f"bf16 autocast (default: {'on' if autocast else 'off'} for {kind})",
+            default=None,
+            help="bf16 autocast (default: "
+            + ("on where bf16 is fast: a GPU, a CPU with AMX or AVX512-BF16)" if autocast else "off)"),
         )
         if kind in ("vae", "vq", "dit", "ar", "var-vq", "var"):
             p.add_argument(
@@ -159,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ar", default="{}", help='JSON decoding settings, e.g. \'{"cfg": 3, "top_k": 0}\'')
     ev.add_argument("--var", default="{}", help='JSON next-scale settings, e.g. \'{"cfg": 3, "top_k": 0}\'')
     ev.add_argument("--json-out", type=Path, default=None)
+    cv = sub.add_parser(
+        "curves", help="learning curves: held-out scores of every snapshot (--snapshots), plotted"
+    )
+    cv.add_argument("--snapshot-dir", type=Path, default=Path("artifacts") / "train" / "snapshots")
+    cv.add_argument("--n", type=int, default=32, help="held-out captions per scene kind")
+    cv.add_argument("--kinds", default="shape,relation,word,texture")
+    cv.add_argument("--threads", type=int, default=1)
+    cv.add_argument("--device", default="cpu", help="cpu or cuda")
+    cv.add_argument("--seed", type=int, default=0)
+    cv.add_argument("--dit", default="{}", help="JSON sampler settings, as for eval")
+    cv.add_argument("--ar", default="{}", help="JSON decoding settings, as for eval")
+    cv.add_argument("--json-out", type=Path, default=None, help="default: SNAPSHOT_DIR/curves.json")
+    cv.add_argument("--plot", type=Path, default=None, help="default: SNAPSHOT_DIR/curves.png")
     rc = sub.add_parser(
         "defaults",
         help="the whole recipe in one time budget: vae+vq, then dit+ar (same examples), then the demo adapters",
@@ -174,7 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="reuse this trained text encoder (default: train one first, ~13 CPU-minutes)",
     )
+    _snapshot_arguments(rc, "of the DiT and the GPT (the learning curves of the pair)")
     return parser
+
+
+def _snapshot_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
+    """--snapshots and --snapshot-dir: the learning-curve snapshots of `lab.training.fit`."""
+    p.add_argument(
+        "--snapshots",
+        type=_fractions,
+        default=(),
+        help=f"save snapshots {what} at these fractions of the step budget, e.g. 0.25,0.5,1 "
+        "(each a complete models folder DIR/<fraction>/ for --models-dir)",
+    )
+    p.add_argument("--snapshot-dir", type=Path, default=None, help="DIR (default: artifacts/train/snapshots)")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        fractions = tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"fractions must lie in (0, 1]: {text!r}")
+    return fractions
 
 
 GENERATORS = ("dit", "ar", "var")  # one per paradigm: diffusion, next-token, next-scale
@@ -272,6 +310,9 @@ def _run_recipe(args: argparse.Namespace, models: Path, work: Path, budget: floa
                 ]
             if kind in GENERATORS:  # paced in lockstep: the same steps on the same examples
                 cmd += ["--pace-dir", str(pace), "--pace-peers", str(sum(k in GENERATORS for k, _ in runs))]
+                if args.snapshots and kind in ("dit", "ar"):
+                    cmd += ["--snapshots", ",".join(f"{f:g}" for f in args.snapshots)]
+                    cmd += ["--snapshot-dir", str(args.snapshot_dir or work / "snapshots")]
             commands.append((spec.replace(" --engine ", "-"), cmd))
         _run_stage(commands, work)
 
@@ -337,6 +378,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "defaults":
         train_defaults(args)
         return 0
+    if args.kind == "curves":
+        from tessera.lab import learning_curves as L
+
+        torch.set_num_threads(args.threads)
+        try:
+            curves = L.evaluate_snapshots(args.snapshot_dir, args.n, args.seed, args.kinds.split(","),
+                                          json.loads(args.dit), json.loads(args.ar), args.device)  # fmt: skip
+        except FileNotFoundError as e:
+            raise SystemExit(f"tessera train curves: {e}") from None
+        out = args.json_out or args.snapshot_dir / "curves.json"
+        out.write_text(json.dumps(curves, indent=1) + "\n")
+        for row in L.curve_table(curves):
+            print(f"{row['scene']:>9} {row['measure']:>14} {row['kind']:>3}: "
+                  + "  ".join(f"{f:.2f}->{v:.3f}" for f, v in zip(row["fractions"], row["values"])))  # fmt: skip
+        print(f"wrote {out} and {L.plot_curves(curves, args.plot or args.snapshot_dir / 'curves.png')}")
+        return 0
     if args.kind == "eval":
         torch.set_num_threads(args.threads)
         report = T.evaluate(
@@ -373,13 +430,17 @@ def main(argv: list[str] | None = None) -> int:
         log=args.log,
         ckpt_every=args.ckpt_every,
         log_every=args.log_every,
-        autocast=args.autocast,
+        autocast=T.bf16_is_fast(args.device) and KINDS[args.kind][3]
+        if args.autocast is None
+        else args.autocast,
         command="tessera train " + shlex.join(argv),
         device=args.device,
         workers=args.workers,
         deadline=args.deadline,
         pace_dir=args.pace_dir,
         pace_peers=args.pace_peers,
+        snapshots=args.snapshots,
+        snapshot_dir=args.snapshot_dir,
     )
     if args.kind == "text-encoder":
         card = T.train_text_encoder(options)

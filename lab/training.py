@@ -20,11 +20,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import json
+import math
 import os
 import platform
 import random
 import resource
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -158,6 +161,8 @@ class RunOptions:
     deadline: float | None = None  # wall-clock time (epoch s) by which the loop must end
     pace_dir: Path | None = None  # runs that must see the same examples publish their speed here
     pace_peers: int = 1  # how many runs publish there (the pair DiT + GPT: 2)
+    snapshots: tuple[float, ...] = ()  # fractions of the step budget at which to save a snapshot
+    snapshot_dir: Path | None = None  # where: <snapshot_dir>/<f:.2f>/<models-folder layout>
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -167,6 +172,10 @@ class RunOptions:
         self.log = Path(self.log) if self.log else work / f"{self.out.stem}.jsonl"
         if self.steps < 0 or self.batch < 1:
             raise ValueError("steps must be ≥ 0 and batch ≥ 1")
+        self.snapshots = tuple(sorted({float(f) for f in self.snapshots}))
+        if any(not 0 < f <= 1 for f in self.snapshots):
+            raise ValueError(f"snapshot fractions must lie in (0, 1], got {list(self.snapshots)}")
+        self.snapshot_dir = Path(self.snapshot_dir) if self.snapshot_dir else work / "snapshots"
 
 
 class TrainLog:
@@ -390,6 +399,19 @@ def _setup(options: RunOptions) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def bf16_is_fast(device: str = "cpu") -> bool:
+    """Whether bf16 autocast speeds training up on `device`: on a GPU, and on a CPU with bf16 matrix
+    units (AMX or AVX512-BF16). Elsewhere bf16 is emulated: on an AVX512 Xeon without them a
+    256x1024 linear ran 3.1x and the VQ 2.8x slower under autocast than in fp32."""
+    if not device.startswith("cpu"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def _autocast(options: RunOptions):
     return torch.autocast(torch.device(options.device).type, dtype=torch.bfloat16, enabled=options.autocast)
 
@@ -551,6 +573,33 @@ def _wait_for_peers(options, folder: Path, step: int) -> None:
 
 
 StepFn = Callable[[int, synthetic.Batch], tuple[Tensor, Callable[[], dict]]]
+SnapshotFn = Callable[[Path, int, TrainLog], dict]
+
+
+def snapshot_folder(options: RunOptions, fraction: float) -> Path:
+    """The models folder of one learning-curve snapshot: `<snapshot_dir>/<fraction:.2f>`."""
+    return Path(options.snapshot_dir) / f"{fraction:.2f}"
+
+
+def snapshot_step(fraction: float, steps: int) -> int:
+    """After how many steps of `steps` the snapshot at `fraction` is taken (at least one)."""
+    return max(1, math.ceil(fraction * steps - 1e-9))
+
+
+def _write_snapshot(options: RunOptions, kind: str, fraction: float, step: int, log: TrainLog,
+                    write: SnapshotFn) -> None:  # fmt: skip
+    """Write one snapshot through the kind's `write(folder, step, log)` (which returns facts such as
+    parameters and FLOPs), then `snapshot-<kind>.json` beside the model files."""
+    folder = snapshot_folder(options, fraction)
+    facts = write(folder, step, log)
+    wall, cpu = log.times()
+    prior = options.extra.get("prior_time", {"wall_s": 0.0, "cpu_s": 0.0})
+    record = {"kind": kind, "fraction": fraction, "step": step, "of_steps": options.steps,
+              "examples_seen": step * options.batch, "cpu_time_s": round(cpu + prior["cpu_s"], 1),
+              "wall_time_s": round(wall + prior["wall_s"], 1), **facts}  # fmt: skip
+    _publish(folder, f"snapshot-{kind}.json", record)
+    log.write({"event": "snapshot", **record})
+    print(f"[{kind}] snapshot {fraction:.2f} (step {step}) -> {folder}", flush=True)
 
 
 def fit(
@@ -567,6 +616,7 @@ def fit(
     ema: tuple[EMA, nn.Module] | None = None,
     before: Callable[[TrainLog], None] | None = None,
     batches: Callable[[int], Iterable[tuple[int, Any]]] | None = None,
+    snapshot: SnapshotFn | None = None,
 ) -> TrainLog:
     """The one training loop of every kind (text encoder, VAE, VQ, DiT, GPT and their adapters):
     resume, pacing, learning rate, step, EMA, logging, state.
@@ -578,6 +628,11 @@ def fit(
     (average, the module it follows), and `modules` (with the optimizer) make the resumable state,
     written to `options.state` (if set) every `options.ckpt_every` steps and at the end. Returns
     the run's log (`options.log`; None: printed only).
+
+    With `options.snapshots` (fractions of the step budget) and `snapshot(folder, step, log)` (the
+    kind's writer of a complete models folder), the model is also written after
+    `snapshot_step(f, steps)` steps for each fraction f (f = 1 and any not reached: after the last
+    step), into `snapshot_folder(options, f)`; a resumed run skips the snapshots it already passed.
     """
     start = 0
     if options.resume_from:
@@ -585,6 +640,9 @@ def fit(
     log = TrainLog(options.log, kind, options, append=start > 0)
     if before is not None:
         before(log)
+    if options.snapshots and snapshot is None:
+        raise ValueError(f"tessera train {kind}: this kind cannot write snapshots")
+    pending = [f for f in options.snapshots if f == 1.0 or snapshot_step(f, options.steps) > start]
     clock: dict = {}
     for step, batch in (batches or partial(_stream, options))(start):
         if not pace_to_deadline(options, kind, step, clock):
@@ -604,8 +662,16 @@ def fit(
             {"loss": loss.item(), **stats(), "grad_norm": float(gnorm)},
             options.log_every,
         )
+        while pending and pending[0] < 1.0 and step + 1 >= snapshot_step(pending[0], options.steps):
+            if step + 1 < options.steps:  # the last step's snapshots come after the loop
+                _write_snapshot(options, kind, pending[0], step + 1, log, snapshot)
+            else:
+                break
+            pending.pop(0)
         if options.state and (step + 1) % options.ckpt_every == 0 and step + 1 < options.steps:
             _save_state(options.state, step + 1, modules, opt, log)
+    for fraction in pending:
+        _write_snapshot(options, kind, fraction, options.steps, log, snapshot)
     if options.state:
         _save_state(options.state, options.steps, modules, opt, log)
     return log
@@ -781,33 +847,44 @@ def train_vae(
         stats = lambda: {"l1": l1.item(), "kl": kl.item(), "psnr": psnr(y.detach(), x)}  # noqa: E731
         return recon + kl_weight * kl, stats
 
-    log = fit(options, "vae", {"model": model}, opt, trainable, vae_step, lr=lr, warmup_divisor=50)
-    model.eval()
-    model = model.to(memory_format=torch.contiguous_format)
-    if not decoder_only:
-        scale, shift = _fit_latent_normalisation(model, options)
-        model.config = VAEConfig.from_dict(
-            {**asdict(model.config), "scaling_factor": scale, "shift_factor": shift}
+    def save(path: Path, step: int, log: TrainLog) -> dict:
+        """Write the VAE as it is after `step` steps (the training copy is left as it is)."""
+        final = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
+        if not decoder_only:
+            scale, shift = _fit_latent_normalisation(final, options)
+            final.config = VAEConfig.from_dict(
+                {**asdict(final.config), "scaling_factor": scale, "shift_factor": shift}
+            )
+        stored = _stored(final)
+        evaluation = _heldout_reconstruction(lambda x: stored.float().decode(stored.float().encode(x)))
+        log.write({"event": "heldout_reconstruction", "step": step, **evaluation})
+        print(f"[vae] held-out {evaluation}", flush=True)
+        card = _card(
+            "vae",
+            options,
+            log,
+            final,
+            step,
+            heldout_reconstruction=evaluation,
+            **_stage_fields(init_from, decoder_only, final.encoder),
+            losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + {kl_weight} KL (per element)",
+            latent=f"8x8x{final.config.latent_channels} for 64x64x3 (f8); scale/shift fitted to unit variance",
         )
-    stored = _stored(model)
-    evaluation = _heldout_reconstruction(lambda x: stored.float().decode(stored.float().encode(x)))
-    log.write({"event": "heldout_reconstruction", **evaluation})
-    print(f"[vae] held-out {evaluation}", flush=True)
-    card = _card(
-        "vae",
-        options,
-        log,
-        model,
-        options.steps,
-        heldout_reconstruction=evaluation,
-        **_stage_fields(init_from, decoder_only, model.encoder),
-        losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + {kl_weight} KL (per element)",
-        latent=f"8x8x{model.config.latent_channels} for 64x64x3 (f8); scale/shift fitted to unit variance",
-    )
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    save_vae(_stored(model), options.out, card)
+        save_vae(_stored(final), path, card)
+        return json.loads(card)
+
+    log = fit(options, "vae", {"model": model}, opt, trainable, vae_step, lr=lr, warmup_divisor=50,
+              snapshot=partial(_codec_snapshot, save, "vae"))  # fmt: skip
+    card = save(options.out, options.steps, log)
     log.close()
-    return json.loads(card)
+    return card
+
+
+def _codec_snapshot(save: Callable[[Path, int, TrainLog], dict], key: str, folder: Path, step: int,
+                    log: TrainLog) -> dict:  # fmt: skip
+    """A VAE's or VQ's snapshot: its file in `folder`'s models layout; facts for snapshot-<kind>.json."""
+    card = save(folder / DEFAULT_FILES[key], step, log)
+    return {"parameters": card["parameters"], "heldout_reconstruction": card["heldout_reconstruction"]}
 
 
 def _decoder_side(model: nn.Module, decoder_only: bool) -> list[nn.Parameter]:
@@ -914,30 +991,35 @@ def train_vq(
 
         return loss, after_update
 
-    log = fit(options, "vq", {"model": model}, opt, trainable, vq_step, lr=lr, warmup_divisor=50)
-    model.eval()
-    model = model.to(memory_format=torch.contiguous_format)
-    stored = _stored(model).float()
-    evaluation = _heldout_reconstruction(lambda x: stored.decode(stored.encode(x)))
-    evaluation["codebook_usage"] = _codebook_usage(stored, options)
-    log.write({"event": "heldout_reconstruction", **evaluation})
-    print(f"[vq] held-out {evaluation}", flush=True)
-    card = _card(
-        "vq",
-        options,
-        log,
-        model,
-        options.steps,
-        heldout_reconstruction=evaluation,
-        **_stage_fields(init_from, decoder_only, model.encoder, model.quant_conv, model.quantize),
-        losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + codebook MSE + {beta} commitment MSE "
-        f"(l2-normalised, straight-through); unused codes re-seeded from batch encodings "
-        f"every {reinit_every} steps",
-        tokens=f"8x8 grid of {config.codebook_size} codes for 64x64x3 (f8)",
-    )
-    save_vq(_stored(model), options.out, card)
+    def save(path: Path, step: int, log: TrainLog) -> dict:
+        """Write the VQ model as it is after `step` steps (the training copy is left as it is)."""
+        final = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
+        stored = _stored(final).float()
+        evaluation = _heldout_reconstruction(lambda x: stored.decode(stored.encode(x)))
+        evaluation["codebook_usage"] = _codebook_usage(stored, options)
+        log.write({"event": "heldout_reconstruction", "step": step, **evaluation})
+        print(f"[vq] held-out {evaluation}", flush=True)
+        card = _card(
+            "vq",
+            options,
+            log,
+            final,
+            step,
+            heldout_reconstruction=evaluation,
+            **_stage_fields(init_from, decoder_only, final.encoder, final.quant_conv, final.quantize),
+            losses=f"L1 + 0.5 L2 + 0.5 image-gradient L1 + codebook MSE + {beta} commitment MSE "
+            f"(l2-normalised, straight-through); unused codes re-seeded from batch encodings "
+            f"every {reinit_every} steps",
+            tokens=f"8x8 grid of {config.codebook_size} codes for 64x64x3 (f8)",
+        )
+        save_vq(_stored(final), path, card)
+        return json.loads(card)
+
+    log = fit(options, "vq", {"model": model}, opt, trainable, vq_step, lr=lr, warmup_divisor=50,
+              snapshot=partial(_codec_snapshot, save, "vq"))  # fmt: skip
+    card = save(options.out, options.steps, log)
     log.close()
-    return json.loads(card)
+    return card
 
 
 @torch.no_grad()
@@ -987,6 +1069,45 @@ def _generator_card_fields(
         },
         "caption_dropout": CAPTION_DROPOUT,
     }
+
+
+def train_flops(model: nn.Module, examples: int, image_tokens: int, options: RunOptions) -> dict:
+    """Training compute, estimated as 6 x trainable parameters x tokens (forward + backward, the
+    frozen text encoder and autoencoder not counted); tokens per example are the image tokens plus
+    the caption prefix, whose length is the batch's longest caption (+ BOS), averaged over the
+    stream's first 64 caption batches."""
+    longest = [
+        max(len(c) for c in captions) + 1
+        for captions, _ in itertools.islice(
+            synthetic.caption_batches(options.batch, options.seed, "train", TRAIN_KINDS), 64
+        )
+    ]
+    per_example = image_tokens + sum(longest) / len(longest)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "flops": float(f"{6 * params * examples * per_example:.4g}"),
+        "tokens_per_example": round(per_example, 1),
+        "method": "6 x trainable parameters x tokens (image tokens + caption prefix); frozen encoders excluded",
+    }
+
+
+def _copy_input(source: Path, destination: Path) -> None:
+    """Copy a frozen input file into a snapshot folder (atomically; skipped when already there)."""
+    if destination.exists() and file_digest(destination) == file_digest(source):
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, destination)
+
+
+def _generator_snapshot(save: Callable[[Path, int, TrainLog], dict], kind: str, inputs: dict[str, Path],
+                        folder: Path, step: int, log: TrainLog) -> dict:  # fmt: skip
+    """A DiT's or GPT's snapshot: a models folder with the generator and the frozen files it reads."""
+    card = save(folder / DEFAULT_FILES[kind], step, log)
+    for key, source in inputs.items():
+        _copy_input(Path(source), folder / DEFAULT_FILES[key])
+    return {"parameters": card["parameters"], "train_flops": card["train_flops"]}
 
 
 def _continued(init_from: Path | None) -> dict:
@@ -1045,24 +1166,34 @@ def train_dit(
         loss = flow_matching_loss(model, x0, cond, gen, forward_context=lambda: _training_forward(options))
         return loss, dict
 
+    def save(path: Path, step: int, log: TrainLog) -> dict:
+        """Write the EMA weights as they are after `step` steps."""
+        card = _card(
+            "dit",
+            options,
+            log,
+            model,
+            step,
+            ema_decay=ema_decay,
+            objective="rectified flow, velocity target noise - x0, logit-normal(0, 1) t; weights are the EMA",
+            train_flops=train_flops(model, step * options.batch, vae_tokens, options),
+            **_generator_card_fields(text_encoder_path, vae_path, "vae", vae.encoder),
+            **_continued(init_from),
+        )
+        save_dit(_stored(ema.shadow), path, card)
+        return json.loads(card)
+
+    vae_tokens = (
+        synthetic.IMAGE_SIZE // 2 ** (len(vae.config.block_out_channels) - 1) // config.patch_size
+    ) ** 2
     shape = f"[dit] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}"
+    snapshot = partial(_generator_snapshot, save, "dit", {"text_encoder": text_encoder_path, "vae": vae_path})
     log = fit(options, "dit", {"model": model, "ema": ema.shadow}, opt, list(model.parameters()), dit_step,
-              lr=lr, warmup_divisor=25, ema=(ema, model), before=lambda _: print(shape, flush=True))  # fmt: skip
-    card = _card(
-        "dit",
-        options,
-        log,
-        model,
-        options.steps,
-        ema_decay=ema_decay,
-        objective="rectified flow, velocity target noise - x0, logit-normal(0, 1) t; weights are the EMA",
-        **_generator_card_fields(text_encoder_path, vae_path, "vae", vae.encoder),
-        **_continued(init_from),
-    )
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    save_dit(_stored(ema.shadow), options.out, card)
+              lr=lr, warmup_divisor=25, ema=(ema, model), before=lambda _: print(shape, flush=True),
+              snapshot=snapshot)  # fmt: skip
+    card = save(options.out, options.steps, log)
     log.close()
-    return json.loads(card)
+    return card
 
 
 def _rope_with_autograd(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -1151,29 +1282,38 @@ def train_ar(
                 ids = vq.encode(batch.images)
         return token_loss(model, cond, ids, drop, uncond, lambda: _autocast(options)), dict
 
+    def save(path: Path, step: int, log: TrainLog) -> dict:
+        """Write the EMA weights as they are after `step` steps, with the learned null caption."""
+        card = _card(
+            "ar",
+            options,
+            log,
+            model,
+            step,
+            ema_decay=ema_decay,
+            objective=f"next-token cross-entropy over the {config.grid_size}x{config.grid_size} VQ tokens in "
+            "raster order after the caption prefix; dropped captions use the learned null caption "
+            "(uncond_embedding); weights are the EMA",
+            train_flops=train_flops(model, step * options.batch, config.grid_size**2, options),
+            **_generator_card_fields(
+                text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv, vq.quantize
+            ),
+            **_continued(init_from),
+        )
+        final = _stored(ema.shadow)
+        with torch.no_grad():
+            final.cls_embedding.uncond_embedding.copy_(uncond.detach())
+        save_gpt(final, path, card)
+        return json.loads(card)
+
     shape = f"[ar] {count_params(model) / 1e6:.2f}M parameters, config {json.dumps(asdict(config))}"
+    snapshot = partial(_generator_snapshot, save, "ar", {"text_encoder": text_encoder_path, "vq": vq_path})
     log = fit(options, "ar", {"model": model, "ema": ema.shadow, "uncond": holder}, opt,
               [*model.parameters(), uncond], ar_step, lr=lr, warmup_divisor=25, ema=(ema, model),
-              before=lambda _: print(shape, flush=True))  # fmt: skip
-    final = ema.shadow
-    final.cls_embedding.uncond_embedding.copy_(uncond.detach())
-    card = _card(
-        "ar",
-        options,
-        log,
-        model,
-        options.steps,
-        ema_decay=ema_decay,
-        objective=f"next-token cross-entropy over the {config.grid_size}x{config.grid_size} VQ tokens in raster "
-        "order after the caption "
-        "prefix; dropped captions use the learned null caption (uncond_embedding); "
-        "weights are the EMA",
-        **_generator_card_fields(text_encoder_path, vq_path, "vq", vq.encoder, vq.quant_conv, vq.quantize),
-        **_continued(init_from),
-    )
-    save_gpt(_stored(final), options.out, card)
+              before=lambda _: print(shape, flush=True), snapshot=snapshot)  # fmt: skip
+    card = save(options.out, options.steps, log)
     log.close()
-    return json.loads(card)
+    return card
 
 
 def _init_gpt(model: GPT) -> None:
