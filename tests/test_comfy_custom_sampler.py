@@ -12,9 +12,11 @@ import copy
 import json
 
 import pytest
+import torch
 from test_comfy_import import COMFY, models, registry, run_to_png  # noqa: F401 (fixtures)
 
 from tessera.comfy.convert import to_tessera
+from tessera.engines.schedules import schedule_flux, sigmas_for
 from tessera.workflow import InvalidWorkflow
 
 
@@ -180,3 +182,17 @@ def test_a_controlnet_before_a_guider_is_refused(registry):  # noqa: F811
     with pytest.raises(InvalidWorkflow) as caught:
         to_tessera(graph, registry)
     assert any(i.node == "13" and "ControlNetApplyAdvanced" in i.reason for i in caught.value.issues)
+
+
+def test_partial_denoise_walks_the_tail_of_comfyuis_schedule_length(registry):  # noqa: F811
+    """ComfyUI's KSampler and BasicScheduler take the last `steps` sigmas of int(steps / denoise)
+    (3 steps at 0.4: 7), where round() would give 8: the converted denoise gives ComfyUI's tail."""
+    ksampler = json.loads((COMFY / "flux_dev_api.json").read_text())
+    ksampler["31"]["inputs"].update(steps=3, denoise=0.4)
+    custom = custom_sampler_graph()
+    custom["17"]["inputs"].update(steps=3, denoise=0.4)
+    comfy_tail = schedule_flux(int(3 / 0.4), 4096)[-4:]
+    assert not torch.equal(sigmas_for("flux", 3, 0.4, 4096), comfy_tail)  # the raw value would differ
+    for graph, node in ((ksampler, "31"), (custom, "13")):
+        inputs = to_tessera(graph, registry)["nodes"][node]["inputs"]
+        assert torch.equal(sigmas_for("flux", 3, inputs["denoise"], 4096), comfy_tail)

@@ -230,6 +230,8 @@ class _Converter:
         )
         if kind == "DualCLIPLoader":
             self.dual_clip(node_id, inputs, ours)
+        elif kind == "KSampler":
+            _comfy_denoise(ours["inputs"])
         elif kind == "KSamplerAdvanced":
             self.ksampler_advanced(node_id, inputs, ours)
         elif kind == "ControlNetApplyAdvanced":
@@ -324,6 +326,7 @@ class _Converter:
                 )
             for name in CUSTOM_SAMPLER_PARTS:
                 node["inputs"].update(parts[name])
+            _comfy_denoise(node["inputs"])
             for name in ("positive", "negative"):
                 if self.trace_controlnets(node["inputs"].get(name)):
                     self.issue(
@@ -471,6 +474,15 @@ class _Converter:
                 return None
             return self.resolve(node_id, name, Link(str(upstream[0]), upstream[1]), depth + 1)
         return {"node": target, "output": output}
+
+
+def _comfy_denoise(inputs: dict) -> None:
+    """ComfyUI walks the last `steps` of a schedule of int(steps / denoise) steps (KSampler and
+    BasicScheduler); ours of round(steps / denoise): the denoise that gives ours that very length."""
+    steps, denoise = inputs.get("steps"), inputs.get("denoise")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (steps, denoise))
+    if numbers and isinstance(steps, int) and steps >= 1 and 0 < denoise < 1:
+        inputs["denoise"] = steps / max(steps, int(steps / denoise))
 
 
 def _is_link(value: object) -> bool:
