@@ -225,3 +225,12 @@ def test_a_missing_frontend_package_names_the_extra_to_install(monkeypatch):
     monkeypatch.setattr(frontend.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=r"pip install 'tessera\[comfyui\]'"):
         frontend.static_dir()
+
+
+def test_view_metadata_reads_a_model_files_header(front, tmp_path):
+    meta = front.get_json("/view_metadata/ar_models?filename=tessera-ar-tiny.safetensors")
+    assert json.loads(meta["tessera.config"])["vocab_size"] > 0 and "tessera.card" in meta
+    assert front.get_json(f"{API}/view_metadata/ar_models?filename=tessera-ar-tiny.safetensors") == meta
+    assert front.get("/view_metadata/ar_models?filename=missing.safetensors").status == 404
+    assert front.get("/view_metadata/ar_models?filename=..%2F..%2Fpyproject.toml").status == 400
+    assert front.get("/view_metadata/nope?filename=x.safetensors").status == 404

@@ -77,6 +77,17 @@ def feature_flags() -> dict:
     }
 
 
+def _safetensors_metadata(path: Path) -> dict:
+    """The `__metadata__` of a safetensors header, read without the tensors."""
+    with path.open("rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        if size > 100 << 20:
+            raise ValueError(f"a header of {size:,} bytes")
+        header = json.loads(f.read(size))
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def _is_feature_flags(text: str) -> bool:
     try:
         message = json.loads(text)
@@ -117,6 +128,7 @@ class ComfyAPI:
             ("GET", "/system_stats", self.system_stats),
             ("GET", "/models", self.model_folders),
             ("GET", "/models/{folder}", self.models),
+            ("GET", "/view_metadata/{folder}", self.view_metadata),
             ("GET", "/embeddings", self.embeddings),
             ("POST", "/free", self.free),
             ("GET", "/extensions", self.extensions),
@@ -446,6 +458,25 @@ class ComfyAPI:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    async def view_metadata(self, request):
+        """The metadata of a model file's safetensors header (ours carry their config and card)."""
+        folder = FOLDER_ALIASES.get(request.match_info["folder"], request.match_info["folder"])
+        if folder not in self._folders():
+            return self._json({"error": f"no models folder '{folder}'"}, 404)
+        try:
+            path = confined_path(
+                self.server.config.models_dir / folder, request.query.get("filename", ""), (".safetensors",)
+            )
+        except UnsafePathError as e:
+            return self._json({"error": str(e)}, 400)
+        if not path.is_file():
+            return self._json({"error": f"no model file '{request.query.get('filename')}' in {folder}"}, 404)
+        try:
+            metadata = await self.server._off_loop(_safetensors_metadata, path)
+        except (OSError, ValueError, struct.error) as e:
+            return self._json({"error": f"{path.name} is not a readable safetensors file ({e})"}, 400)
+        return self._json(metadata)
 
     async def embeddings(self, request):
         """Textual-inversion embeddings by name: no Tessera text encoder loads any."""
