@@ -89,6 +89,8 @@ def test_user_files_are_written_listed_moved_and_confined(front):
     assert got.body == workflow and got.headers["Content-Disposition"] == "attachment"
     moved = front.request("POST", f"{API}/userdata/workflows%2Fmine.json/move/workflows%2Fold%2Fmine.json")
     assert moved.status == 200 and moved.json() == "workflows/old/mine.json"
+    onto_a_folder = front.request("POST", f"{API}/userdata/workflows%2Fold%2Fmine.json/move/workflows")
+    assert onto_a_folder.status == 409
     assert front.get(f"{API}/userdata/workflows%2Fmine.json").status == 404
     assert front.request("DELETE", f"{API}/userdata/workflows%2Fold%2Fmine.json").status == 204
     assert front.get_json(f"{API}/userdata?dir=workflows&recurse=true") == []

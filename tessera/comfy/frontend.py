@@ -270,7 +270,7 @@ class ComfyFrontend:
         source, target = self._user_path(name), self._user_path(dest)
         if not source.is_file():
             return _text(f"no user file '{name}'", 404)
-        if request.query.get("overwrite", "true") == "false" and target.exists():
+        if target.is_dir() or (request.query.get("overwrite", "true") == "false" and target.exists()):
             return _text(f"user file '{dest}' exists", 409)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
