@@ -58,11 +58,14 @@ def static_dir() -> Path:
     return folder
 
 
-def _text(message: str, status: int) -> web.Response:
+def _refuse(message: str, status: int) -> web.Response:
+    """A JSON error answer `{"error": message}`."""
     return web.json_response({"error": message}, status=status)
 
 
 class ComfyFrontend:
+    """The frontend's files and routes, mounted beside the server's own (see the module's docstring)."""
+
     def __init__(self, server, api: ComfyAPI, static: Path | None = None):
         self.server, self.api = server, api
         self.static = static or static_dir()
@@ -83,8 +86,11 @@ class ComfyFrontend:
         r.add_static(PREFIX + "/", self.static, follow_symlinks=False)
         # a few files (favicons) are asked for at /assets/... whatever the page's path
         r.add_static("/assets/", self.static / "assets", follow_symlinks=False)
-        for folder in ("workflows", "subgraphs"):  # what the frontend lists at start
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in ("workflows", "subgraphs"):  # what the frontend lists at start
+                (self.root / folder).mkdir(parents=True, exist_ok=True)
+        except STORAGE_ERRORS as e:
+            raise SystemExit(f"tessera: cannot start: {describe_storage_error(e)}") from None
 
     def routes(self) -> list[tuple[str, str, object]]:
         return [
@@ -121,7 +127,7 @@ class ComfyFrontend:
         return web.FileResponse(self.static / "index.html", headers=headers)
 
     async def unsupported(self, request):
-        return _text(f"{request.method} {request.path} is not supported by Tessera's ComfyUI API", 404)
+        return _refuse(f"{request.method} {request.path} is not supported by Tessera's ComfyUI API", 404)
 
     async def websocket(self, request):
         """ComfyUI's socket; a client without an id gets one (`sid` in the first message)."""
@@ -151,7 +157,7 @@ class ComfyFrontend:
     async def settings_update(self, request):
         body = await self.server._read_json(request)
         if not isinstance(body, dict):
-            return _text("the body must be a JSON object of setting ids and values", 400)
+            return _refuse("the body must be a JSON object of setting ids and values", 400)
         return await self._save({**self._read_settings(), **body})
 
     async def setting_update(self, request):
@@ -162,7 +168,7 @@ class ComfyFrontend:
         try:
             await self.server._off_loop(self._write_settings, settings)
         except STORAGE_ERRORS as e:
-            return _text(f"the settings were not saved: {describe_storage_error(e)}", 503)
+            return _refuse(f"the settings were not saved: {describe_storage_error(e)}", 503)
         return web.Response(status=200)
 
     # -- users and user data -------------------------------------------------------------------
@@ -171,7 +177,7 @@ class ComfyFrontend:
         return web.json_response({"storage": "server", "migrated": self.root.is_dir()})
 
     async def users_add(self, request):
-        return _text(f"this server has one user ({USER}); Tessera has no multi-user mode", 400)
+        return _refuse(f"this server has one user ({USER}); Tessera has no multi-user mode", 400)
 
     def _user_path(self, name: str) -> Path:
         try:
@@ -184,10 +190,10 @@ class ComfyFrontend:
     async def userdata_list(self, request):
         folder = request.query.get("dir", "")
         if not folder:
-            return _text("the query parameter 'dir' is required", 400)
+            return _refuse("the query parameter 'dir' is required", 400)
         path = self._user_path(folder)
         if not path.is_dir():
-            return _text(f"no user folder '{folder}'", 404)
+            return _refuse(f"no user folder '{folder}'", 404)
         pattern = "**/*" if request.query.get("recurse", "").lower() == "true" else "*"
         full = request.query.get("full_info", "").lower() == "true"
         split = request.query.get("split", "").lower() == "true"
@@ -214,7 +220,7 @@ class ComfyFrontend:
         name = request.match_info["file"]
         path = self._user_path(name)
         if not path.is_file():
-            return _text(f"no user file '{name}'", 404)
+            return _refuse(f"no user file '{name}'", 404)
         # user files are the user's own content: never rendered inline in this origin (but user.css)
         css = name == "user.css"
         headers = {
@@ -232,14 +238,14 @@ class ComfyFrontend:
         name = request.match_info["file"]
         path = self._user_path(name)
         if request.query.get("overwrite", "true") == "false" and path.exists():
-            return _text(f"user file '{name}' exists", 409)
+            return _refuse(f"user file '{name}' exists", 409)
         data = await read_body(request, MAX_USER_FILE)
         try:
             await self.server._off_loop(write_confined, self.root, name, lambda f: f.write(data))
         except UnsafePathError as e:
-            return _text(str(e), 403)
+            return _refuse(str(e), 403)
         except STORAGE_ERRORS as e:
-            return _text(f"user file '{name}' was not saved: {describe_storage_error(e)}", 503)
+            return _refuse(f"user file '{name}' was not saved: {describe_storage_error(e)}", 503)
         return web.json_response(self._info(path, request))
 
     def _info(self, path: Path, request) -> object:
@@ -258,26 +264,26 @@ class ComfyFrontend:
         name = request.match_info["file"]
         path = self._user_path(name)
         if not path.is_file():
-            return _text(f"no user file '{name}'", 404)
+            return _refuse(f"no user file '{name}'", 404)
         try:
             path.unlink()
         except STORAGE_ERRORS as e:
-            return _text(f"user file '{name}' was not deleted: {describe_storage_error(e)}", 503)
+            return _refuse(f"user file '{name}' was not deleted: {describe_storage_error(e)}", 503)
         return web.Response(status=204)
 
     async def userdata_move(self, request):
         name, dest = request.match_info["file"], request.match_info["dest"]
         source, target = self._user_path(name), self._user_path(dest)
         if not source.is_file():
-            return _text(f"no user file '{name}'", 404)
+            return _refuse(f"no user file '{name}'", 404)
         if target.is_dir() or (request.query.get("overwrite", "true") == "false" and target.exists()):
-            return _text(f"user file '{dest}' exists", 409)
+            return _refuse(f"user file '{dest}' exists", 409)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._user_path(dest)  # the new folders are inside too
             shutil.move(source, target)
         except STORAGE_ERRORS as e:
-            return _text(f"user file '{name}' was not moved: {describe_storage_error(e)}", 503)
+            return _refuse(f"user file '{name}' was not moved: {describe_storage_error(e)}", 503)
         return web.json_response(self._info(target, request))
 
     # -- lists ---------------------------------------------------------------------------------
@@ -302,7 +308,7 @@ class ComfyFrontend:
     async def model_files(self, request):
         folder = request.match_info["folder"]
         if folder not in self.api._folders():
-            return _text(f"no models folder '{folder}'", 404)
+            return _refuse(f"no models folder '{folder}'", 404)
         files = self.server.executor.model_files(folder)
         return web.json_response([{"name": name, "pathIndex": 0} for name in files])
 
@@ -362,7 +368,7 @@ class ComfyFrontend:
             limit = max(1, min(int(request.query.get("limit", "200")), KEPT_JOBS))
             offset = max(0, int(request.query.get("offset", "0")))
         except ValueError:
-            return _text("limit and offset must be integers", 400)
+            return _refuse("limit and offset must be integers", 400)
         jobs = await self.server._off_loop(self._jobs, wanted)
         return web.json_response(
             {
@@ -379,7 +385,7 @@ class ComfyFrontend:
     async def job(self, request):
         entry = self.server.store.get(request.match_info["job_id"])
         if entry is None:
-            return _text(f"no job '{request.match_info['job_id']}'", 404)
+            return _refuse(f"no job '{request.match_info['job_id']}'", 404)
         return web.json_response(self._job(entry, full=True))
 
     def _cancel(self, prompt_id: str) -> None:
@@ -399,7 +405,7 @@ class ComfyFrontend:
         body = await self.server._read_json(request)
         ids = body.get("job_ids") if isinstance(body, dict) else None
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            return _text('the body must be {"job_ids": [job ids]}', 400)
+            return _refuse('the body must be {"job_ids": [job ids]}', 400)
         for prompt_id in ids:
             self._cancel(prompt_id)
         self.server.emit_threadsafe("status", {"queue_remaining": self.server.store.remaining()})
