@@ -93,6 +93,7 @@ from tessera.engines.vae import load_vae
 from tessera.engines.var import condition_rows, load_var, sample_scales
 from tessera.engines.vq import load_vq
 from tessera.lab import scene_features, synthetic
+from tessera.lab.learning_curves import snapshot_folders
 from tessera.lab.scorers import score
 from tessera.lab.training import DEFAULT_FILES, heldout_scenes, sample_ar, sample_dit
 
@@ -1342,17 +1343,9 @@ def budget_dirs(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def snapshot_dirs(out: Path) -> list[tuple[str, Path]]:
-    """The budget snapshots OUT/<fraction>/ (a folder name that is a number), smallest first."""
-    out = Path(out)
-    found = []
-    for d in sorted(out.iterdir()) if out.is_dir() else []:
-        try:
-            found.append((float(d.name), d.name, d))
-        except ValueError:
-            continue
-    if not found:
-        raise FileNotFoundError(f"--snapshots: no <fraction>/ folders (e.g. 0.25/) in {out}")
-    return [(label, d) for _, label, d in sorted(found)]
+    """The budget snapshots OUT/<fraction>/ that lab.training's --snapshots wrote, smallest first,
+    labelled by their folder names (lab.learning_curves.snapshot_folders finds them)."""
+    return [(folder.name, folder) for _, folder in snapshot_folders(Path(out))]
 
 
 def training_cost(models_dir: Path) -> dict:

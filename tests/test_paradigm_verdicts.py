@@ -233,8 +233,10 @@ def test_paradigm_names_and_snapshot_folders(tmp_path):
         bench.paradigm_name("mamba")
     for name in ("1.00", "0.25", "0.50", "notes"):
         (tmp_path / name).mkdir()
+        if name != "notes":  # a snapshot folder holds the record lab.training writes with it
+            (tmp_path / name / "snapshot-dit.json").write_text("{}")
     assert [label for label, _ in bench.snapshot_dirs(tmp_path)] == ["0.25", "0.50", "1.00"]
-    with pytest.raises(FileNotFoundError, match="no <fraction>/ folders"):
+    with pytest.raises(FileNotFoundError, match="no snapshots"):
         bench.snapshot_dirs(tmp_path / "notes")
     assert bench.budget_dirs([f"quarter={tmp_path / '0.25'}", str(tmp_path / "1.00")]) == [
         ("quarter", tmp_path / "0.25"),
