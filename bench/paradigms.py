@@ -39,11 +39,12 @@ folders (training-budget snapshots) and say, per row and per comparison, whether
 at every budget or flips.
 
 Usage:
-    tessera bench paradigms                    # full: --n 32 captions per kind
-    tessera bench paradigms --n 128            # more captions per kind (about 4x the CPU time)
-    tessera bench paradigms --quick            # CI mode: 2 captions per kind, under a minute or two
+    tessera bench paradigms                    # full: --n 32 captions per kind (about 10 CPU-minutes, DiT + GPT)
+    tessera bench paradigms --n 128            # 128 captions per kind (about 4x that)
+    tessera bench paradigms --quick            # CI mode: 2 captions per kind, about a minute of CPU
     tessera bench paradigms --paradigms dit,var --device cuda --json-out report.json --plot report.png
     tessera bench paradigms --budgets runs/0.25 runs/0.5 runs/1.0   # learning curves
+    tessera bench paradigms --snapshots artifacts/train/snapshots   # the same on `train --snapshots` output
 
 Options: --n (held-out captions per scene kind), --sweep-per-kind (captions per kind in the guidance
 sweep), --diversity-per-kind, --latency-repeats B1,B16, --quick, --paradigms (default: every one
