@@ -49,6 +49,7 @@ from tessera.engines.controlnet import (
 )
 from tessera.engines.flux import Flux, load_dit
 from tessera.engines.gpt import GPT, load_gpt
+from tessera.engines.layouts import detect_family, stored_keys
 from tessera.engines.lora import Lora, Update, load_lora, with_loras
 from tessera.engines.preprocess import canny_image, component_labels
 from tessera.engines.text_encoder import TextEncoder, load_text_encoder
@@ -472,12 +473,20 @@ def train_gpt_controlnet(
 # ---------------------------------------------------------------- command line
 
 
+# The family an adapter's base file must hold, in folders the next-scale pair shares (tessera-msvq-f8
+# sorts before tessera-vq-f8, tessera-var-tiny after tessera-ar-tiny).
+_FOLDER_FAMILY = {"vq_models": "VQ tokenizer", "ar_models": "LlamaGen GPT"}
+
+
 def _only_file(models_dir: Path, folder: str, given: str | None) -> Path:
-    """The file named, or the one built-in file in models/<folder> (preferring names with 'tessera')."""
+    """The file named, or the one built-in file in models/<folder> of the family the adapters build on
+    (preferring names with 'tessera'), told by its tensor names alone."""
     if given:
         path = Path(given)
         return path if path.is_file() else models_dir / folder / given
     files = sorted((models_dir / folder).glob("*.safetensors"))
+    if folder in _FOLDER_FAMILY:
+        files = [f for f in files if detect_family(stored_keys(f)) == _FOLDER_FAMILY[folder]]
     preferred = [f for f in files if "tessera" in f.name] or files
     if not preferred:
         raise SystemExit(
