@@ -184,6 +184,10 @@ def test_comfyui_frontend_builds_and_runs_an_autoregressive_graph(comfy_page: Pa
     connect(page, n["LoadVQModel"], "vq", n["VQDecode"], "vq")
     connect(page, n["ARGenerateTokens"], "tokens", n["VQDecode"], "tokens")
     connect(page, n["VQDecode"], "image", n["SaveImage"], "images")
+    # the shipped files by name (a folder may hold others, e.g. the multi-scale VQ of VAR)
+    set_widgets(page, n["LoadTextEncoder"], {"file": "tessera-text-encoder.safetensors"})
+    set_widgets(page, n["LoadARModel"], {"file": "tessera-ar-tiny.safetensors"})
+    set_widgets(page, n["LoadVQModel"], {"file": "tessera-vq-f8.safetensors"})
     set_widgets(page, n["TextEncode"], {"text": "a red star at the top left on a blue background"})
     set_widgets(
         page, n["ARGenerateTokens"], {"width": 4, "height": 4, "cfg": 1.0, "preview_every": 0, "seed": 3}
