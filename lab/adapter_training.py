@@ -23,7 +23,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from torch import nn
 from tessera.engines.checkpoint import read_safetensors, write_safetensors
 from tessera.engines.conditioning import Conditioning
 from tessera.engines.controlnet import (
+    LOGITS,
     ARControlConfig,
     ARControlNet,
     ControlHint,
@@ -422,6 +423,7 @@ def train_gpt_controlnet(
     layers: Sequence[int] | None = None,
     logit_bias: bool = True,
     corruption: float = CONTEXT_CORRUPTION,
+    head_steps: int = 0,
 ) -> ARControlNet:
     """An AR ControlNet steering the GPT from Canny edges of the scene to the scene's tokens.
 
@@ -434,6 +436,12 @@ def train_gpt_controlnet(
     net's `lora` (saved in the same file). Half the batches have empty captions (the control must
     carry the scene; a whole batch at a time, so its prefix is one token and the step about half the
     cost); 10% of all captions become the null caption, as for the base, so guidance keeps working.
+
+    With `head_steps` and `logit_bias`, the encoder and the logit head first train alone for that many
+    steps as a classifier of the scene's VQ ids from its edges (no GPT in the loop, about a tenth of a
+    joint step), so the joint stage starts from a head that already reads the edges; the joint loss
+    keeps that classifier's cross-entropy as a second term. A resumed run (`settings.resume_from`, a
+    joint-stage state holding every tensor) skips the head stage.
     """
     gpt.requires_grad_(False)
     torch.manual_seed(settings.seed)
@@ -451,16 +459,36 @@ def train_gpt_controlnet(
         lora, model = _lora_on(gpt, GPT_TARGETS, settings, None)
         params += lora_parameters(lora)
 
-    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
-        batch = synthetic.make_batch(settings.batch, settings.seed, step)
+    def scenes(seed: int, step: int) -> tuple[synthetic.Batch, torch.Tensor, torch.Tensor]:
+        batch = synthetic.make_batch(settings.batch, seed, step)
         with torch.no_grad():
             ids = vq.encode(batch.images)
             uint8 = ((batch.images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
             edges = edge_map(uint8).to(gpt.output.weight.device)
+        return batch, ids, edges
+
+    def head_loss(ids: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+        logits = net.embeddings(edges, *ids.shape[1:])[LOGITS].float()
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
+
+    if head_steps and net.controlnet_logits is not None and settings.resume_from is None:
+        head = replace(settings, steps=head_steps, deadline=None, state=None, log=None, warmup=None)
+        head_params = [*net.input_hint_block.parameters(), *net.controlnet_logits.parameters()]
+        _fit(
+            head,
+            "controlnet-gpt-head",
+            head_params,
+            lambda step, _g: head_loss(*scenes(settings.seed + 1, step)[1:]),
+        )
+
+    def loss_at(step: int, g: torch.Generator) -> torch.Tensor:
+        batch, ids, edges = scenes(settings.seed, step)
+        with torch.no_grad():
             empty = bool(torch.rand(1, generator=g) < CONTROL_CAPTION_DROPOUT)
             cond = text.encode([""] * len(batch.captions) if empty else batch.captions)
         drop = drop_captions(batch.captions, g)[1]
-        return corrupted_token_loss(with_ar_control(model, net, edges), cond, ids, drop, g, corruption)
+        loss = corrupted_token_loss(with_ar_control(model, net, edges), cond, ids, drop, g, corruption)
+        return loss if net.controlnet_logits is None else loss + head_loss(ids, edges)
 
     _fit(settings, "controlnet-gpt", params, loss_at)
     net.eval().requires_grad_(False)
@@ -609,6 +637,12 @@ def controlnet_arguments(p: argparse.ArgumentParser) -> None:
         help="GPT: comma-separated layers (from 1) whose input also takes the control (default: every layer)",
     )
     p.add_argument(
+        "--head-steps",
+        type=int,
+        default=0,
+        help="GPT: steps training the encoder and logit head alone as an edges -> VQ id classifier first",
+    )
+    p.add_argument(
         "--corrupt",
         type=float,
         default=CONTEXT_CORRUPTION,
@@ -675,6 +709,7 @@ def run_controlnet(args: argparse.Namespace) -> Path:
             args.layers,
             args.logit_bias,
             args.corrupt,
+            args.head_steps,
         )
         net.base["name"] = base_path.name
         layers = ", ".join(map(str, net.config.layers)) or "none"
@@ -683,6 +718,11 @@ def run_controlnet(args: argparse.Namespace) -> Path:
             f"to the input and to layers {layers}"
             + (", and a bias on its token logits" if net.config.vocab else "")
             + f"; up to {args.corrupt:.0%} of the teacher-forced input tokens random"
+            + (
+                f"; encoder and logit head first trained alone for {args.head_steps} steps"
+                if args.head_steps
+                else ""
+            )
             + (
                 f"; with a rank-{s.rank} LoRA on the GPT trained jointly, in the same file"
                 if net.lora

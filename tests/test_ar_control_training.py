@@ -132,7 +132,7 @@ def test_a_resumed_joint_run_ends_with_the_uninterrupted_runs_weights(tmp_path, 
         return TrainSettings(steps=3, batch=2, lr=1e-2, rank=2, alpha=2.0, bf16=False, ckpt_every=1,
                              state=tmp_path / f"{name}.state.safetensors", log_every=1, **extra)  # fmt: skip
 
-    whole = train_gpt_controlnet(gpt, vq, text, settings("whole"), width=8)
+    whole = train_gpt_controlnet(gpt, vq, text, settings("whole"), width=8, head_steps=2)
     assert whole.config.layers == (1,) and whole.config.vocab == 16 and whole.lora
     save_state = training._save_state
 
@@ -143,11 +143,16 @@ def test_a_resumed_joint_run_ends_with_the_uninterrupted_runs_weights(tmp_path, 
 
     monkeypatch.setattr(training, "_save_state", stop_after_step_2)
     with pytest.raises(Interrupted):
-        train_gpt_controlnet(gpt, vq, text, settings("parts"), width=8)
+        train_gpt_controlnet(gpt, vq, text, settings("parts"), width=8, head_steps=2)
     monkeypatch.setattr(training, "_save_state", save_state)
     parts = train_gpt_controlnet(
-        gpt, vq, text, settings("parts", resume_from=tmp_path / "parts.state.safetensors"), width=8
-    )
+        gpt,
+        vq,
+        text,
+        settings("parts", resume_from=tmp_path / "parts.state.safetensors"),
+        width=8,
+        head_steps=2,
+    )  # the head stage is skipped: the joint state holds every tensor
     a, b = whole.state_dict(), parts.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert whole.lora.keys() == parts.lora.keys()
