@@ -186,7 +186,7 @@ def test_train_defaults_runs_every_stage_in_its_budget(tmp_path, monkeypatch):
     # every run was stopped by its stage's deadline (its step cap is a million), not by the cap:
     # directly, through the pace it set itself, or through its paired run's stop
     logs = sorted((tmp_path / "artifacts" / "train").glob("*.out"))
-    assert [p.stem for p in logs] == sorted(
+    assert sorted(p.stem for p in logs) == sorted(
         [
             "vae",
             "vq",
