@@ -14,7 +14,7 @@ import json
 import pytest
 from PIL import Image
 from playwright.sync_api import Page
-from tessera_harness import Server
+from tessera_harness import TERMINAL, Server, wait_until
 from test_browser_editor import drop_file
 from test_comfy_api import DIFFUSION
 
@@ -137,11 +137,22 @@ def set_widgets(page: Page, node_id: int, values: dict) -> None:
 
 
 def run_and_get_image(page: Page, srv: Server, save_id: int) -> Image.Image:
-    """Press Run; wait until the SaveImage node shows its image; fetch it as the page did."""
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.wait_for_function(
-        "(id) => (window.app.graph.getNodeById(id).imgs || []).length > 0", arg=save_id, timeout=180_000
+    """Press Run; the prompt the page queued must succeed; then the SaveImage node shows its
+    image, which is fetched as the page did."""
+    with page.expect_response(
+        lambda r: r.url.endswith("/comfyui/api/prompt") and r.request.method == "POST"
+    ) as sent:
+        page.get_by_role("button", name="Run", exact=True).click()
+    assert sent.value.status == 200, sent.value.text()
+    prompt_id = sent.value.json()["prompt_id"]
+    entry = wait_until(
+        lambda: (e := srv.get_json(f"/api/history/{prompt_id}"))["status"] in TERMINAL and e,
+        180,
+        interval=0.2,
+        message=f"prompt {prompt_id} to finish",
     )
+    assert entry["status"] == "success", entry["errors"]
+    page.wait_for_function("(id) => (window.app.graph.getNodeById(id).imgs || []).length > 0", arg=save_id)
     src = page.evaluate("(id) => window.app.graph.getNodeById(id).imgs[0].src", save_id)
     assert src.startswith(srv.url + "/comfyui/api/view?"), src
     response = srv.get(src.removeprefix(srv.url))
