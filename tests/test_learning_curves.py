@@ -134,3 +134,26 @@ def test_curves_scores_every_snapshot_and_plots_them(paired, capsys):
 def test_curves_names_a_folder_without_snapshots(tmp_path):
     with pytest.raises(SystemExit, match="no snapshots"):
         train(["curves", "--snapshot-dir", str(tmp_path)])
+
+
+def test_the_recipe_hands_its_snapshots_to_the_dit_and_the_gpt(tmp_path, monkeypatch):
+    """`tessera train defaults --snapshots` asks the paired generator runs (and only them) for snapshots."""
+    from tessera.lab import cli
+
+    stages = []
+    monkeypatch.setattr(cli, "_run_stage", lambda commands, work: stages.append(commands))
+    args = cli.build_parser().parse_args(
+        ["defaults", "--snapshots", "0.25,0.5,1", "--snapshot-dir", str(tmp_path / "curve")]
+    )
+    cli._run_recipe(args, tmp_path / "models", tmp_path, budget=60.0)
+    commands = {name: cmd for stage in stages for name, cmd in stage}
+    assert {"dit", "ar"} <= commands.keys()
+    for name, cmd in commands.items():
+        if name in ("dit", "ar"):
+            i = cmd.index("--snapshots")
+            assert cmd[i + 1] == "0.25,0.5,1" and cmd[cmd.index("--snapshot-dir") + 1] == str(
+                tmp_path / "curve"
+            )
+            assert cli.build_parser().parse_args(cmd).snapshots == (0.25, 0.5, 1.0)
+        else:
+            assert "--snapshots" not in cmd
