@@ -74,7 +74,13 @@ def comfy_page(chromium_browser, comfy_server):
     page.set_default_timeout(30_000)
     page.goto(comfy_server.url + "/")
     assert page.url == comfy_server.url + "/comfyui/"
-    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas")
+    # the frontend is a large bundle: on a loaded machine it takes a while to start; ready when
+    # the canvas is there and our node types (from /comfyui/api/object_info) are registered
+    page.wait_for_function(
+        "() => window.app && window.app.graph && window.app.canvas"
+        " && window.LiteGraph.registered_node_types['ARGenerateTokens']",
+        timeout=120_000,
+    )
     yield page
     context.close()
     assert not errors, "console errors:\n" + "\n".join(errors)
