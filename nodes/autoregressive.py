@@ -30,7 +30,7 @@ class LoadARModel(Node):
 
     category = "autoregressive"
     version = 2  # 2: the file input is `file`, as in every loader (was `model_name`)
-    inputs = (Input("file", "STRING", model_folder="ar_models", link="widget"),)
+    inputs = (Input("file", "STRING", model_folder="ar_models", model_family="LlamaGen GPT", link="widget"),)
     outputs = (Output("model", "AR_MODEL"),)
 
     @classmethod
@@ -56,7 +56,7 @@ class LoadVQModel(Node):
 
     category = "autoregressive"
     version = 2  # 2: the file input is `file`, as in every loader (was `model_name`)
-    inputs = (Input("file", "STRING", model_folder="vq_models", link="widget"),)
+    inputs = (Input("file", "STRING", model_folder="vq_models", model_family="VQ tokenizer", link="widget"),)
     outputs = (Output("vq", "VQ_MODEL"),)
 
     def execute(self, ctx: ExecutionContext, file: str):

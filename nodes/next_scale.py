@@ -35,7 +35,9 @@ class LoadVARModel(Node):
     """Load a next-scale (VAR) transformer: FoundationVision's (converted) or a Tessera-trained one."""
 
     category = "next_scale"
-    inputs = (Input("file", "STRING", model_folder="ar_models", link="widget"),)
+    inputs = (
+        Input("file", "STRING", model_folder="ar_models", model_family="VAR transformer", link="widget"),
+    )
     outputs = (Output("model", "VAR_MODEL"),)
 
     @classmethod
@@ -61,7 +63,11 @@ class LoadMultiScaleVQ(Node):
     """Load a multi-scale VQ tokenizer (VAR's VQVAE layout): images to one token map per scale and back."""
 
     category = "next_scale"
-    inputs = (Input("file", "STRING", model_folder="vq_models", link="widget"),)
+    inputs = (
+        Input(
+            "file", "STRING", model_folder="vq_models", model_family="multi-scale VQ tokenizer", link="widget"
+        ),
+    )
     outputs = (Output("vq", "MULTISCALE_VQ"),)
 
     @classmethod

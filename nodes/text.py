@@ -44,7 +44,15 @@ class LoadTextEncoder(Node):
     """Load a character-level text encoder from the text_encoders folder."""
 
     category = "loaders"
-    inputs = (Input("file", "STRING", model_folder=FOLDER, link="widget"),)
+    inputs = (
+        Input(
+            "file",
+            "STRING",
+            model_folder=FOLDER,
+            model_family="Tessera character-level text encoder",
+            link="widget",
+        ),
+    )
     outputs = (Output("text_encoder", "TEXT_ENCODER"),)
 
     @classmethod
@@ -270,8 +278,8 @@ class DualCLIPLoader(Node):
 
     category = "loaders"
     inputs = (
-        Input("clip_file", "STRING", model_folder=FOLDER, link="widget"),
-        Input("t5_file", "STRING", model_folder=FOLDER, link="widget"),
+        Input("clip_file", "STRING", model_folder=FOLDER, model_family="CLIP text encoder", link="widget"),
+        Input("t5_file", "STRING", model_folder=FOLDER, model_family="T5 text encoder", link="widget"),
     )
     outputs = (Output("text_encoder", "TEXT_ENCODER"),)
 

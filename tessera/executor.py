@@ -7,6 +7,7 @@ their last consumer. Everything the outside world sees leaves through `emit(type
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import traceback
@@ -18,6 +19,8 @@ import torch
 
 from tessera.cache import OutputCache
 from tessera.device import compute_dtype, resolve_device
+from tessera.engines.checkpoint import CheckpointError
+from tessera.engines.layouts import detect_family, stored_keys
 from tessera.model_manager import ModelManager
 from tessera.node import ExecutionContext, Interrupted, NodeError, Result
 from tessera.paths import UnsafePathError, confined_path, example_inputs_dir
@@ -36,6 +39,20 @@ def _loadable(root: Path, name: str) -> bool:
     except UnsafePathError:
         return False
     return True
+
+
+def file_family(path: Path) -> str:
+    """The kind of model a file holds, read from its header once per version of the file."""
+    stat = path.stat()
+    return _family(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def _family(path: str, _mtime_ns: int, _size: int) -> str:
+    try:
+        return detect_family(stored_keys(path))
+    except (CheckpointError, OSError):  # listed after the loader's own family; loading it says why
+        return "unknown model"
 
 
 @dataclass
@@ -66,15 +83,20 @@ class Executor:
         self.cache = cache or OutputCache()
         self.models = models or ModelManager(self.device)  # puts a node's input models on the device
 
-    def model_files(self, folder: str) -> list[str]:
+    def model_files(self, folder: str, family: str | None = None) -> list[str]:
+        """The loadable `.safetensors` files of a models folder, sorted; those holding `family`
+        (from their tensor names) first when one is given."""
         root = self.models_dir / folder
         if not root.is_dir():
             return []
-        return sorted(
+        names = sorted(
             name
             for p in root.rglob("*.safetensors")
             if p.is_file() and _loadable(root, name := p.relative_to(root).as_posix())
         )
+        if family:
+            names.sort(key=lambda name: file_family(root / name) != family)  # stable: names stay sorted
+        return names
 
     def input_images(self) -> list[str]:
         """The images LoadImage can pick: the input folder's, then the shipped examples'."""

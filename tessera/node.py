@@ -47,6 +47,7 @@ class Input:
     link: str = "auto"  # "auto" | "widget" | "link" | "either"
     multiline: bool = False
     model_folder: str | None = None
+    model_family: str | None = None  # what the loader reads (engines.layouts.detect_family): listed first
     widget: str | None = None
 
     def __post_init__(self) -> None:
@@ -76,6 +77,13 @@ class Input:
     def required(self) -> bool:
         """Required when the workflow must supply it: not optional and without a default."""
         return not self.optional and self.default is None
+
+    def model_choices(self, model_files: Callable[..., list[str]]) -> list[str]:
+        """The folder's files for a dropdown; the loader's own family first, so that a new node's
+        default (the first choice) is a file it can load even where families share a folder."""
+        if self.model_family:
+            return model_files(self.model_folder, family=self.model_family)
+        return model_files(self.model_folder)
 
     def value_schema(self, model_choices: list[str] | None = None) -> dict:
         """The JSON Schema of a constant value for this input."""
@@ -272,7 +280,7 @@ class Node:
             if spec.multiline:
                 entry["multiline"] = True
             if spec.model_folder and model_files:
-                entry["choices"] = model_files(spec.model_folder)
+                entry["choices"] = spec.model_choices(model_files)
             elif spec.widget == "image_upload" and input_images:
                 entry["choices"] = input_images()
             elif spec.choices is not None:

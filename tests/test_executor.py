@@ -469,3 +469,39 @@ def test_interrupt_between_nodes_runs_no_further_node(executor):
     result = executor.run(two_branch_workflow(), "p", is_interrupted=lambda: CALLS["LoadModel"] >= 1)
     assert result.status == "interrupted"
     assert result.executed == ["model"] and CALLS == Counter(LoadModel=1)
+
+
+def test_a_loaders_dropdown_lists_its_own_family_first(tmp_path):
+    """Where families share a folder (raster and multi-scale VQs in vq_models), each loader's first
+    choice, which the editor and ComfyUI's frontend take as a new node's default, is a file it loads."""
+    from safetensors.torch import save_file
+
+    from tessera.registry import default_registry
+
+    folder = tmp_path / "models" / "vq_models"
+    folder.mkdir(parents=True)
+    save_file(
+        {"quantize.quant_resi.qresi_ls.0.weight": torch.zeros(1)}, str(folder / "a_multiscale.safetensors")
+    )
+    save_file({"quantize.embedding.weight": torch.zeros(1)}, str(folder / "b_raster.safetensors"))
+    (folder / "c_broken.safetensors").write_bytes(b"not a safetensors file")
+    registry = default_registry()
+    executor = Executor(registry, tmp_path / "models", tmp_path / "in", tmp_path / "out", "cpu")
+
+    def choices(node_type: str) -> list[str]:
+        (file_input,) = registry.get(node_type).info(executor.model_files)["inputs"]
+        return file_input["choices"]
+
+    assert choices("LoadVQModel") == [
+        "b_raster.safetensors",
+        "a_multiscale.safetensors",
+        "c_broken.safetensors",
+    ]
+    assert choices("LoadMultiScaleVQ") == [
+        "a_multiscale.safetensors",
+        "b_raster.safetensors",
+        "c_broken.safetensors",
+    ]
+    assert executor.model_files("vq_models") == sorted(
+        p.name for p in folder.iterdir()
+    )  # validation: all of them

@@ -527,7 +527,7 @@ class ComfyAPI:
         if spec.widget == "image_upload":
             options["image_upload"] = True
         if choices is None and spec.model_folder:
-            choices = self.server.executor.model_files(spec.model_folder)
+            choices = spec.model_choices(self.server.executor.model_files)
         if choices is None and spec.widget == "image_upload":
             choices = self.server.executor.input_images()
         if choices is None and spec.choices:
