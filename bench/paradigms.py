@@ -1325,7 +1325,8 @@ def curves(budgets: list[tuple[str, dict]]) -> list[dict]:
                           "needed_n": [x["needed_n"] if x else None for x in at],
                           "stability": stability([w for w in cw if w != "absent"]) if "absent" not in cw
                           else "not measured at every budget"})  # fmt: skip
-        rows.append({"row": c.row, "claim": c.claim, "verdicts": words, "stability": stability(words),
+        steady = stability(words) if keys else "not measured here"
+        rows.append({"row": c.row, "claim": c.claim, "verdicts": words, "stability": steady,
                      "needed_n": [v["needed_n"] for v in per], "comparisons": comps})  # fmt: skip
     return rows
 
@@ -1457,15 +1458,19 @@ def curves_table(rep: dict) -> str:
                  for k, v in b.get("training", {}).items()]  # fmt: skip
         if spent:
             costs.append(f"budget {b['label']}: " + "; ".join(spent))
-    short = {VERDICTS[0]: "confirmed", VERDICTS[1]: "refuted", VERDICTS[2]: "n/m", "absent": "-"}
+    short = {VERDICTS[0]: "confirmed", VERDICTS[1]: "refuted", "absent": "-"}
+
+    def cells(words: list[str], needs: list) -> str:
+        # an undecided budget shows the n it would need (n/m: nothing to size from)
+        return " ".join(f"{short.get(w) or (f'n≈{n}' if n else 'n/m'):>10}" for w, n in zip(words, needs))
+
     lines = [f"{'claim':<40} " + " ".join(f"{lb:>10}" for lb in labels) + "  across budgets"]
     for row in rep["curves"]:
         lines.append(f"{str(row['row']) + '. ' + row['claim'].split(':')[0]:<40} "
-                     + " ".join(f"{short[w]:>10}" for w in row["verdicts"]) + f"  {row['stability']}")  # fmt: skip
+                     + cells(row["verdicts"], row["needed_n"]) + f"  {row['stability']}")  # fmt: skip
         for x in row["comparisons"]:
             name = _pair_name({"claimed": x["claimed"], "other": x["other"], "metric": x["metric"]})
-            lines.append(f"{'   ' + name:<40} " + " ".join(f"{short[w]:>10}" for w in x["verdicts"])
-                         + f"  {x['stability']}")  # fmt: skip
+            lines.append(f"{'   ' + name:<40} " + cells(x["verdicts"], x["needed_n"]) + f"  {x['stability']}")
     return "\n".join(costs + lines)
 
 
