@@ -29,12 +29,16 @@ SHIPPED = {
     "vq_models/tessera-vq-f8.safetensors": ("LoadVQModel", "file"),
     "diffusion_models/tessera-dit-tiny.safetensors": ("LoadDiffusionModel", "file"),
     "ar_models/tessera-ar-tiny.safetensors": ("LoadARModel", "file"),
+    "vq_models/tessera-msvq-f8.safetensors": ("LoadMultiScaleVQ", "file"),  # the next-scale pair
+    "ar_models/tessera-var-tiny.safetensors": ("LoadVARModel", "file"),
 }
 DEFAULT_WORKFLOWS = (
     "text_to_image_diffusion",
     "text_to_image_autoregressive",
     "image_to_image_diffusion",
     "outpaint_tokens_autoregressive",
+    "text_to_image_next_scale",
+    "next_scale_variations",
 )
 RED_STAR_TOP_LEFT = {
     "kind": "shape",
@@ -75,12 +79,14 @@ def test_shipped_file_is_half_precision_with_config_and_card(relpath):
 
 def test_shipped_models_fit_the_size_budget_and_generators_match():
     total = sum((MODELS / p).stat().st_size for p in SHIPPED)
-    assert total < 40 * 2**20, f"shipped weights take {total / 2**20:.1f} MiB"
-    cards = {p.split("/")[0]: json.loads(read_safetensors(MODELS / p)[1]["tessera.card"]) for p in SHIPPED}
-    dit, ar = cards["diffusion_models"], cards["ar_models"]
+    assert total < 60 * 2**20, f"shipped weights take {total / 2**20:.1f} MiB"  # three ~16 MiB generators
+    cards = [json.loads(read_safetensors(MODELS / p)[1]["tessera.card"]) for p in SHIPPED]
+    dit, ar, var = (next(c for c in cards if c["kind"] == kind) for kind in ("dit", "ar", "var"))
     assert abs(dit["parameters"] - ar["parameters"]) <= 0.1 * dit["parameters"]
     assert dit["examples_seen"] == ar["examples_seen"]
     assert dit["text_encoder"]["sha256_16"] == ar["text_encoder"]["sha256_16"]  # one frozen encoder, shared
+    assert all(abs(var["parameters"] - c["parameters"]) <= 0.05 * c["parameters"] for c in (dit, ar))
+    assert var["text_encoder"]["sha256_16"] == dit["text_encoder"]["sha256_16"]
 
 
 @pytest.mark.parametrize(
@@ -102,18 +108,20 @@ def test_shipped_file_loads_through_its_node_in_float32(executor, relpath):
 def test_default_workflow_runs_and_writes_an_image(executor, name):
     workflow = _workflow(name)
     executor.validate(workflow)
-    (path,) = _run(executor, workflow)
+    path, *_ = _run(executor, workflow)  # the first image (the variations template makes several)
     image = Image.open(path).convert("RGB")
     assert image.size == (64, 64)
     spread = max(hi - lo for lo, hi in image.getextrema())
-    assert spread > 60, "a blank image"
+    # the built-in VAR saw 11,008 examples on a CPU (the DiT and GPT 283,904 on a GPU): it paints the
+    # asked background with faint blobs, not yet the object (models/README.md), so only that is asked
+    next_scale = "next_scale" in name
+    assert spread > (20 if next_scale else 60), "a blank image"
     if name.startswith("text_to_image"):
         # "a red star at the top left on a blue background": the project's scorer must see the
         # colour, the place and the background the prompt asks for (the shape is the hard part)
+        asked = ("background",) if next_scale else ("color", "position", "background")
         result = score(np.asarray(image), RED_STAR_TOP_LEFT)
-        assert {k: result[k] for k in ("color", "position", "background")} == dict.fromkeys(
-            ("color", "position", "background"), True
-        ), result
+        assert {k: result[k] for k in asked} == dict.fromkeys(asked, True), result
 
 
 def test_default_workflows_are_laid_out_on_one_screen():
@@ -144,7 +152,7 @@ def _heldout_shape_scene() -> dict:
     return attributes
 
 
-@pytest.mark.parametrize("paradigm", ["diffusion", "autoregressive"])
+@pytest.mark.parametrize("paradigm", ["diffusion", "autoregressive", "next_scale"])
 def test_heldout_caption_gets_its_background_colour(executor, paradigm):
     attributes = _heldout_shape_scene()
     workflow = copy.deepcopy(_workflow(f"text_to_image_{paradigm}"))
@@ -152,11 +160,22 @@ def test_heldout_caption_gets_its_background_colour(executor, paradigm):
     next(n for n in nodes.values() if n["ui"].get("title") == "prompt")["inputs"]["text"] = synthetic.caption(
         attributes
     )
-    if paradigm == "diffusion":
-        next(n for n in nodes.values() if n["type"] == "EmptyLatent")["inputs"]["batch_size"] = 4
-    else:
-        next(n for n in nodes.values() if n["type"] == "ARGenerateTokens")["inputs"]["batch_size"] = 4
+    batch = {"diffusion": "EmptyLatent", "autoregressive": "ARGenerateTokens", "next_scale": "VARGenerate"}
+    next(n for n in nodes.values() if n["type"] == batch[paradigm])["inputs"]["batch_size"] = 4
     paths = _run(executor, workflow)
     assert len(paths) == 4
     scores = [score(Image.open(p).convert("RGB"), attributes)["background"] for p in paths]
     assert sum(scores) >= 3, f"{synthetic.caption(attributes)!r}: background right in {sum(scores)} of 4"
+
+
+def test_next_scale_variations_keep_the_source_composition(executor):
+    """Keeping the example's first 3 of 6 scales (1x1 to 3x3) and sampling the finer ones: four
+    different images that keep its blue background and a yellow object in its top row."""
+    paths = _run(executor, _workflow("next_scale_variations"))
+    assert len(paths) == 4
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    assert len({image.tobytes() for image in images}) == 4, "variations, not copies"
+    source = {"kind": "shape", "shape": "circle", "color": "yellow", "position": "top", "background": "blue"}
+    kept = [score(image, source) for image in images]
+    assert sum(k["background"] for k in kept) >= 3, kept
+    assert sum(k["color"] for k in kept) >= 3, kept
