@@ -59,7 +59,7 @@ from tessera.engines.vq import VQModel, load_vq
 
 from . import synthetic
 from .objectives import drop_captions, flow_matching_loss, step_generator, teacher_forced_logits, token_loss
-from .training import _trainable_flux, fit, hardware, step_numbers
+from .training import _trainable_flux, bf16_is_fast, fit, hardware, step_numbers
 
 # A size word the built-in models never saw: every object they were shown is 17–22 px wide.
 # (A new colour word was tried first and dropped: the built-in VAE and VQ, trained on eight
@@ -75,6 +75,7 @@ CONTROL_CAPTION_DROPOUT = 0.5
 # ids (targets unchanged). Without it the GPT predicts from its true context and barely reads the
 # control (teacher-forced accuracy 0.36 -> 0.54, yet free decoding ignores the edges).
 CONTEXT_CORRUPTION = 0.5
+HEAD_SHARE = 0.5  # of a deadline run's time, at most, for the GPT control's head-only stage
 
 
 # ---------------------------------------------------------------- data
@@ -472,7 +473,13 @@ def train_gpt_controlnet(
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten())
 
     if head_steps and net.controlnet_logits is not None and settings.resume_from is None:
-        head = replace(settings, steps=head_steps, deadline=None, state=None, log=None, warmup=None)
+        # with a deadline, the head stage may take HEAD_SHARE of what is left, the joint stage the rest
+        head_deadline = (
+            None
+            if settings.deadline is None
+            else time.time() + HEAD_SHARE * (settings.deadline - time.time())
+        )
+        head = replace(settings, steps=head_steps, deadline=head_deadline, state=None, log=None, warmup=None)
         head_params = [*net.input_hint_block.parameters(), *net.controlnet_logits.parameters()]
         _fit(
             head,
@@ -530,7 +537,7 @@ def _settings(args: argparse.Namespace, **extra) -> TrainSettings:
         batch=args.batch,
         lr=args.lr,
         seed=args.seed,
-        bf16=args.autocast,
+        bf16=bf16_is_fast(args.device) if args.autocast is None else args.autocast,
         device=args.device,
         deadline=args.deadline,
         state=args.state,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -138,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--out", type=Path, default=None, help="output .safetensors (default: the shipped file)"
         )
         _device_arguments(p)
-        p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
-                       help="bf16 autocast (default: on)")  # fmt: skip
+        p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast (default: on where bf16 is fast: a GPU, a CPU with AMX or AVX512-BF16)")  # fmt: skip
         p.add_argument("--state", type=Path, default=None, help="where to write the resumable state")
         p.add_argument(
             "--resume-from", type=Path, default=None, help="a state file written by an earlier run"
@@ -226,7 +227,10 @@ RECIPE = (
             ("lora", "lora --engine dit"),
             ("lora", "lora --engine gpt"),
             ("controlnet", "controlnet --engine dit"),
-            ("controlnet", "controlnet --engine gpt"),
+            (
+                "controlnet",
+                "controlnet --engine gpt --lr 2e-3 --head-steps 800",
+            ),  # the shipped file's settings
         ),
         (16, 64),
         0.21,
@@ -313,7 +317,7 @@ def _run_recipe(args: argparse.Namespace, models: Path, work: Path, budget: floa
                 if args.snapshots and kind in ("dit", "ar"):
                     cmd += ["--snapshots", ",".join(f"{f:g}" for f in args.snapshots)]
                     cmd += ["--snapshot-dir", str(args.snapshot_dir or work / "snapshots")]
-            commands.append((spec.replace(" --engine ", "-"), cmd))
+            commands.append((re.sub(r" --engine (\w+).*", r"-\1", spec), cmd))  # "controlnet-gpt"
         _run_stage(commands, work)
 
 
